@@ -1,0 +1,55 @@
+"""Communication backends behind one interface (installed as ``datkit.backends``).
+
+``create_backend(cfg)`` builds the backend named by ``cfg.backend`` (``auto`` picks from the
+launcher's environment). Horovod and DeepSpeed are imported lazily, only when chosen.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from datkit.registry import Registry
+
+from .base import Backend
+from .comm_timer import CommTimer
+from .select import detect_backend
+
+BACKENDS: Registry[Callable[..., Backend]] = Registry("backend")
+BACKEND_CHOICES = ("auto", "torch", "horovod", "deepspeed")
+
+
+class BackendUnavailable(RuntimeError):
+    """The chosen backend cannot run here (not implemented yet, or its library is not installed)."""
+
+
+@BACKENDS.register("torch")
+def _torch(cfg) -> Backend:
+    from .torch_dist import TorchBackend
+
+    return TorchBackend(device=cfg.device, timeout_s=cfg.dist.timeout_s, ddp=cfg.dist.ddp, bucket_cap_mb=cfg.dist.bucket_cap_mb)
+
+
+def _not_yet(name: str, launcher: str) -> Callable[..., Backend]:
+    def factory(cfg) -> Backend:
+        raise BackendUnavailable(
+            f"backend '{name}' is not available in this version of datkit (it is planned; {launcher}). "
+            f"Use backend=torch (torchrun) instead; datkit never falls back silently to another backend.")
+
+    return factory
+
+
+BACKENDS.register("horovod")(_not_yet("horovod", "it will run under horovodrun"))
+BACKENDS.register("deepspeed")(_not_yet("deepspeed", "it will run under the deepspeed launcher"))
+
+
+def resolve_backend_name(name: str, argv: Sequence[str] = ()) -> str:
+    """``auto`` -> the launcher's backend; other names are returned as they are."""
+    return detect_backend(argv=argv) if name == "auto" else name
+
+
+def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:
+    """Build the backend for ``cfg`` (``cfg.backend``, ``cfg.device``, ``cfg.dist``)."""
+    return BACKENDS.get(resolve_backend_name(cfg.backend, argv))(cfg)
+
+
+__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "BackendUnavailable", "CommTimer", "create_backend",
+           "detect_backend", "resolve_backend_name"]

@@ -1,0 +1,108 @@
+"""The Backend interface: everything the trainer may ask of a communication backend.
+
+Modelled on Lightning Fabric's strategies: a small abstract class; collectives are no-ops on one
+process (torchtitan); a backend that cannot do something raises a clear error. Nothing outside
+``datkit.backends`` branches on which backend is running.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+from datkit.checkpoint import atomic_save, load_checkpoint_file
+
+from .comm_timer import CommTimer
+
+
+class Backend(ABC):
+    """Rank/world size/device, joint set-up, gradient synchronisation, collectives, checkpoints.
+
+    Collectives operate on tensors of this backend's ``device``:
+    ``all_reduce(t, op)`` in place (op "sum" | "mean" | "max"), ``all_gather(t)`` -> tensor of shape
+    ``(world_size, *t.shape)``, ``all_to_all(t)`` -> chunk ``j`` of dim 0 goes to rank ``j``,
+    ``broadcast(t, src)`` in place, ``barrier()``.
+    """
+
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self.local_rank = 0
+        self.device = torch.device("cpu")
+        self.comm_timer = CommTimer()
+
+    # --- identity -------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that prints and writes files."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        """One line for the log: backend, world size, device."""
+        return f"backend={self.name} world_size={self.world_size} device={self.device}"
+
+    # --- model and gradients --------------------------------------------------------------------
+    @abstractmethod
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Move/wrap the model and optimizer for training; returns (wrapped model, optimizer)."""
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The plain model under any wrapper: attacks and bounds run on it."""
+        return getattr(model, "module", model)
+
+    def no_sync(self, model: nn.Module) -> ContextManager[Any]:
+        """Context for micro-batches whose gradients are accumulated locally (no communication)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass (gradient synchronisation happens here or in ``step``)."""
+        loss.backward()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """Clip the (synchronised) gradient norm; returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), max_norm))
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Optimizer step on synchronised gradients, then zero them."""
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def comm_seconds(self) -> float:
+        """Seconds of gradient communication since the last call (and reset the counter)."""
+        return self.comm_timer.reset()
+
+    # --- collectives ----------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.unsqueeze(0)
+
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        return None
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, path: str, state: dict[str, Any]) -> None:
+        """Rank 0 writes ``state`` atomically; every rank waits until it is on disk."""
+        if self.is_main:
+            atomic_save(state, path)
+        self.barrier()
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Every rank loads ``path`` (``weights_only=True``) onto the CPU."""
+        return load_checkpoint_file(path)
+
+    def close(self) -> None:
+        """Tear down the process group (idempotent)."""
+        return None

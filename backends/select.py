@@ -1,0 +1,24 @@
+"""``backend: auto``: recognise the launcher from its environment.
+
+- horovodrun sets ``HOROVOD_RANK`` (gloo controller) or, under MPI, ``HOROVOD_*``/``OMPI_*`` with
+  ``HOROVOD_CONTROLLER`` -> ``horovod``;
+- the ``deepspeed`` launcher starts processes with ``CROSS_RANK``/``LOCAL_SIZE`` and appends
+  ``--local_rank`` (torchrun sets ``TORCHELASTIC_RUN_ID`` instead) -> ``deepspeed``;
+- anything else (torchrun, a plain ``python``) -> ``torch``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+
+def detect_backend(env: Mapping[str, str] | None = None, argv: Sequence[str] = ()) -> str:
+    """Name of the backend the launcher in ``env`` (default ``os.environ``) implies."""
+    env = os.environ if env is None else env
+    if any(k in env for k in ("HOROVOD_RANK", "HOROVOD_CONTROLLER", "HOROVOD_HOSTNAME")):
+        return "horovod"
+    launched_by_torchrun = "TORCHELASTIC_RUN_ID" in env
+    local_rank_arg = any(a.startswith("--local_rank") or a.startswith("--local-rank") for a in argv)
+    if not launched_by_torchrun and ("CROSS_RANK" in env or "LOCAL_SIZE" in env or local_rank_arg):
+        return "deepspeed"
+    return "torch"

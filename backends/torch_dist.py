@@ -1,0 +1,131 @@
+"""The ``torch`` backend: torch.distributed with gloo on CPU and NCCL on GPU, or a single process.
+
+Launched by ``torchrun --nproc_per_node N -m datkit.train`` (multi-node: ``--nnodes`` with a
+rendezvous) or plain ``python -m datkit.train`` (one process, no process group). Gradients are
+averaged by DistributedDataParallel; a communication hook wraps DDP's allreduce so that the time
+spent in gradient communication (column C) is measured while it overlaps the backward pass.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import Any, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import Backend
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _timed_allreduce_hook(backend: "TorchBackend"):
+    """DDP comm hook: mean-allreduce of the bucket, its [start, completion] interval recorded."""
+
+    def hook(state, bucket):  # no annotations: DDP checks them against the real classes
+        start = time.perf_counter()
+        buf = bucket.buffer()
+        buf.div_(backend.world_size)
+        fut = dist.all_reduce(buf, async_op=True).get_future()
+
+        def done(f: torch.futures.Future) -> torch.Tensor:
+            backend.comm_timer.record(start)
+            return f.value()[0]
+
+        return fut.then(done)
+
+    return hook
+
+
+class TorchBackend(Backend):
+    """torch.distributed backend (see module docstring)."""
+
+    name = "torch"
+
+    def __init__(self, device: str = "auto", timeout_s: int = 600, ddp: bool = True, bucket_cap_mb: float = 25.0) -> None:
+        super().__init__()
+        self.use_ddp, self.bucket_cap_mb = ddp, bucket_cap_mb
+        want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but no CUDA device is available (use device=cpu or auto)")
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self._owns_group = dist.is_initialized()
+        if self._owns_group:
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if want_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.device)
+        if self.world_size > 1 and self.use_ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.bucket_cap_mb)
+            model.register_comm_hook(None, _timed_allreduce_hook(self))
+        return model, optimizer
+
+    def no_sync(self, model: nn.Module) -> ContextManager[Any]:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return super().no_sync(model)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.world_size > 1 and not self.use_ddp:
+            self._allreduce_grads(optimizer)
+        super().step(optimizer)
+
+    def _allreduce_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        """Manual path (dist.ddp=false): one flattened mean-allreduce of all gradients."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        start = time.perf_counter()
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world_size)
+        dist.all_reduce(flat)
+        self.comm_timer.record(start)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # --- collectives ----------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        if op == "mean":
+            dist.all_reduce(tensor)
+            return tensor.div_(self.world_size)
+        dist.all_reduce(tensor, op=_OPS[op])
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor.unsqueeze(0)
+        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        dist.all_gather_into_tensor(out, tensor.contiguous())
+        return out
+
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        out = torch.empty_like(tensor)
+        dist.all_to_all_single(out, tensor.contiguous())
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.broadcast(tensor, src)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False

@@ -1,0 +1,54 @@
+"""FGSM with a random start (Wong et al., ICLR 2020), the attack of "fast" adversarial training."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from datkit.attacks.base import ATTACKS, Attack, _check_number
+
+
+@ATTACKS.register("fgsm")
+class FGSM(Attack):
+    """FGSM with random start, from "Fast is better than free: Revisiting adversarial training"
+    (Wong, Rice & Kolter, ICLR 2020).
+
+    Norm: ``"linf"`` only. ``delta ~ U(-eps, eps)`` (if ``random_start``), one step
+    ``delta += alpha * sign(grad)`` of the summed cross-entropy, ``delta`` clipped to
+    ``[-eps, eps]`` and ``x + delta`` clamped to [0, 1]. Inputs must lie in [0, 1].
+    With ``random_start=False`` and ``alpha >= eps`` it is the classic FGSM of Goodfellow et al.
+
+    Args:
+        eps: radius of the l_inf ball (default 0.3).
+        alpha: step size (default None: ``1.25 * eps``, Wong et al.'s choice).
+        random_start: start from ``U(-eps, eps)`` noise (default True).
+        norm: must be ``"linf"`` (the default); accepted so configs can name it.
+        eval_mode: switch the model to eval mode during the attack (default False: keep its mode).
+        generator: ``torch.Generator`` for the random start (default None: the global RNG).
+    """
+
+    supported_norms = ("linf",)
+
+    def __init__(
+        self,
+        eps: float = 0.3,
+        alpha: float | None = None,
+        random_start: bool = True,
+        norm: str = "linf",
+        *,
+        eval_mode: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(eps, norm=norm, eval_mode=eval_mode, generator=generator)
+        if alpha is None:
+            self.alpha = 1.25 * self.eps
+        else:
+            self.alpha = _check_number("alpha", alpha, minimum=0.0, strict=True)
+        self.random_start = bool(random_start)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = self._random_start(x) if self.random_start else x.clone()
+        grad = self._input_grad(model, x_adv, y)
+        return self._project(x_adv + self.alpha * grad.sign(), x)
+
+    def _repr_args(self) -> dict[str, object]:
+        return {**super()._repr_args(), "alpha": self.alpha, "random_start": self.random_start}

@@ -1,0 +1,58 @@
+"""Command-line parsing shared by ``datkit.train`` and ``datkit.evaluate``.
+
+Accepted: ``--config FILE`` (or ``--config=FILE``), ``key=value`` overrides, and the
+``--local_rank=N`` / ``--local-rank N`` argument that launchers (deepspeed, torch.distributed.launch)
+append; the latter sets ``LOCAL_RANK`` when the launcher did not.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from datkit.config import ConfigError
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Return (config path, overrides) from ``argv`` (without the program name)."""
+    config, overrides, args = None, [], list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-h", "--help"):
+            raise SystemExit(USAGE)
+        if a in ("--config", "-c") or a.startswith("--config="):
+            if "=" in a:
+                config = a.split("=", 1)[1]
+            elif i + 1 < len(args):
+                config, i = args[i + 1], i + 1
+            else:
+                raise ConfigError("--config needs a file name")
+        elif a.startswith("--local_rank") or a.startswith("--local-rank"):
+            if "=" in a:
+                value = a.split("=", 1)[1]
+            elif i + 1 < len(args):
+                value, i = args[i + 1], i + 1
+            else:
+                raise ConfigError(f"{a} needs a value")
+            os.environ.setdefault("LOCAL_RANK", value)
+        elif a.startswith("-"):
+            raise ConfigError(f"unknown option '{a}'; use --config FILE and key=value overrides (see --help)")
+        else:
+            overrides.append(a)
+        i += 1
+    return config, overrides
+
+
+def fail(err: BaseException, code: int = 2) -> None:
+    """Print a start-up error once (rank 0, or every rank if the rank is unknown) and exit."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"datkit: error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+USAGE = """usage: python -m datkit.train [--config FILE] [key=value ...]
+       torchrun --nproc_per_node N -m datkit.train [--config FILE] [key=value ...]
+
+Keys are those of datkit.config.schema (see the README's config reference), e.g.
+  python -m datkit.train --config configs/mnist_pgd.yaml train.epochs=3 attack.steps=10 backend=torch"""

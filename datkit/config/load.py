@@ -1,0 +1,77 @@
+"""Load the configuration: schema defaults <- YAML file (``--config``) <- ``key=value`` overrides.
+
+omegaconf's own errors are translated into ``ConfigError`` messages that name the full key and list
+the allowed keys (for an unknown key) or the expected type (for a wrong type).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .errors import ConfigError
+from .schema import Config
+
+
+def _section_keys(full_key: str) -> list[str]:
+    """Allowed keys of the section that contains ``full_key`` (``train.foo`` -> fields of TrainConfig)."""
+    node: object = Config
+    for part in full_key.split(".")[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)}  # type: ignore[arg-type]
+        if part not in fields:
+            break
+        node = fields[part].default_factory()  # type: ignore[misc]
+        node = type(node)
+    return [f.name for f in dataclasses.fields(node)]  # type: ignore[arg-type]
+
+
+def _translate(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        section = key.rsplit(".", 1)[0] if "." in key else "<root>"
+        allowed = ", ".join(_section_keys(key))
+        return ConfigError(f"unknown config key '{key}' (from {source}); allowed keys in {section}: {allowed}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"bad value for config key '{key}' (from {source}): {msg}")
+    return ConfigError(f"config error at '{key}' (from {source}): {str(err).splitlines()[0]}")
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list[str]:
+    out = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"command-line override '{item}' is not of the form key=value (e.g. train.epochs=3)")
+        out.append(item)
+    return out
+
+
+def load_config(config_path: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Return the merged, type-checked config (not yet value-validated: see ``validate_config``)."""
+    cfg = OmegaConf.structured(Config)
+    if config_path:
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"config file '{config_path}' does not exist")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(config_path))
+        except OmegaConfBaseException as err:
+            raise _translate(err, config_path) from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(_parse_overrides(overrides)))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise _translate(err, "the command line") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse a command-line value as YAML ({str(err).splitlines()[0]}); "
+                          "write mappings as key={a: 1, b: 2} with a space after each colon") from None
+    OmegaConf.set_readonly(cfg, False)
+    return cfg  # type: ignore[return-value]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (written next to the results)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,147 @@
+"""The one typed configuration schema of datkit (omegaconf structured config).
+
+Every field carries a comment that is its documentation; ``docs_table()`` in ``datkit.config.docs``
+turns these dataclasses into the README's config reference. YAML files in ``configs/`` and
+command-line ``key=value`` overrides are merged onto these defaults; unknown keys and wrong types
+fail at start-up (``datkit.config.load``), impossible values fail in ``datkit.config.validate``.
+
+The defaults are the main job: PGD adversarial training of a small CNN on the embedded offline
+MNIST data (``mnist5k``), evaluated on the official MNIST test set when ``../shared/data`` exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class DataConfig:
+    """What to train and evaluate on. Inputs are always tensors in [0, 1]."""
+
+    name: str = "mnist5k"  # training set: mnist5k | digits | mnist | cifar10 | cifar100 | svhn | imagenet | tinyimagenet
+    root: str = "data"  # folder of torchvision / ImageFolder datasets (not used by mnist5k, digits)
+    download: bool = False  # let torchvision download `name` into `root` (needs internet)
+    test: str = "auto"  # evaluation set: auto (official MNIST test set if found for MNIST data, else the held-out split) | split | mnist
+    shared_root: str = "../shared/data"  # where the official MNIST test set (MNIST/raw/t10k-*.gz) is looked for; relative to the working directory
+    num_workers: int = 0  # DataLoader worker processes per training process (embedded datasets need none)
+
+
+@dataclass
+class ModelConfig:
+    """Which network; normalization to the dataset's mean/std is built into the model."""
+
+    name: str = "cnn_small"  # cnn_small | cnn_7layer_bn | preact_resnet18 | wide_resnet | resnet50 (see datkit.models)
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm across workers (batch statistics over the global batch)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. {depth: 28, widen_factor: 10} for wide_resnet
+
+
+@dataclass
+class AttackConfig:
+    """The attack used to generate training examples (method pgd / fgsm / trades)."""
+
+    eps: float = 0.3  # perturbation budget in pixel units ([0,1] inputs), e.g. 0.3 MNIST, 8/255 CIFAR
+    alpha: Optional[float] = None  # step size; null = 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM (Wong et al.)
+    steps: int = 7  # PGD iterations (ignored by fgsm)
+    norm: str = "linf"  # linf | l2
+    random_start: bool = True  # start from a uniform random point in the eps-ball
+    eps_warmup_epochs: float = 0.0  # ramp eps linearly from 0 to `eps` over this many epochs (0 = no ramp)
+    eval_mode: bool = False  # generate training attacks with the model in eval mode (BatchNorm statistics frozen)
+
+
+@dataclass
+class MethodConfig:
+    """What one training step minimizes."""
+
+    name: str = "pgd"  # clean | pgd | fgsm | trades
+    lam: float = 0.0  # DAT objective lam*loss(clean) + loss(adversarial); 0 = Madry AT
+    beta: float = 6.0  # trades only: weight of the KL robustness term
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and the linear scaling rule."""
+
+    name: str = "adam"  # sgd | adam
+    lr: float = 1e-3  # learning rate at `base_batch_size` (before linear scaling, if enabled)
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0  # L2 weight decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
+    scale_lr: bool = False  # linear scaling rule (Goyal et al. 2017): lr *= global_batch / base_batch_size
+    base_batch_size: int = 256  # reference global batch size for `scale_lr`
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped every optimizer step."""
+
+    name: str = "cosine"  # constant | step | cosine
+    warmup_epochs: float = 0.0  # linear warm-up from 0 over this many epochs
+    milestones: List[float] = field(default_factory=list)  # step only: epochs at which lr *= gamma
+    gamma: float = 0.1  # step only: decay factor
+    min_lr_ratio: float = 0.0  # cosine only: final lr as a fraction of the peak
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 10  # number of passes over the training set
+    batch_size: int = 128  # GLOBAL batch per optimizer step; must be divisible by world_size * grad_accum
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    grad_clip: float = 0.0  # clip the global gradient norm to this value (0 = off)
+    seed: int = 0  # seed of model init, data order and attack noise
+    max_steps: int = 0  # stop an epoch after this many steps (0 = full epochs); for smoke tests
+    resume: bool = False  # continue from output_dir/checkpoint_last.pt if it exists
+    checkpoint_every: int = 1  # save a checkpoint every N epochs (0 = only the final one)
+    output_dir: str = "runs/${data.name}_${method.name}"  # where results, logs and checkpoints go
+
+
+@dataclass
+class EvalConfig:
+    """Per-epoch and final evaluation: TA (clean) and RA (PGD)."""
+
+    every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)
+    num_samples: int = 1000  # test examples used per epoch (0 = all); the final evaluation uses `final_num_samples`
+    final_num_samples: int = 0  # test examples for the final evaluation (0 = all)
+    batch_size: int = 500  # evaluation batch (global; split across workers)
+    eps: Optional[float] = None  # RA budget; null = attack.eps
+    pgd_steps: int = 20  # PGD iterations of the RA attack
+    pgd_alpha: Optional[float] = None  # RA step size; null = 2.5*eps/pgd_steps
+    pgd_restarts: int = 1  # random restarts of the RA attack
+
+
+@dataclass
+class DistConfig:
+    """Process-group options of the torch backend (torchrun)."""
+
+    timeout_s: int = 600  # collective timeout: a lost worker makes the others fail after this long
+    ddp: bool = True  # wrap in DistributedDataParallel (gradient allreduce overlaps backward)
+    bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+
+
+@dataclass
+class LogConfig:
+    """What gets printed and written."""
+
+    progress: bool = True  # tqdm progress bar on rank 0
+    tensorboard: bool = True  # write TensorBoard events to output_dir/tb
+    plot: bool = True  # write output_dir/curves.png
+
+
+@dataclass
+class Config:
+    """Root of the configuration."""
+
+    backend: str = "auto"  # auto | torch | horovod | deepspeed; auto picks from the launcher's environment
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)

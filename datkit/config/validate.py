@@ -1,0 +1,121 @@
+"""Value checks of a loaded config: every impossible value is reported at once, before training.
+
+Each message names the key and what is allowed (``ConfigError``). ``validate_config`` needs no
+process group; ``validate_for_world`` adds the checks that depend on the number of workers.
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+
+
+def _choices(errors: list[str], key: str, value: object, allowed) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        errors.append(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
+
+
+def _at_least(errors: list[str], key: str, value, minimum, strict: bool = False) -> None:
+    if value is None:
+        return
+    if value < minimum or (strict and value == minimum):
+        errors.append(f"{key}={value!r} must be {'>' if strict else '>='} {minimum}")
+
+
+def _check_data(cfg, errors: list[str]) -> None:
+    from datkit.data import DATASETS, TEST_CHOICES, official_mnist_available
+
+    _choices(errors, "data.name", cfg.data.name, DATASETS.names())
+    _choices(errors, "data.test", cfg.data.test, TEST_CHOICES)
+    _at_least(errors, "data.num_workers", cfg.data.num_workers, 0)
+    if cfg.data.name not in DATASETS:
+        return
+    spec = DATASETS.get(cfg.data.name)
+    if cfg.data.test == "mnist":
+        if not spec.mnist_like:
+            errors.append(f"data.test=mnist evaluates on the official MNIST test set and needs MNIST training data; "
+                          f"data.name={cfg.data.name!r} is not (use data.test=auto or split)")
+        elif not official_mnist_available(cfg.data.shared_root):
+            errors.append(f"data.test=mnist: the official MNIST test set was not found in "
+                          f"{os.path.join(cfg.data.shared_root, 'MNIST', 'raw')} (set data.shared_root, or data.test=split)")
+    if spec.check is not None:
+        try:
+            spec.check(root=cfg.data.root, download=cfg.data.download)
+        except FileNotFoundError as err:
+            errors.append(str(err))
+
+
+def validate_config(cfg) -> None:
+    """Raise ``ConfigError`` listing every impossible value in ``cfg``."""
+    from datkit.backends import BACKEND_CHOICES
+    from datkit.methods import METHODS
+    from datkit.models import MODELS
+    from datkit.optim import OPTIMIZERS, SCHEDULES
+
+    e: list[str] = []
+    _choices(e, "backend", cfg.backend, BACKEND_CHOICES)
+    _choices(e, "device", cfg.device, ("auto", "cpu", "cuda"))
+    _check_data(cfg, e)
+    _choices(e, "model.name", cfg.model.name, MODELS.names())
+    _choices(e, "method.name", cfg.method.name, METHODS.names())
+    _at_least(e, "method.lam", cfg.method.lam, 0.0)
+    _at_least(e, "method.beta", cfg.method.beta, 0.0)
+    a = cfg.attack
+    _at_least(e, "attack.eps", a.eps, 0.0)
+    _at_least(e, "attack.alpha", a.alpha, 0.0, strict=True)
+    _at_least(e, "attack.steps", a.steps, 1)
+    _choices(e, "attack.norm", a.norm, ("linf", "l2"))
+    _at_least(e, "attack.eps_warmup_epochs", a.eps_warmup_epochs, 0.0)
+    if cfg.method.name in ("fgsm", "trades") and a.norm != "linf":
+        e.append(f"attack.norm={a.norm!r}: method {cfg.method.name} supports only linf")
+    o = cfg.optim
+    _choices(e, "optim.name", o.name, OPTIMIZERS.names())
+    _at_least(e, "optim.lr", o.lr, 0.0, strict=True)
+    _at_least(e, "optim.weight_decay", o.weight_decay, 0.0)
+    if not 0.0 <= o.momentum < 1.0:
+        e.append(f"optim.momentum={o.momentum!r} must be in [0, 1)")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        e.append(f"optim.betas={list(o.betas)!r} must be two numbers in [0, 1)")
+    _at_least(e, "optim.base_batch_size", o.base_batch_size, 1)
+    s = cfg.schedule
+    _choices(e, "schedule.name", s.name, SCHEDULES)
+    _at_least(e, "schedule.warmup_epochs", s.warmup_epochs, 0.0)
+    if not 0.0 < s.gamma <= 1.0:
+        e.append(f"schedule.gamma={s.gamma!r} must be in (0, 1]")
+    if list(s.milestones) != sorted(s.milestones) or any(m < 0 for m in s.milestones):
+        e.append(f"schedule.milestones={list(s.milestones)!r} must be non-negative and increasing")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        e.append(f"schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1]")
+    t = cfg.train
+    _at_least(e, "train.epochs", t.epochs, 1)
+    _at_least(e, "train.batch_size", t.batch_size, 1)
+    _at_least(e, "train.grad_accum", t.grad_accum, 1)
+    _at_least(e, "train.grad_clip", t.grad_clip, 0.0)
+    _at_least(e, "train.max_steps", t.max_steps, 0)
+    _at_least(e, "train.checkpoint_every", t.checkpoint_every, 0)
+    if t.grad_accum >= 1 and t.batch_size % t.grad_accum:
+        e.append(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    v = cfg.eval
+    _at_least(e, "eval.every", v.every, 1)
+    _at_least(e, "eval.num_samples", v.num_samples, 0)
+    _at_least(e, "eval.final_num_samples", v.final_num_samples, 0)
+    _at_least(e, "eval.batch_size", v.batch_size, 1)
+    _at_least(e, "eval.eps", v.eps, 0.0)
+    _at_least(e, "eval.pgd_steps", v.pgd_steps, 1)
+    _at_least(e, "eval.pgd_alpha", v.pgd_alpha, 0.0, strict=True)
+    _at_least(e, "eval.pgd_restarts", v.pgd_restarts, 1)
+    _at_least(e, "dist.timeout_s", cfg.dist.timeout_s, 1)
+    _at_least(e, "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, 0.0, strict=True)
+    if e:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
+
+
+def validate_for_world(cfg, world_size: int) -> None:
+    """Checks that depend on the number of workers (the global batch must split evenly)."""
+    per = world_size * cfg.train.grad_accum
+    if cfg.train.batch_size % per:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by world_size * train.grad_accum = "
+                          f"{world_size} * {cfg.train.grad_accum} = {per} (it is the global batch, split across workers)")
+    if cfg.eval.batch_size < world_size:
+        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be >= world_size={world_size}")

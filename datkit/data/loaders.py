@@ -1,0 +1,71 @@
+"""Build the training and evaluation data of a run from ``cfg.data`` (see ``datkit.config.schema``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .official_mnist import load_official_mnist_test, official_mnist_available
+from .sampler import ShardedBatchSampler
+from .spec import DATASETS, DatasetSpec
+
+TEST_CHOICES = ("auto", "split", "mnist")
+
+
+@dataclass
+class DataBundle:
+    """The datasets of a run and what the model needs to know about them."""
+
+    spec: DatasetSpec
+    train: Dataset
+    test: Dataset
+    test_name: str  # e.g. "official MNIST test set (10000)" -- reported with the results
+
+
+def resolve_test_set(data_cfg) -> str:
+    """``mnist`` (the official test set) or ``split`` (the training set's held-out split)."""
+    spec = DATASETS.get(data_cfg.name)
+    if data_cfg.test == "auto":
+        return "mnist" if spec.mnist_like and official_mnist_available(data_cfg.shared_root) else "split"
+    return data_cfg.test
+
+
+def build_data(data_cfg) -> DataBundle:
+    """Load the datasets named by ``data_cfg`` (``name``, ``root``, ``download``, ``test``, ``shared_root``)."""
+    spec = DATASETS.get(data_cfg.name)
+    test_kind = resolve_test_set(data_cfg)
+    train, heldout = spec.build(root=data_cfg.root, download=data_cfg.download, use_all_for_training=test_kind == "mnist")
+    if test_kind == "mnist":
+        test = load_official_mnist_test(data_cfg.shared_root)
+        name = f"official MNIST test set ({len(test)})"
+    else:
+        test, name = heldout, f"{spec.name} held-out split ({len(heldout)})"
+    return DataBundle(spec, train, test, name)
+
+
+def iterate_batches(dataset: Dataset, sampler: ShardedBatchSampler | Sequence[Sequence[int]], num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) for each index list of ``sampler``; in-memory tensors are indexed directly."""
+    if isinstance(dataset, TensorDataset):
+        x_all, y_all = dataset.tensors
+        for idx in sampler:
+            t = torch.as_tensor(idx, dtype=torch.long)
+            yield x_all[t], y_all[t]
+        return
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
+        base = torch.as_tensor(dataset.indices, dtype=torch.long)
+        x_all, y_all = dataset.dataset.tensors
+        for idx in sampler:
+            t = base[torch.as_tensor(idx, dtype=torch.long)]
+            yield x_all[t], y_all[t]
+        return
+    yield from DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)
+
+
+def eval_subset(n: int, num_samples: int, seed: int = 0) -> list[int]:
+    """A fixed, seeded subset of ``num_samples`` test indices (all of them when 0 or >= n)."""
+    if num_samples <= 0 or num_samples >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:num_samples].tolist())

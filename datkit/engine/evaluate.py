@@ -1,0 +1,55 @@
+"""Sharded evaluation: TA (clean accuracy) and RA (accuracy under PGD) of the unwrapped model.
+
+Each worker evaluates its shard ``indices[rank::world_size]`` and the correct counts are summed with
+one ``all_reduce``, so evaluation is split across workers, not repeated on each.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from datkit.attacks import PGD, Attack
+from datkit.data import iterate_batches, shard_range
+
+
+def ra_attack(eval_cfg, train_eps: float, norm: str = "linf") -> PGD:
+    """The RA attack of ``eval_cfg``: PGD-``pgd_steps`` with ``pgd_restarts`` at ``eval.eps`` (or the training eps)."""
+    eps = eval_cfg.eps if eval_cfg.eps is not None else train_eps
+    alpha = eval_cfg.pgd_alpha if eval_cfg.pgd_alpha is not None else 2.5 * eps / eval_cfg.pgd_steps
+    return PGD(eps=eps, alpha=max(alpha, 1e-12), steps=eval_cfg.pgd_steps, random_start=True, norm=norm,
+               restarts=eval_cfg.pgd_restarts, eval_mode=True)
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    return int((model(x).argmax(1) == y).sum())
+
+
+def evaluate_accuracy(backend, model: nn.Module, dataset: Dataset, indices: Sequence[int], batch_size: int,
+                      attacks: dict[str, Attack | None]) -> dict[str, float]:
+    """Accuracy of ``model`` on ``dataset[indices]`` for each entry of ``attacks`` (None = clean).
+
+    Returns ``{name: accuracy}`` plus ``n``, identical on every rank.
+    """
+    was_training = model.training
+    model.eval()
+    mine = [indices[i] for i in shard_range(len(indices), backend.rank, backend.world_size)]
+    local_bs = max(1, batch_size // backend.world_size)
+    batches = [mine[i : i + local_bs] for i in range(0, len(mine), local_bs)]
+    counts = torch.zeros(len(attacks) + 1, dtype=torch.float64)
+    try:
+        for x, y in iterate_batches(dataset, batches):
+            x, y = x.to(backend.device), y.to(backend.device)
+            for k, atk in enumerate(attacks.values()):
+                counts[k] += _correct(model, x if atk is None else atk(model, x, y), y)
+            counts[-1] += len(y)
+    finally:
+        model.train(was_training)
+    counts = backend.all_reduce(counts.to(backend.device), op="sum").cpu()
+    n = max(1.0, float(counts[-1]))
+    out = {name: float(counts[k]) / n for k, name in enumerate(attacks)}
+    out["n"] = int(counts[-1])
+    return out

@@ -1,0 +1,82 @@
+"""Results of a run in the DAT paper's columns: ``results.json``, ``results.md``, ``metrics.jsonl``,
+TensorBoard events and ``curves.png``. Only rank 0 writes (the trainer creates this on rank 0 only).
+
+Per-epoch record keys: ``epoch, train_loss, TA, RA, C_s, T_s`` (plus ``eval_s``, ``lr``, ``eps``,
+``n_eval``). ``C_s`` = seconds of gradient communication in the epoch; ``T_s`` = wall time of the
+epoch's training (evaluation excluded, it is ``eval_s``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "loss", "{:.4f}"), ("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"),
+           ("C_s", "C (s)", "{:.2f}"), ("T_s", "T (s)", "{:.2f}")]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return spec.format(value)
+
+
+def markdown_table(records: list[dict[str, Any]], final: dict[str, Any] | None = None) -> str:
+    """The per-epoch table, and the final evaluation below it."""
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in records:
+        lines.append("| " + " | ".join(_fmt(r.get(k), s) for k, _, s in COLUMNS) + " |")
+    if final:
+        lines += ["", f"Final evaluation on {final.get('test_set', '?')} (n={final.get('n')}): "
+                  f"**TA {final['TA']:.4f}**, **RA {final['RA']:.4f}** "
+                  f"(PGD-{final.get('pgd_steps')}, eps={final.get('eps')}, restarts={final.get('pgd_restarts')}); "
+                  f"training time {final.get('train_time_s', 0):.1f} s, communication {final.get('C_s', 0):.2f} s, "
+                  f"{final.get('world_size')} worker(s), backend {final.get('backend')}."]
+    return "\n".join(lines)
+
+
+class ResultsWriter:
+    """Accumulates epoch records and writes every results file into ``output_dir``."""
+
+    def __init__(self, output_dir: str, config: dict[str, Any], tensorboard: bool = True, plot: bool = True,
+                 records: list[dict[str, Any]] | None = None) -> None:
+        self.output_dir, self.config, self.plot = output_dir, config, plot
+        self.records: list[dict[str, Any]] = list(records or [])
+        os.makedirs(output_dir, exist_ok=True)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(output_dir, "tb"))
+
+    def add_epoch(self, record: dict[str, Any]) -> None:
+        """Append one epoch: a line of ``metrics.jsonl`` and TensorBoard scalars."""
+        self.records.append(record)
+        with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "epoch" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, record["epoch"])
+            self._tb.flush()
+
+    def write(self, final: dict[str, Any] | None = None) -> str:
+        """Write ``results.json``, ``results.md`` and ``curves.png``; return the Markdown table."""
+        payload = {"config": self.config, "epochs": self.records, "final": final}
+        tmp = os.path.join(self.output_dir, "results.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, os.path.join(self.output_dir, "results.json"))
+        table = markdown_table(self.records, final)
+        with open(os.path.join(self.output_dir, "results.md"), "w") as f:
+            f.write(f"# Results: {self.config.get('method', {}).get('name')} on {self.config.get('data', {}).get('name')}\n\n{table}\n")
+        if self.plot and self.records:
+            from .plots import plot_curves
+
+            plot_curves(self.records, os.path.join(self.output_dir, "curves.png"))
+        return table
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

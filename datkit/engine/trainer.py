@@ -1,0 +1,166 @@
+"""The training core: one loop, written against the Backend interface only.
+
+Per step: the method builds its loss (attacks on the unwrapped model, forward passes through the
+backend's model), the backend back-propagates and synchronises gradients, the optimizer steps.
+Per epoch: TA / RA on the (sharded) test subset, C (communication seconds) and T (training seconds),
+a checkpoint. Randomness is re-seeded at every epoch from (seed, epoch, rank), so resuming from an
+epoch's checkpoint reproduces the uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from datkit.data import ShardedBatchSampler, build_data, eval_subset, iterate_batches
+from datkit.methods import StepInfo, create_method
+from datkit.models import create_model
+from datkit.optim import build_optimizer, build_scheduler, eps_at
+
+from .evaluate import evaluate_accuracy, ra_attack
+from .results import ResultsWriter
+
+CHECKPOINT = "checkpoint_last.pt"
+
+
+def build_model(cfg, spec) -> torch.nn.Module:
+    """The model of ``cfg.model`` for dataset ``spec`` (normalization built in)."""
+    kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    return create_model(cfg.model.name, spec.num_classes, in_channels=spec.in_channels, image_size=spec.image_size,
+                         mean=spec.mean, std=spec.std, **kwargs)
+
+
+class Trainer:
+    """Builds data, model, optimizer and method from ``cfg`` and trains on ``backend``."""
+
+    def __init__(self, cfg, backend) -> None:
+        self.cfg, self.backend = cfg, backend
+        torch.manual_seed(cfg.train.seed)
+        self.data = build_data(cfg.data)
+        model = build_model(cfg, self.data.spec)
+        if cfg.model.sync_bn and backend.world_size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.train.batch_size)
+        self.model, self.optimizer = backend.setup(model, optimizer)
+        self.raw = backend.unwrap(self.model)
+        self.method = create_method(cfg)
+        self.sampler = ShardedBatchSampler(len(self.data.train), cfg.train.batch_size, backend.rank, backend.world_size,
+                                           seed=cfg.train.seed)
+        self.steps_per_epoch = len(self.sampler) if cfg.train.max_steps <= 0 else min(len(self.sampler), cfg.train.max_steps)
+        self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.steps_per_epoch, cfg.train.epochs)
+        self.out = cfg.train.output_dir
+        self.start_epoch, records = 1, []
+        if cfg.train.resume and os.path.isfile(os.path.join(self.out, CHECKPOINT)):
+            records = self._load(os.path.join(self.out, CHECKPOINT))
+        self.writer = (ResultsWriter(self.out, OmegaConf.to_container(cfg, resolve=True), cfg.log.tensorboard, cfg.log.plot, records)
+                       if backend.is_main else None)
+        self.records = records
+
+    # --- one epoch ---------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> tuple[float, float, float]:
+        """Train one epoch; returns (mean loss over workers, T seconds, C seconds)."""
+        cfg, be = self.cfg, self.backend
+        torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1_009 + be.rank)
+        self.sampler.set_epoch(epoch)
+        self.model.train()
+        be.comm_seconds()  # reset the communication timer
+        accum = cfg.train.grad_accum
+        loss_sum, steps = torch.zeros((), dtype=torch.float64), 0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
+                   disable=not (be.is_main and cfg.log.progress), dynamic_ncols=True)
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(iterate_batches(self.data.train, self.sampler, cfg.data.num_workers)):
+            if step >= self.steps_per_epoch:
+                break
+            info = StepInfo(eps=eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, epoch - 1 + step / self.steps_per_epoch))
+            x, y = x.to(be.device, non_blocking=True), y.to(be.device, non_blocking=True)
+            step_loss = 0.0
+            for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+                ctx = be.no_sync(self.model) if k < accum - 1 else torch.enable_grad()
+                with ctx:
+                    loss = self.method.loss(self.model, self.raw, xm, ym, info) / accum
+                    be.backward(loss)
+                step_loss += float(loss.detach())
+            if cfg.train.grad_clip > 0:
+                be.clip_grad_norm(self.model, cfg.train.grad_clip)
+            be.step(self.optimizer)
+            self.scheduler.step()
+            loss_sum += step_loss
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", eps=f"{info.eps:.3f}")
+        seconds = time.perf_counter() - start
+        bar.close()
+        comm = be.comm_seconds()
+        stats = be.all_reduce(torch.tensor([float(loss_sum), steps], dtype=torch.float64, device=be.device), op="sum")
+        return float(stats[0] / max(1.0, float(stats[1]))), seconds, comm
+
+    def evaluate(self, num_samples: int) -> dict[str, float]:
+        """TA and RA of the current model on a fixed test subset of ``num_samples`` (0 = all)."""
+        idx = eval_subset(len(self.data.test), num_samples, seed=self.cfg.train.seed)
+        atk = ra_attack(self.cfg.eval, self.cfg.attack.eps, self.cfg.attack.norm)
+        return evaluate_accuracy(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size, {"TA": None, "RA": atk})
+
+    # --- the run -----------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Train all remaining epochs, then evaluate on the final test set; returns the ``final`` record."""
+        cfg, be = self.cfg, self.backend
+        if be.is_main:
+            print(f"datkit: {be.describe()} | {cfg.method.name} on {cfg.data.name} ({len(self.data.train)} train), "
+                  f"model {cfg.model.name}, eval on {self.data.test_name} | output {self.out}", flush=True)
+        for epoch in range(self.start_epoch, cfg.train.epochs + 1):
+            loss, seconds, comm = self.train_epoch(epoch)
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm, "T_s": seconds,
+                                      "lr": self.scheduler.get_last_lr()[0],
+                                      "eps": eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, epoch)}
+            if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
+                t0 = time.perf_counter()
+                ev = self.evaluate(cfg.eval.num_samples)
+                record.update(TA=ev["TA"], RA=ev["RA"], n_eval=ev["n"], eval_s=time.perf_counter() - t0)
+            self.records.append(record)
+            if self.writer is not None:
+                self.writer.add_epoch(record)
+                ta = "-" if record["TA"] is None else f"{record['TA']:.4f}"
+                ra = "-" if record["RA"] is None else f"{record['RA']:.4f}"
+                print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
+            if (cfg.train.checkpoint_every and epoch % cfg.train.checkpoint_every == 0) or epoch == cfg.train.epochs:
+                self.save(epoch)
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation (``eval.final_num_samples``) and all results files."""
+        cfg, be = self.cfg, self.backend
+        t0 = time.perf_counter()
+        ev = self.evaluate(cfg.eval.final_num_samples)
+        atk = ra_attack(cfg.eval, cfg.attack.eps, cfg.attack.norm)
+        final = {"TA": ev["TA"], "RA": ev["RA"], "n": ev["n"], "test_set": self.data.test_name, "eps": atk.eps,
+                 "pgd_steps": atk.steps, "pgd_restarts": atk.restarts, "eval_s": time.perf_counter() - t0,
+                 "train_time_s": sum(r["T_s"] for r in self.records), "C_s": sum(r["C_s"] for r in self.records),
+                 "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs}
+        if self.writer is not None:
+            table = self.writer.write(final)
+            self.writer.close()
+            print("\n" + table + f"\n\nresults: {os.path.join(self.out, 'results.md')}", flush=True)
+        return final
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def save(self, epoch: int) -> None:
+        """Checkpoint after ``epoch`` (rank 0 writes atomically)."""
+        state = {"epoch": epoch, "model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "records": self.records,
+                 "config": OmegaConf.to_yaml(self.cfg, resolve=True), "world_size": self.backend.world_size}
+        self.backend.save_checkpoint(os.path.join(self.out, CHECKPOINT), state)
+
+    def _load(self, path: str) -> list[dict[str, Any]]:
+        state = self.backend.load_checkpoint(path)
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        if self.backend.is_main:
+            print(f"datkit: resumed from {path} after epoch {state['epoch']}", flush=True)
+        return list(state["records"])

@@ -1,0 +1,5 @@
+"""Optimizers, the linear scaling rule and learning-rate / eps schedules."""
+from .factory import OPTIMIZERS, build_optimizer, scaled_lr
+from .schedules import SCHEDULES, build_scheduler, eps_at, lr_multiplier
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "scaled_lr", "SCHEDULES", "build_scheduler", "eps_at", "lr_multiplier"]

@@ -1,0 +1,44 @@
+"""Entry point: parse config -> validate -> build backend -> train -> close.
+
+Runs as ``python -m datkit.train``, under ``torchrun``, and as a script ``python datkit/train.py``
+(the form DeepSpeed's launcher uses); accepts the ``--local_rank`` argument launchers append.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `datkit` importable, not its sub-folders
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path.insert(0, _root)
+
+from datkit.backends import BackendUnavailable, create_backend  # noqa: E402
+from datkit.cli import fail, parse_args  # noqa: E402
+from datkit.config import ConfigError, load_config, validate_config, validate_for_world  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train with the configuration given on the command line; returns the final results record."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config_path, overrides = parse_args(argv)
+        cfg = load_config(config_path, overrides)
+        validate_config(cfg)
+        backend = create_backend(cfg, argv)
+    except (ConfigError, BackendUnavailable) as err:
+        fail(err)
+    try:
+        try:
+            validate_for_world(cfg, backend.world_size)
+        except ConfigError as err:
+            fail(err)
+        from datkit.engine import Trainer
+
+        return Trainer(cfg, backend).train()
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()
