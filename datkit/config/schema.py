@@ -23,6 +23,7 @@ class DataConfig:
     download: bool = False  # let torchvision download `name` into `root` (needs internet)
     test: str = "auto"  # evaluation set: auto (official MNIST test set if found for MNIST data, else the held-out split) | split | mnist
     shared_root: str = "../shared/data"  # where the official MNIST test set (MNIST/raw/t10k-*.gz) is looked for; relative to the working directory
+    augment_shift: int = 0  # random translation by up to this many pixels (in-memory datasets: mnist5k, digits); 0 = off
     num_workers: int = 0  # DataLoader worker processes per training process (embedded datasets need none)
 
 

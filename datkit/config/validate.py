@@ -29,6 +29,7 @@ def _check_data(cfg, errors: list[str]) -> None:
     _choices(errors, "data.name", cfg.data.name, DATASETS.names())
     _choices(errors, "data.test", cfg.data.test, TEST_CHOICES)
     _at_least(errors, "data.num_workers", cfg.data.num_workers, 0)
+    _at_least(errors, "data.augment_shift", cfg.data.augment_shift, 0)
     if cfg.data.name not in DATASETS:
         return
     spec = DATASETS.get(cfg.data.name)

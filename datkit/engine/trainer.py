@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from datkit.data import ShardedBatchSampler, build_data, eval_subset, iterate_batches
+from datkit.data import ShardedBatchSampler, random_shift, build_data, eval_subset, iterate_batches
 from datkit.methods import StepInfo, create_method
 from datkit.models import create_model
 from datkit.optim import build_optimizer, build_scheduler, eps_at
@@ -77,7 +77,8 @@ class Trainer:
             if step >= self.steps_per_epoch:
                 break
             info = StepInfo(eps=eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, epoch - 1 + step / self.steps_per_epoch))
-            x, y = x.to(be.device, non_blocking=True), y.to(be.device, non_blocking=True)
+            x = random_shift(x, cfg.data.augment_shift).to(be.device, non_blocking=True)
+            y = y.to(be.device, non_blocking=True)
             step_loss = 0.0
             for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
                 ctx = be.no_sync(self.model) if k < accum - 1 else torch.enable_grad()

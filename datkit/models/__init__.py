@@ -1,7 +1,7 @@
 """Model zoo: a registry of factories and :func:`create_model`, which returns a model taking [0, 1] inputs.
 
 Importing this package registers the built-in models (no weights are built at import time):
-``cnn_small`` (Madry et al. 2018), ``cnn_7layer_bn`` (Shi et al. 2021), ``preact_resnet18``
+``cnn_small`` (Madry et al. 2018), ``cnn_4layer`` (Wong & Kolter 2018), ``cnn_7layer_bn`` (Shi et al. 2021), ``preact_resnet18``
 (He et al. 2016), ``wide_resnet`` (Zagoruyko & Komodakis 2016) and ``resnet50`` (He et al. 2016).
 """
 from __future__ import annotations
@@ -10,6 +10,6 @@ from datkit.models.normalize import Normalize, NormalizedModel
 from datkit.models.registry import MODELS, create_model, list_models
 
 # Import for the side effect of registering each model with MODELS.
-from datkit.models import cnn7, preact_resnet, resnet50, small_cnn, wide_resnet  # noqa: F401,E402
+from datkit.models import cnn4, cnn7, preact_resnet, resnet50, small_cnn, wide_resnet  # noqa: F401,E402
 
 __all__ = ["MODELS", "Normalize", "NormalizedModel", "create_model", "list_models"]

@@ -1,0 +1,14 @@
+"""Benchmarks of datkit against plain PyTorch: ``python -m datkit.bench SUBCOMMAND [options]``.
+
+Each subcommand lives in its own module with a ``main(argv) -> int`` function and is imported only
+when it runs. To add one, add an entry to :data:`SUBCOMMANDS` (name -> (module, one-line summary)).
+
+- ``step``: one PGD-AT training step of datkit vs a hand-written PyTorch loop, alternated in one process.
+"""
+from __future__ import annotations
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "step": ("datkit.bench.step", "time one PGD-AT training step of datkit against a plain PyTorch loop"),
+}
+
+__all__ = ["SUBCOMMANDS"]

@@ -1,0 +1,56 @@
+"""The README's config reference, generated from the schema's field comments.
+
+``python -m datkit.config.docs`` prints a Markdown table (key, type, default, meaning) for every
+field of ``datkit.config.schema``; a test checks that the README holds exactly this table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+
+from . import schema
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Field name -> the ``# comment`` on its line in the class source."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):\s*[^=]+=.*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _type_name(tp: object) -> str:
+    s = str(tp).replace("typing.", "")
+    return {"<class 'int'>": "int", "<class 'float'>": "float", "<class 'str'>": "str", "<class 'bool'>": "bool"}.get(s, s)
+
+
+def rows(cls: type = schema.Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field under ``cls``."""
+    hints = typing.get_type_hints(cls)
+    docs = _comments(cls)
+    out: list[tuple[str, str, str, str]] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += rows(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f"{prefix}{f.name}", _type_name(tp), "null" if default is None else repr(default).replace("'", ""),
+                    docs.get(f.name, "")))
+    return out
+
+
+def markdown() -> str:
+    """The whole reference as one Markdown table."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, doc in rows():
+        lines.append(f"| `{key}` | {tp} | `{default}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())

@@ -1,0 +1,257 @@
+"""Evaluate a datkit checkpoint: TA (clean), RA (PGD) and AA (AutoAttack) accuracy on the test set.
+
+    python -m datkit.evaluate checkpoint=runs/mnist5k_pgd/checkpoint_last.pt attacks=[pgd,autoattack]
+    torchrun --nproc_per_node 2 -m datkit.evaluate checkpoint=PATH   # the test set is sharded
+
+The run's configuration is rebuilt from the checkpoint (``state["config"]``); any training-config
+override (``data.shared_root=...``, ``device=cpu``) is merged on top. Evaluation options are the
+bare keys of :data:`OPTIONS`. Every rank evaluates its shard of the test subset and the counts are
+summed (``datkit.engine.evaluate_accuracy``); rank 0 prints a Markdown table and writes it as JSON
+(``output``, default ``evaluation.json`` next to the checkpoint) and Markdown (same name, ``.md``).
+Start-up errors exit with code 2 and one message on stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from datkit.cli import fail, parse_args
+from datkit.config import Config, ConfigError, validate_config
+
+# Evaluation options and their defaults. eps, pgd_alpha, pgd_steps, pgd_restarts, batch_size and
+# num_samples are written into the run's config as eval.eps, eval.pgd_alpha, eval.pgd_steps,
+# eval.pgd_restarts, eval.batch_size and eval.final_num_samples (eps=None keeps the run's eps).
+OPTIONS: dict[str, Any] = {"checkpoint": None, "attacks": ["pgd", "autoattack"], "eps": None, "pgd_steps": 20,
+                           "pgd_alpha": None, "pgd_restarts": 1, "num_samples": 0, "batch_size": 500, "output": None}
+_EVAL_KEYS = {"eps": "eps", "pgd_alpha": "pgd_alpha", "pgd_steps": "pgd_steps", "pgd_restarts": "pgd_restarts",
+              "batch_size": "batch_size", "num_samples": "final_num_samples"}
+# attack name -> result column
+COLUMNS: dict[str, str] = {"clean": "TA", "pgd": "RA", "autoattack": "AA", "fgsm": "FGSM"}
+_ROOT_SCALARS = ("backend", "device")
+
+USAGE = """usage: python -m datkit.evaluate checkpoint=PATH [attacks=[pgd,autoattack]] [eps=0.3] [pgd_steps=20]
+         [pgd_alpha=2.5*eps/pgd_steps] [pgd_restarts=1] [num_samples=0] [batch_size=500] [output=PATH.json]
+         [training-config overrides, e.g. data.shared_root=../shared/data device=cpu]
+       torchrun --nproc_per_node N -m datkit.evaluate checkpoint=PATH ...   (evaluation sharded over N workers)
+
+attacks: any of clean (TA, always reported), pgd (RA), autoattack (AA, needs pip install "datkit[autoattack]"),
+fgsm (FGSM: one step of size eps, no random start). eps defaults to the run's eval.eps, else attack.eps;
+num_samples=0 evaluates the whole test set; batch_size is global (split across workers)."""
+
+
+def _number(key: str, text: str, kind: type) -> float | int:
+    """``text`` as ``kind``; floats may be written as fractions (``eps=8/255``)."""
+    try:
+        if kind is float and "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return kind(text)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{key}={text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def split_args(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """(options, config dotlist): the evaluation options (bare keys of ``OPTIONS``, defaults filled in)
+    and the config overrides to merge onto the checkpoint's config, in order: the defaults of the eval
+    options, the user's training-config overrides, then the eval options given explicitly."""
+    given: dict[str, Any] = {}
+    overrides: list[str] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"argument '{item}' is not of the form key=value (see --help)")
+        if key in ("checkpoint", "output"):
+            given[key] = value
+        elif key == "attacks":
+            parsed = yaml.safe_load(value) if value.strip() else []
+            names = parsed if isinstance(parsed, list) else str(parsed).split(",")
+            given[key] = [str(n).strip() for n in names if str(n).strip()]
+        elif key in ("eps", "pgd_alpha"):
+            given[key] = _number(key, value, float)
+        elif key in OPTIONS:
+            given[key] = _number(key, value, int)
+        elif "." in key or key in _ROOT_SCALARS:
+            overrides.append(item)
+        else:
+            raise ConfigError(f"unknown option '{key}'; evaluation options: {', '.join(OPTIONS)}; training-config "
+                              f"overrides are dotted keys (e.g. data.shared_root=...) or {', '.join(_ROOT_SCALARS)}")
+    unknown = [n for n in given.get("attacks", []) if n not in COLUMNS]
+    if unknown:
+        raise ConfigError(f"unknown attack(s) {', '.join(map(repr, unknown))} in attacks=; known: {', '.join(COLUMNS)}")
+    if not given.get("checkpoint"):
+        raise ConfigError("checkpoint=PATH is required (a datkit checkpoint, e.g. runs/<name>/checkpoint_last.pt)")
+    opts = {**OPTIONS, **given}
+    dotlist = [f"eval.{_EVAL_KEYS[k]}={'null' if OPTIONS[k] is None else OPTIONS[k]}" for k in _EVAL_KEYS if k != "eps"]
+    dotlist += overrides + [f"eval.{_EVAL_KEYS[k]}={given[k]!r}" for k in _EVAL_KEYS if k in given]
+    return opts, dotlist
+
+
+def load_run(path: str, overrides: Sequence[str]) -> tuple[dict[str, Any], Any]:
+    """(checkpoint state, config) where config = schema <- the checkpoint's config <- ``overrides``."""
+    from datkit.checkpoint import load_checkpoint_file
+    from datkit.config.load import _translate
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint '{path}' does not exist")
+    try:
+        state = load_checkpoint_file(path)
+    except Exception as err:  # unpickling / zip errors: the file is not a readable checkpoint
+        raise ConfigError(f"cannot load checkpoint '{path}': {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ConfigError(f"'{path}' is not a datkit checkpoint (expected a dict with keys 'model' and 'config')")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"]))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"the config stored in '{path}' does not fit this datkit's schema: {str(err).splitlines()[0]}")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise _translate(err, "the command line") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse a command-line value as YAML ({str(err).splitlines()[0]})") from None
+    return state, cfg
+
+
+def build_attacks(opts: dict[str, Any], cfg: Any, n_classes: int) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Column -> (attack or None, its settings). TA always comes first."""
+    from datkit.attacks import FGSM, AutoAttack
+    from datkit.engine import ra_attack
+
+    norm = cfg.attack.norm
+    out: dict[str, tuple[Any, dict[str, Any]]] = {"TA": (None, {"attack": "clean"})}
+    for name in opts["attacks"]:
+        col = COLUMNS[name]
+        if col in out:
+            continue
+        if name == "pgd":
+            atk = ra_attack(cfg.eval, cfg.attack.eps, norm)
+            out[col] = (atk, {"attack": "pgd", "norm": norm, "eps": atk.eps, "steps": atk.steps, "alpha": atk.alpha,
+                              "restarts": atk.restarts})
+        else:
+            eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
+            try:
+                atk = (AutoAttack(eps, norm, version="standard", n_classes=n_classes) if name == "autoattack"
+                       else FGSM(eps, alpha=eps, random_start=False, norm=norm, eval_mode=True))
+            except ImportError as err:
+                raise ConfigError(f"attacks={name}: {err}") from None
+            except ValueError as err:
+                raise ConfigError(f"attacks={name} with attack.norm={norm}: {err}") from None
+            extra = {"version": "standard"} if name == "autoattack" else {"steps": 1, "alpha": eps}
+            out[col] = (atk, {"attack": name, "norm": norm, "eps": eps, **extra})
+    return out
+
+
+class _Timed:
+    """Calls ``attack`` and adds the (device-synchronised) seconds it took to ``seconds``."""
+
+    def __init__(self, attack: Callable[..., torch.Tensor], sync: Callable[[], None]) -> None:
+        self.attack, self.sync, self.seconds = attack, sync, 0.0
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.sync()
+        start = time.perf_counter()
+        out = self.attack(model, x, y)
+        self.sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _settings(s: dict[str, Any]) -> str:
+    if s["attack"] == "clean":
+        return "clean inputs"
+    if s["attack"] == "pgd":
+        return f"PGD-{s['steps']}, {s['norm']} eps={s['eps']:.4g}, alpha={s['alpha']:.4g}, restarts={s['restarts']}"
+    if s["attack"] == "fgsm":
+        return f"FGSM, {s['norm']} eps={s['eps']:.4g}, step {s['alpha']:.4g}"
+    return f"AutoAttack ({s['version']}), {s['norm']} eps={s['eps']:.4g}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The accuracy table (n and one column per metric) and the attack settings with their timing."""
+    cols = list(res["attacks"])
+    lines = [f"Evaluation of {res['checkpoint']} (epoch {res['epoch']}, {res['model']} on {res['data']}) "
+             f"on {res['test_set']}, {res['world_size']} worker(s):", "",
+             "| n | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
+             f"| {res['n']} | " + " | ".join(f"{res[c]:.4f}" for c in cols) + " |", "",
+             "| column | attack | settings | time (s) |", "|---|---|---|---|"]
+    for c, s in res["attacks"].items():
+        t = "-" if s.get("seconds") is None else f"{s['seconds']:.1f}"
+        lines.append(f"| {c} | {s['attack']} | {_settings(s)} | {t} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate the checkpoint named on the command line; returns the result record (all ranks)."""
+    from datkit.backends import BackendUnavailable, create_backend
+    from datkit.data import DATASETS, build_data, eval_subset
+    from datkit.engine import build_model, evaluate_accuracy
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        raise SystemExit(0)
+    try:
+        config_path, items = parse_args(argv)
+        if config_path is not None:
+            raise ConfigError("--config is not used by datkit.evaluate: the configuration comes from the checkpoint; "
+                              "change it with key=value overrides")
+        opts, dotlist = split_args(items)
+        state, cfg = load_run(opts["checkpoint"], dotlist)
+        validate_config(cfg)
+        spec = DATASETS.get(cfg.data.name)
+        attacks = build_attacks(opts, cfg, spec.num_classes)
+        backend = create_backend(cfg, argv)
+    except (ConfigError, BackendUnavailable, RuntimeError) as err:
+        fail(err)
+    try:
+        if cfg.eval.batch_size < backend.world_size:
+            fail(ConfigError(f"batch_size={cfg.eval.batch_size} must be >= the number of workers ({backend.world_size})"))
+        model = build_model(cfg, spec)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+            fail(ConfigError(f"the weights in checkpoint '{opts['checkpoint']}' do not fit model '{cfg.model.name}' "
+                             f"(kwargs {kwargs}, {cfg.data.name} data) of its config: "
+                             f"{' '.join(str(err).split())[:600]}"))
+        model = model.to(backend.device)
+        data = build_data(cfg.data)
+        idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
+        torch.manual_seed(cfg.train.seed + backend.rank)
+        sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
+        timed = {c: (None if atk is None else _Timed(atk, sync)) for c, (atk, _) in attacks.items()}
+        start = time.perf_counter()
+        acc = evaluate_accuracy(backend, model, data.test, idx, cfg.eval.batch_size, timed)
+        secs = torch.tensor([time.perf_counter() - start] + [t.seconds for t in timed.values() if t is not None],
+                            dtype=torch.float64)
+        secs = backend.all_reduce(secs.to(backend.device), op="max").cpu().tolist()  # the slowest worker
+        timings = iter(secs[1:])
+        settings = {c: {**s, "seconds": None if atk is None else next(timings)} for c, (atk, s) in attacks.items()}
+        res: dict[str, Any] = {"checkpoint": os.path.abspath(opts["checkpoint"]), "epoch": state.get("epoch"),
+                               "model": cfg.model.name, "data": cfg.data.name, "test_set": data.test_name,
+                               "n": acc["n"], **{c: acc[c] for c in attacks}, "attacks": settings, "eval_s": secs[0],
+                               "world_size": backend.world_size, "backend": backend.name}
+        if backend.is_main:
+            table = markdown(res)
+            out = opts["output"] or os.path.join(os.path.dirname(os.path.abspath(opts["checkpoint"])), "evaluation.json")
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as f:
+                json.dump(res, f, indent=2)
+            with open(os.path.splitext(out)[0] + ".md", "w") as f:
+                f.write(table + "\n")
+            print(f"\n{table}\n\nevaluation took {secs[0]:.1f} s; results: {out}", flush=True)
+        return res
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()

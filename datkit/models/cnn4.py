@@ -1,0 +1,33 @@
+"""``cnn_4layer``: the small strided CNN of Wong & Kolter (ICML 2018) and Wong et al. (ICLR 2020).
+
+"Provable defenses against adversarial examples via the convex outer adversarial polytope" and
+"Fast is better than free: revisiting adversarial training" use it for MNIST: two 4x4 stride-2 conv
+layers (16 and 32 channels), a 100-unit hidden layer, a linear classifier. No pooling, no BatchNorm:
+cheap enough for adversarial training on a CPU, and every layer is one a bound engine handles.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from datkit.models.registry import MODELS
+
+
+@MODELS.register("cnn_4layer")
+def cnn_4layer(num_classes: int, in_channels: int, image_size: int,
+               channels: Sequence[int] = (16, 32), hidden: int = 100) -> nn.Sequential:
+    """Conv4/2-ReLU, Conv4/2-ReLU, Linear-ReLU, Linear. ``image_size`` must be divisible by 4."""
+    if image_size % 4 != 0:
+        raise ValueError(f"model 'cnn_4layer': image_size must be divisible by 4, got {image_size}")
+    if len(channels) != 2:
+        raise ValueError(f"model 'cnn_4layer': channels must have 2 entries, got {tuple(channels)}")
+    c1, c2 = (int(c) for c in channels)
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c1, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(c2 * side * side, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )

@@ -1,0 +1,1 @@
+"""Shared helpers of the datkit test-suite (tiny run settings, subprocess and in-process launchers)."""

@@ -1,0 +1,142 @@
+"""Multi-process training on CPU (gloo, 2 processes under torchrun).
+
+- 2 workers with global batch G take the same steps as 1 worker with global batch G (the sampler
+  splits the global batch, DDP averages the gradients), so the weights agree after a few steps;
+- gradient accumulation: 2 micro-batches of G/2 give the same update as one batch of G;
+- the collectives of ``TorchBackend`` do what the Backend interface says on 2 processes.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers.runs import TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+# A few PGD steps of the tiny model; random_start=false (in TINY) so the attack does not depend on how the
+# batch is split. SGD, not Adam: Adam's first update is about lr*sign(grad), which turns rounding noise in a
+# near-zero gradient into an lr-sized difference; SGD keeps rounding differences at rounding size.
+STEPS = ["train.epochs=1", "train.max_steps=3", "train.batch_size=32", "optim.name=sgd", "optim.lr=0.05"]
+
+
+def _torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 280):
+    return run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], cwd=cwd,
+                      timeout=timeout)
+
+
+def test_two_workers_match_one_worker_with_the_same_global_batch(tmp_path: Path) -> None:
+    out2, out1 = tmp_path / "two", tmp_path / "one"
+    proc = _torchrun(2, ["-m", "datkit.train", *TINY, *STEPS, f"train.output_dir={out2}"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "world_size=2" in proc.stdout, describe(proc)
+    proc = run_python(["-m", "datkit.train", *TINY, *STEPS, f"train.output_dir={out1}"], cwd=tmp_path, timeout=280)
+    assert proc.returncode == 0, describe(proc)
+    assert "world_size=1" in proc.stdout, describe(proc)
+
+    two, one = load_checkpoint(out2), load_checkpoint(out1)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["epoch"] == one["epoch"] == 1
+    assert_same_weights(two["model"], one["model"], atol=1e-5)
+    # and training did move the weights (the comparison is not between two initial models)
+    init = _initial_weights(tmp_path)
+    moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-3, "the weights did not change in 3 steps"
+    # the loss reported is the mean over all workers' steps, so it agrees too
+    assert two["records"][0]["train_loss"] == pytest.approx(one["records"][0]["train_loss"], abs=1e-5)
+    # evaluation is split across workers and summed: both runs evaluate the same 50 examples
+    assert two["records"][0]["n_eval"] == one["records"][0]["n_eval"] == 50
+
+
+def _initial_weights(tmp_path: Path) -> dict:
+    """The model the tiny config starts from (same seed, built the way the trainer builds it)."""
+    import torch
+
+    from datkit.config import load_config
+    from datkit.data import DATASETS
+    from datkit.engine import build_model
+
+    cfg = load_config(None, [*TINY, *STEPS, f"train.output_dir={tmp_path / 'init'}"])
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg, DATASETS.get(cfg.data.name)).state_dict()
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path: Path) -> None:
+    out_a, out_b = tmp_path / "accum1", tmp_path / "accum2"
+    train_inprocess([*STEPS, "train.grad_accum=1", f"train.output_dir={out_a}"])
+    train_inprocess([*STEPS, "train.grad_accum=2", f"train.output_dir={out_b}"])
+    a, b = load_checkpoint(out_a), load_checkpoint(out_b)
+    assert_same_weights(a["model"], b["model"], atol=1e-5)
+    assert a["records"][0]["train_loss"] == pytest.approx(b["records"][0]["train_loss"], abs=1e-5)
+
+
+_COLLECTIVES_WORKER = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from datkit.backends.torch_dist import TorchBackend
+
+    out = Path(sys.argv[1])
+    be = TorchBackend(device="cpu")
+    r, w = be.rank, be.world_size
+    assert w == 2, f"world_size {w}"
+    assert be.device == torch.device("cpu")
+
+    t = torch.tensor([1.0, 2.0]) * (r + 1)
+    assert be.all_reduce(t, op="sum").tolist() == [3.0, 6.0], t
+    t = torch.tensor([1.0, 2.0]) * (r + 1)
+    assert be.all_reduce(t, op="mean").tolist() == [1.5, 3.0], t
+    t = torch.tensor([float(r), 10.0 - r])
+    assert be.all_reduce(t, op="max").tolist() == [1.0, 10.0], t
+    t = torch.tensor([r + 5], dtype=torch.int64)
+    assert be.all_reduce(t, op="sum").tolist() == [11], t
+
+    g = be.all_gather(torch.full((3, 2), float(r)))
+    assert g.shape == (w, 3, 2), g.shape
+    assert torch.equal(g[0], torch.zeros(3, 2)) and torch.equal(g[1], torch.ones(3, 2)), g
+
+    # chunk j of dim 0 goes to rank j: rank r receives chunk r of every rank, in rank order
+    send = torch.tensor([[10 * r + j, 100 + 10 * r + j] for j in range(w)], dtype=torch.float32)
+    recv = be.all_to_all(send)
+    assert recv.shape == send.shape, recv.shape
+    assert recv.tolist() == [[10 * j + r, 100 + 10 * j + r] for j in range(w)], recv
+
+    b = torch.full((4,), float(r + 7))
+    assert be.broadcast(b, src=1).tolist() == [8.0] * 4, b
+    b = torch.full((4,), float(r + 7))
+    assert be.broadcast(b).tolist() == [7.0] * 4, b
+
+    be.barrier()
+    (out / f"ok{r}").write_text("ok")
+    be.barrier()
+    be.close()
+    be.close()  # idempotent
+''')
+
+
+def test_torch_backend_collectives(tmp_path: Path) -> None:
+    script = tmp_path / "collectives_worker.py"
+    script.write_text(_COLLECTIVES_WORKER)
+    proc = _torchrun(2, [str(script), str(tmp_path)], cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, describe(proc)
+    for r in range(2):
+        assert (tmp_path / f"ok{r}").read_text() == "ok", f"rank {r} did not finish:\n{describe(proc)}"
+
+
+def test_torch_backend_single_process_collectives_are_noops() -> None:
+    import torch
+
+    from datkit.backends.torch_dist import TorchBackend
+
+    be = TorchBackend(device="cpu")
+    assert (be.rank, be.world_size, be.is_main) == (0, 1, True)
+    t = torch.tensor([1.0, 2.0])
+    assert be.all_reduce(t, op="sum") is t and be.all_reduce(t, op="mean").tolist() == [1.0, 2.0]
+    assert be.all_gather(t).shape == (1, 2)
+    assert torch.equal(be.all_to_all(t), t) and torch.equal(be.broadcast(t), t)
+    be.barrier()
+    be.close()
+
