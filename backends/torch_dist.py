@@ -105,9 +105,9 @@ class TorchBackend(Backend):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor.unsqueeze(0)
-        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(out, tensor.contiguous())
-        return out
+        out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        dist.all_gather_into_tensor(out, tensor.contiguous().reshape(-1))  # gloo wants a flat output
+        return out.view(self.world_size, *tensor.shape)
 
     def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

@@ -44,7 +44,9 @@ USAGE = """usage: python -m datkit.evaluate checkpoint=PATH [attacks=[pgd,autoat
 
 attacks: any of clean (TA, always reported), pgd (RA), autoattack (AA, needs pip install "datkit[autoattack]"),
 fgsm (FGSM: one step of size eps, no random start). eps defaults to the run's eval.eps, else attack.eps;
-num_samples=0 evaluates the whole test set; batch_size is global (split across workers)."""
+num_samples=0 evaluates the whole test set; batch_size is global (split across workers). Numbers may be fractions
+(eps=8/255). The options are stored in the run's config as eval.eps, eval.pgd_steps, eval.pgd_alpha, eval.pgd_restarts,
+eval.batch_size and eval.final_num_samples; bare options win over eval.* overrides."""
 
 
 def _number(key: str, text: str, kind: type) -> float | int:
@@ -104,7 +106,8 @@ def load_run(path: str, overrides: Sequence[str]) -> tuple[dict[str, Any], Any]:
     try:
         state = load_checkpoint_file(path)
     except Exception as err:  # unpickling / zip errors: the file is not a readable checkpoint
-        raise ConfigError(f"cannot load checkpoint '{path}': {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        raise ConfigError(f"cannot load checkpoint '{path}' with torch.load(weights_only=True) ({type(err).__name__}); "
+                          "is it a datkit checkpoint (e.g. checkpoint_last.pt) written completely?") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ConfigError(f"'{path}' is not a datkit checkpoint (expected a dict with keys 'model' and 'config')")
     try:
@@ -188,8 +191,11 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Evaluate the checkpoint named on the command line; returns the result record (all ranks)."""
+def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate the checkpoint named on the command line; returns the result record (all ranks).
+
+    Start-up errors print one message on stderr (rank 0) and raise ``SystemExit(2)``.
+    """
     from datkit.backends import BackendUnavailable, create_backend
     from datkit.data import DATASETS, build_data, eval_subset
     from datkit.engine import build_model, evaluate_accuracy
@@ -214,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         if cfg.eval.batch_size < backend.world_size:
             fail(ConfigError(f"batch_size={cfg.eval.batch_size} must be >= the number of workers ({backend.world_size})"))
-        model = build_model(cfg, spec)
+        try:
+            model = build_model(cfg, spec)
+        except (TypeError, ValueError) as err:
+            fail(ConfigError(f"cannot build model '{cfg.model.name}' for checkpoint '{opts['checkpoint']}': {err}"))
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as err:
@@ -253,5 +262,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         backend.close()
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``datkit-evaluate``, ``python -m datkit.evaluate``): 0 on success."""
+    evaluate(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,23 +3,36 @@ PyTorch loop it compares against does exactly the work of datkit's training step
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from datkit.bench import __main__ as bench_main
 from datkit.bench import step
 
+# One intra-op thread: on a shared CI machine, oversubscribed OpenMP threads make steps ~10x slower.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 RATIO = re.compile(r"^ratio datkit/plain \(median\): (\d+\.\d+)\s+\(target <= 1\.05: (reached|NOT reached)\)$", re.M)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_step_cli_prints_parseable_ratio(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "datkit.bench", "step", "--iters", "3", "--warmup", "1", "--batch", "16",
-                           "--steps", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--steps", "2", "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     m = RATIO.search(proc.stdout)
     assert m, proc.stdout
@@ -30,7 +43,7 @@ def test_step_cli_prints_parseable_ratio(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     assert abs(res["ratio"] - ratio) < 1e-3
     assert len(res["datkit"]["times_s"]) == len(res["plain"]["times_s"]) == 3
-    assert res["setup"]["batch"] == 16 and res["setup"]["pgd_steps"] == 2
+    assert res["setup"]["batch"] == 16 and res["setup"]["pgd_steps"] == 2 and res["setup"]["threads"] == 1
 
 
 def test_dispatch_help_and_unknown_subcommand(capsys) -> None:

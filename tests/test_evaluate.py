@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from datkit import evaluate
 from datkit.train import main as train_main
@@ -14,6 +16,16 @@ from datkit.train import main as train_main
 TINY = ["data.name=digits", "model.kwargs.channels=[8,16]", "model.kwargs.hidden=32", "train.epochs=1",
         "train.max_steps=5", "eval.num_samples=20", "eval.final_num_samples=20", "eval.pgd_steps=2",
         "log.tensorboard=false", "log.plot=false", "log.progress=false", "device=cpu"]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared CI machine, oversubscribed OpenMP threads are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +40,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """Exit code and stderr of an evaluation that must fail at start-up."""
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(args)
+        evaluate.evaluate(args)
     return exc.value.code, capsys.readouterr().err
 
 
 def test_cli_pgd_writes_json_and_table(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "ev.json"
     proc = subprocess.run([sys.executable, "-m", "datkit.evaluate", f"checkpoint={checkpoint}", "attacks=[pgd]",
-                           "num_samples=50", f"output={out}"], capture_output=True, text=True, timeout=300)
+                           "num_samples=50", f"output={out}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "| n | TA | RA |" in proc.stdout and "PGD-20" in proc.stdout
     res = json.loads(out.read_text())
@@ -49,7 +62,7 @@ def test_cli_pgd_writes_json_and_table(checkpoint: Path, tmp_path: Path) -> None
 
 
 def test_default_output_next_to_checkpoint_and_options(checkpoint: Path) -> None:
-    res = evaluate.main([f"checkpoint={checkpoint}", "attacks=pgd,fgsm", "num_samples=10", "pgd_steps=3",
+    res = evaluate.evaluate([f"checkpoint={checkpoint}", "attacks=pgd,fgsm", "num_samples=10", "pgd_steps=3",
                          "eps=8/255", "eval.pgd_restarts=2", "batch_size=4"])
     assert res["n"] == 10 and set(res["attacks"]) == {"TA", "RA", "FGSM"}
     assert res["attacks"]["RA"]["steps"] == 3 and res["attacks"]["RA"]["restarts"] == 2
@@ -60,7 +73,7 @@ def test_default_output_next_to_checkpoint_and_options(checkpoint: Path) -> None
 
 def test_autoattack_on_a_few_samples(checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("torchattacks")
-    res = evaluate.main([f"checkpoint={checkpoint}", "attacks=[pgd,autoattack]", "num_samples=8", "pgd_steps=5",
+    res = evaluate.evaluate([f"checkpoint={checkpoint}", "attacks=[pgd,autoattack]", "num_samples=8", "pgd_steps=5",
                          f"output={tmp_path / 'aa.json'}"])
     assert res["n"] == 8 and res["AA"] <= res["TA"]
     assert res["attacks"]["AA"]["version"] == "standard"

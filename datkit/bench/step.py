@@ -23,6 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datkit.backends import create_backend
+from datkit.config import load_config, validate_config
+from datkit.data import DATASETS, build_data, random_shift
+from datkit.engine import build_model
+from datkit.methods import StepInfo, create_method
+from datkit.optim import build_optimizer, build_scheduler, eps_at
+
 TARGET = 1.05
 
 
@@ -45,20 +52,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def build_datkit(args: argparse.Namespace) -> dict[str, Any]:
     """Config, backend, model, optimizer, scheduler and method, built as ``Trainer.__init__`` does."""
-    from datkit.backends import create_backend
-    from datkit.config import load_config, validate_config
-    from datkit.data import DATASETS
-    from datkit.engine import build_model
-    from datkit.methods import create_method
-    from datkit.optim import build_optimizer, build_scheduler
-
     cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}", f"attack.steps={args.steps}",
                              "backend=torch", f"device={args.device}", "data.name=mnist5k", *args.overrides])
     validate_config(cfg)
     a, t = cfg.attack, cfg.train
-    if cfg.method.name != "pgd" or a.norm != "linf" or not a.random_start or t.grad_accum != 1 or t.grad_clip > 0:
+    if (cfg.method.name != "pgd" or a.norm != "linf" or not a.random_start or t.grad_accum != 1 or t.grad_clip > 0
+            or cfg.data.augment_shift):
         raise ValueError("bench step compares PGD-AT only: method.name=pgd, attack.norm=linf, attack.random_start=true, "
-                         "train.grad_accum=1, train.grad_clip=0")
+                         "train.grad_accum=1, train.grad_clip=0, data.augment_shift=0")
     backend = create_backend(cfg)
     torch.manual_seed(t.seed)
     model = build_model(cfg, DATASETS.get(cfg.data.name))
@@ -71,12 +72,10 @@ def build_datkit(args: argparse.Namespace) -> dict[str, Any]:
 
 def datkit_step(d: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
     """The body of ``Trainer.train_epoch`` for one batch (grad_accum = 1, no progress bar)."""
-    from datkit.methods import StepInfo
-    from datkit.optim import eps_at
-
     cfg, be, step_loss = d["cfg"], d["backend"], 0.0
     info = StepInfo(eps=eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, float(cfg.train.epochs)))
-    x, y = x.to(be.device, non_blocking=True), y.to(be.device, non_blocking=True)
+    x = random_shift(x, cfg.data.augment_shift).to(be.device, non_blocking=True)
+    y = y.to(be.device, non_blocking=True)
     accum = cfg.train.grad_accum
     for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
         ctx = be.no_sync(d["model"]) if k < accum - 1 else torch.enable_grad()
@@ -123,7 +122,6 @@ def make_batches(args: argparse.Namespace, cfg: Any, count: int = 4) -> list[tup
     if args.data == "random":
         return [(torch.rand(args.batch, 1, 28, 28, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
                 for _ in range(count)]
-    from datkit.data import build_data
     x_all, y_all = build_data(cfg.data).train.tensors
     idx = torch.randperm(len(y_all), generator=g)[: count * args.batch].view(count, -1)
     return [(x_all[i], y_all[i]) for i in idx]

@@ -44,11 +44,15 @@ class ResultsWriter:
         self.output_dir, self.config, self.plot = output_dir, config, plot
         self.records: list[dict[str, Any]] = list(records or [])
         os.makedirs(output_dir, exist_ok=True)
+        # A resumed run rewrites metrics.jsonl from the checkpoint's records: epochs trained after the
+        # checkpoint by the interrupted run must not be listed twice.
+        with open(os.path.join(output_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, "tb"))
+            self._tb = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=len(self.records) + 1 if self.records else None)
 
     def add_epoch(self, record: dict[str, Any]) -> None:
         """Append one epoch: a line of ``metrics.jsonl`` and TensorBoard scalars."""

@@ -6,11 +6,12 @@ no plots, no progress bars.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -66,11 +67,23 @@ def describe(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread (tiny models on a shared 2-core machine: threads only contend)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def train_inprocess(overrides: Sequence[str]) -> dict[str, Any]:
     """``datkit.train.main(TINY + overrides)`` in this process; returns the final results record."""
     from datkit.train import main
 
-    return main([*TINY, *overrides])
+    with one_thread():
+        return main([*TINY, *overrides])
 
 
 def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
