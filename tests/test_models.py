@@ -10,6 +10,8 @@ from datkit.models import MODELS, Normalize, NormalizedModel, create_model, list
 # (in_channels, image_size, batch) per model; models not listed get the CIFAR-like default.
 _INPUT = {
     "cnn_small": (1, 28, 4),
+    "cnn_4layer": (1, 28, 4),
+    "cnn_madry": (1, 28, 4),
     "cnn_7layer_bn": (1, 28, 4),
     "resnet50": (3, 64, 2),
 }

@@ -27,3 +27,12 @@ def test_quickstart_has_two_commands_and_ci_runs_the_second():
     ci = (README.parent / ".ci" / "run").read_text()
     ci_cmds = [ln.strip() for ln in ci.splitlines() if ln.strip() and not ln.strip().startswith(("#", "set ", "cd "))]
     assert ci_cmds == [commands[1]], (ci_cmds, commands[1])
+
+
+def test_default_yaml_is_the_schema_default():
+    from omegaconf import OmegaConf
+
+    from datkit.config import load_config
+
+    root = README.parent
+    assert OmegaConf.to_container(load_config(str(root / "configs" / "default.yaml"))) == OmegaConf.to_container(load_config())

@@ -1,7 +1,7 @@
 """Model zoo: a registry of factories and :func:`create_model`, which returns a model taking [0, 1] inputs.
 
 Importing this package registers the built-in models (no weights are built at import time):
-``cnn_small`` (Madry et al. 2018), ``cnn_4layer`` (Wong & Kolter 2018), ``cnn_7layer_bn`` (Shi et al. 2021), ``preact_resnet18``
+``cnn_small`` (datkit's default, a widened ``cnn_4layer``), ``cnn_4layer`` (Wong & Kolter 2018), ``cnn_madry`` (Madry et al. 2018), ``cnn_7layer_bn`` (Shi et al. 2021), ``preact_resnet18``
 (He et al. 2016), ``wide_resnet`` (Zagoruyko & Komodakis 2016) and ``resnet50`` (He et al. 2016).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``cnn_small``: the small MNIST CNN of Madry et al. 2018.
+"""``cnn_madry``: the MNIST CNN of Madry et al. 2018.
 
 "Towards Deep Learning Models Resistant to Adversarial Attacks" (ICLR 2018), MNIST model:
 two 5x5 conv layers (32 and 64 channels) each followed by 2x2 max-pooling, a 1024-unit hidden
@@ -13,14 +13,14 @@ from torch import nn
 from datkit.models.registry import MODELS
 
 
-@MODELS.register("cnn_small")
-def cnn_small(num_classes: int, in_channels: int, image_size: int,
+@MODELS.register("cnn_madry")
+def cnn_madry(num_classes: int, in_channels: int, image_size: int,
               channels: Sequence[int] = (32, 64), hidden: int = 1024) -> nn.Sequential:
     """Conv5-ReLU-Pool2, Conv5-ReLU-Pool2, Linear-ReLU, Linear. ``image_size`` must be divisible by 4."""
     if image_size % 4 != 0:
-        raise ValueError(f"model 'cnn_small': image_size must be divisible by 4, got {image_size}")
+        raise ValueError(f"model 'cnn_madry': image_size must be divisible by 4, got {image_size}")
     if len(channels) != 2:
-        raise ValueError(f"model 'cnn_small': channels must have 2 entries, got {tuple(channels)}")
+        raise ValueError(f"model 'cnn_madry': channels must have 2 entries, got {tuple(channels)}")
     c1, c2 = (int(c) for c in channels)
     side = image_size // 4
     return nn.Sequential(
