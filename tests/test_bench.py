@@ -60,7 +60,7 @@ def test_step_rejects_what_the_plain_loop_cannot_do(capsys) -> None:
 
 def test_plain_loop_does_the_same_work_as_datkit() -> None:
     """Same seed, same batch: identical adversarial examples and identical weights after one step."""
-    d = step.build_datkit(step.parse(["--batch", "8", "--steps", "3", "--device", "cpu"]))
+    d = step.build_datkit(step.parse(["--batch", "8", "--steps", "3", "--device", "cpu", "method.lam=0.5"]))
     plain, plain_opt = step.build_plain(d)
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
@@ -74,7 +74,7 @@ def test_plain_loop_does_the_same_work_as_datkit() -> None:
     torch.manual_seed(7)
     step.datkit_step(d, x, y)
     torch.manual_seed(7)
-    step.plain_step(plain, plain_opt, x, y, a.eps, alpha, a.steps, lam=0.0)
+    step.plain_step(plain, plain_opt, x, y, a.eps, alpha, a.steps, lam=d["cfg"].method.lam)
     for p_datkit, p_plain in zip(d["raw"].parameters(), plain.parameters()):
         torch.testing.assert_close(p_datkit, p_plain, rtol=0, atol=1e-6)
     d["backend"].close()

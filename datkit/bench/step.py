@@ -2,8 +2,9 @@
 
 The datkit side goes through the real code path of a training step: config from
 ``load_config(None, overrides)``, model from ``build_model``, backend from ``create_backend`` +
-``setup``, ``create_method(cfg).loss(model, raw, x, y, StepInfo(eps))``, ``backend.backward``,
-``backend.step`` and the scheduler, in the order of ``Trainer.train_epoch``. The plain side is a
+``setup``, method from ``create_method``, optimizer and scheduler as ``Trainer.__init__`` builds
+them, then per step ``StepInfo(eps)`` and ``Trainer.train_step`` itself (``method.loss``,
+``backend.backward``, ``backend.step``, ``scheduler.step``). The plain side is a
 self-contained PGD (sign gradient, projection, clamp to [0, 1]) and training step on a deep copy of
 the same model with the same optimizer settings. Both see the same batches; their iterations
 alternate (datkit first on even rounds, plain first on odd ones) so that machine noise and
@@ -25,8 +26,8 @@ from torch import nn
 
 from datkit.backends import create_backend
 from datkit.config import load_config, validate_config
-from datkit.data import DATASETS, build_data, random_shift
-from datkit.engine import build_model
+from datkit.data import DATASETS, build_data
+from datkit.engine import Trainer, build_model
 from datkit.methods import StepInfo, create_method
 from datkit.optim import build_optimizer, build_scheduler, eps_at
 
@@ -66,25 +67,21 @@ def build_datkit(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = build_optimizer(cfg.optim, model.parameters(), t.batch_size)
     model, optimizer = backend.setup(model, optimizer)
     scheduler = build_scheduler(cfg.schedule, optimizer, max(1, args.iters + args.warmup), t.epochs)
-    return dict(cfg=cfg, backend=backend, model=model, raw=backend.unwrap(model), optimizer=optimizer,
-                scheduler=scheduler, method=create_method(cfg))
+    # A Trainer holding exactly these pieces (its __init__ would also load data and open results files),
+    # so that the timed step is the trainer's own ``train_step``, not a copy of it.
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.backend, trainer.model, trainer.optimizer = cfg, backend, model, optimizer
+    trainer.raw, trainer.method, trainer.scheduler = backend.unwrap(model), create_method(cfg), scheduler
+    return dict(cfg=cfg, backend=backend, model=model, raw=trainer.raw, optimizer=optimizer, scheduler=scheduler,
+                method=trainer.method, trainer=trainer, progress=float(t.epochs))
 
 
 def datkit_step(d: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
-    """The body of ``Trainer.train_epoch`` for one batch (grad_accum = 1, no progress bar)."""
-    cfg, be, step_loss = d["cfg"], d["backend"], 0.0
-    info = StepInfo(eps=eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, float(cfg.train.epochs)))
-    x = random_shift(x, cfg.data.augment_shift).to(be.device, non_blocking=True)
-    y = y.to(be.device, non_blocking=True)
-    accum = cfg.train.grad_accum
-    for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
-        ctx = be.no_sync(d["model"]) if k < accum - 1 else torch.enable_grad()
-        with ctx:
-            loss = d["method"].loss(d["model"], d["raw"], xm, ym, info) / accum
-            be.backward(loss)
-        step_loss += float(loss.detach())
-    be.step(d["optimizer"])
-    d["scheduler"].step()
+    """One iteration of ``Trainer.train_epoch``'s loop minus data loading and the progress bar:
+    the step's ``StepInfo`` (eps after the ramp, here at the end of training), then ``Trainer.train_step``."""
+    cfg = d["cfg"]  # the loop reads cfg.attack.eps and cfg.attack.eps_warmup_epochs every step
+    info = StepInfo(eps=eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, d["progress"]))
+    d["trainer"].train_step(x, y, info)
 
 
 def plain_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
@@ -152,7 +149,7 @@ def run(args: argparse.Namespace, d: dict[str, Any]) -> dict[str, Any]:
     d["backend"].close()
     stats = {k: {"median_s": statistics.median(v), "mean_s": statistics.fmean(v), "min_s": min(v), "times_s": v} for k, v in times.items()}
     ratio = stats["datkit"]["median_s"] / stats["plain"]["median_s"]
-    setup = {"model": cfg.model.name, "batch": args.batch, "pgd_steps": a.steps, "eps": eps, "alpha": alpha,
+    setup = {"model": cfg.model.name, "batch": args.batch, "pgd_steps": a.steps, "eps": eps, "alpha": alpha, "lam": cfg.method.lam,
              "optimizer": type(d["optimizer"]).__name__, "device": str(device), "threads": torch.get_num_threads(),
              "iters": args.iters, "warmup": args.warmup, "data": args.data, "torch": torch.__version__}
     return {"setup": setup, **stats, "ratio": ratio, "target": TARGET, "reached": ratio <= TARGET}
@@ -162,7 +159,7 @@ def report(res: dict[str, Any]) -> str:
     """A small Markdown table of the two sides and the ratio line."""
     s = res["setup"]
     lines = [f"PGD-AT step: {s['model']}, batch {s['batch']}, PGD-{s['pgd_steps']} eps={s['eps']:g} "
-             f"alpha={s['alpha']:.4g}, {s['optimizer']}, {s['device']}, {s['threads']} thread(s), "
+             f"alpha={s['alpha']:.4g}, lam={s['lam']:g}, {s['optimizer']}, {s['device']}, {s['threads']} thread(s), "
              f"{s['iters']} alternated iterations after {s['warmup']} warm-up, {s['data']} data", "",
              "| loop | median (s/step) | mean (s/step) | min (s/step) |", "|---|---|---|---|"]
     for name, label in (("datkit", "datkit"), ("plain", "plain PyTorch")):

@@ -8,6 +8,7 @@ epoch's checkpoint reproduces the uninterrupted run exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -68,7 +69,6 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self.model.train()
         be.comm_seconds()  # reset the communication timer
-        accum = cfg.train.grad_accum
         loss_sum, steps = torch.zeros((), dtype=torch.float64), 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
                    disable=not (be.is_main and cfg.log.progress), dynamic_ncols=True)
@@ -77,19 +77,7 @@ class Trainer:
             if step >= self.steps_per_epoch:
                 break
             info = StepInfo(eps=eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, epoch - 1 + step / self.steps_per_epoch))
-            x = random_shift(x, cfg.data.augment_shift).to(be.device, non_blocking=True)
-            y = y.to(be.device, non_blocking=True)
-            step_loss = 0.0
-            for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
-                ctx = be.no_sync(self.model) if k < accum - 1 else torch.enable_grad()
-                with ctx:
-                    loss = self.method.loss(self.model, self.raw, xm, ym, info) / accum
-                    be.backward(loss)
-                step_loss += float(loss.detach())
-            if cfg.train.grad_clip > 0:
-                be.clip_grad_norm(self.model, cfg.train.grad_clip)
-            be.step(self.optimizer)
-            self.scheduler.step()
+            step_loss = self.train_step(x, y, info)
             loss_sum += step_loss
             steps += 1
             bar.update(1)
@@ -99,6 +87,28 @@ class Trainer:
         comm = be.comm_seconds()
         stats = be.all_reduce(torch.tensor([float(loss_sum), steps], dtype=torch.float64, device=be.device), op="sum")
         return float(stats[0] / max(1.0, float(stats[1]))), seconds, comm
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> float:
+        """One optimizer step on this worker's shard ``(x, y)`` of a global batch; returns its loss.
+
+        Micro-batches (``train.grad_accum``) accumulate locally under ``backend.no_sync``; the last one
+        synchronises gradients. ``datkit.bench step`` times exactly this method.
+        """
+        cfg, be = self.cfg, self.backend
+        accum = cfg.train.grad_accum
+        x = random_shift(x, cfg.data.augment_shift).to(be.device, non_blocking=True)
+        y = y.to(be.device, non_blocking=True)
+        step_loss = 0.0
+        for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+            with be.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
+                loss = self.method.loss(self.model, self.raw, xm, ym, info) / accum
+                be.backward(loss)
+            step_loss += float(loss.detach())
+        if cfg.train.grad_clip > 0:
+            be.clip_grad_norm(self.model, cfg.train.grad_clip)
+        be.step(self.optimizer)
+        self.scheduler.step()
+        return step_loss
 
     def evaluate(self, num_samples: int) -> dict[str, float]:
         """TA and RA of the current model on a fixed test subset of ``num_samples`` (0 = all)."""
