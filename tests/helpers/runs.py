@@ -32,6 +32,7 @@ TINY: list[str] = [
     "attack.random_start=false",
     "train.batch_size=32",
     "train.seed=1",
+    "eval.every=1",
     "eval.num_samples=50",
     "eval.final_num_samples=50",
     "eval.batch_size=50",
