@@ -229,8 +229,8 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except RuntimeError as err:
             kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
             fail(ConfigError(f"the weights in checkpoint '{opts['checkpoint']}' do not fit model '{cfg.model.name}' "
-                             f"(kwargs {kwargs}, {cfg.data.name} data) of its config: "
-                             f"{' '.join(str(err).split())[:600]}"))
+                             f"(kwargs {kwargs}, {cfg.data.name} data) of its config (if that model's definition changed "
+                             f"since, override model.name=/model.kwargs.*): {' '.join(str(err).split())[:600]}"))
         model = model.to(backend.device)
         data = build_data(cfg.data)
         idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
