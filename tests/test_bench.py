@@ -14,18 +14,18 @@ import torch
 
 from datkit.bench import __main__ as bench_main
 from datkit.bench import step
+from helpers.runs import one_thread
 
-# One intra-op thread: on a shared CI machine, oversubscribed OpenMP threads make steps ~10x slower.
+# One intra-op thread for the bench subprocess: on a shared CI machine, oversubscribed OpenMP threads are ~10x slower.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 RATIO = re.compile(r"^ratio datkit/plain \(median\): (\d+\.\d+)\s+\(target <= 1\.05: (reached|NOT reached)\)$", re.M)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    """One intra-op thread: on a shared CI machine, oversubscribed OpenMP threads are ~10x slower."""
+    with one_thread():
+        yield
 
 
 def test_step_cli_prints_parseable_ratio(tmp_path: Path) -> None:

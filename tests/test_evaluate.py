@@ -12,6 +12,7 @@ import torch
 
 from datkit import evaluate
 from datkit.train import main as train_main
+from helpers.runs import one_thread
 
 TINY = ["data.name=digits", "model.kwargs.channels=[8,16]", "model.kwargs.hidden=32", "train.epochs=1",
         "train.max_steps=5", "eval.num_samples=20", "eval.final_num_samples=20", "eval.pgd_steps=2",
@@ -20,12 +21,10 @@ TINY = ["data.name=digits", "model.kwargs.channels=[8,16]", "model.kwargs.hidden
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _one_thread():
     """One intra-op thread: on a shared CI machine, oversubscribed OpenMP threads are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

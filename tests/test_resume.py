@@ -59,15 +59,12 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.slow
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(uninterrupted: dict, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    # The same config throughout (default cosine schedule); the first run dies at the start of epoch 3.
-    args = [*RUN, "schedule.name=cosine", "train.epochs=4", f"train.output_dir={tmp_path}"]
+def _run_dying_at(args: list[str], dying_epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``args`` in-process, killed (an exception) at the start of epoch ``dying_epoch``."""
     real_train_epoch = Trainer.train_epoch
 
     def dying(self, epoch: int):
-        if epoch == 3:
+        if epoch == dying_epoch:
             raise _Interrupt("killed")
         return real_train_epoch(self, epoch)
 
@@ -75,6 +72,14 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(uninterrupted: di
         mp.setattr(Trainer, "train_epoch", dying)
         with pytest.raises(_Interrupt):
             train_inprocess(args)
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(uninterrupted: dict, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same config throughout (default cosine schedule); the first run dies at the start of epoch 3.
+    args = [*RUN, "schedule.name=cosine", "train.epochs=4", f"train.output_dir={tmp_path}"]
+    _run_dying_at(args, 3, monkeypatch)
     assert load_checkpoint(tmp_path)["epoch"] == 2
     assert not (tmp_path / "results.json").exists()
 
@@ -142,17 +147,7 @@ def test_resume_from_an_older_checkpoint_lists_each_epoch_once(tmp_path: Path, m
     # checkpoint every 2 epochs; the run dies in epoch 4, after epoch 3 was logged but not checkpointed.
     # Resuming repeats epoch 3: metrics.jsonl must then hold epochs 1..4 once each, like results.json.
     args = [*RUN, "schedule.name=constant", "train.epochs=4", "train.checkpoint_every=2", f"train.output_dir={tmp_path}"]
-    real_train_epoch = Trainer.train_epoch
-
-    def dying(self, epoch: int):
-        if epoch == 4:
-            raise _Interrupt("killed")
-        return real_train_epoch(self, epoch)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "train_epoch", dying)
-        with pytest.raises(_Interrupt):
-            train_inprocess(args)
+    _run_dying_at(args, 4, monkeypatch)
     assert load_checkpoint(tmp_path)["epoch"] == 2
     train_inprocess([*args, "train.resume=true"])
     assert _epochs(tmp_path) == [1, 2, 3, 4]

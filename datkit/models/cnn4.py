@@ -15,15 +15,12 @@ from typing import Sequence
 
 from torch import nn
 
+from datkit.models.checks import two_stage_channels
 from datkit.models.registry import MODELS
 
 
 def _strided_cnn(name: str, num_classes: int, in_channels: int, image_size: int, channels: Sequence[int], hidden: int) -> nn.Sequential:
-    if image_size % 4 != 0:
-        raise ValueError(f"model '{name}': image_size must be divisible by 4, got {image_size}")
-    if len(channels) != 2:
-        raise ValueError(f"model '{name}': channels must have 2 entries, got {tuple(channels)}")
-    c1, c2 = (int(c) for c in channels)
+    c1, c2 = two_stage_channels(name, image_size, channels)
     side = image_size // 4
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 4, stride=2, padding=1), nn.ReLU(),

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from torch import nn
 
+from datkit.models.checks import two_stage_channels
 from datkit.models.registry import MODELS
 
 
@@ -17,11 +18,7 @@ from datkit.models.registry import MODELS
 def cnn_madry(num_classes: int, in_channels: int, image_size: int,
               channels: Sequence[int] = (32, 64), hidden: int = 1024) -> nn.Sequential:
     """Conv5-ReLU-Pool2, Conv5-ReLU-Pool2, Linear-ReLU, Linear. ``image_size`` must be divisible by 4."""
-    if image_size % 4 != 0:
-        raise ValueError(f"model 'cnn_madry': image_size must be divisible by 4, got {image_size}")
-    if len(channels) != 2:
-        raise ValueError(f"model 'cnn_madry': channels must have 2 entries, got {tuple(channels)}")
-    c1, c2 = (int(c) for c in channels)
+    c1, c2 = two_stage_channels("cnn_madry", image_size, channels)
     side = image_size // 4
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
