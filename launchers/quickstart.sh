@@ -4,6 +4,6 @@
 # results table (TA, RA, C, T). Extra arguments are passed on as config overrides (key=value).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/launchers/setup_env.sh"
+source "$ROOT/launchers/setup_env.sh" ""   # "": no extras (and keep "$@" for the overrides)
 cd "$ROOT"
 exec "$ROOT/.venv/bin/python" -m torch.distributed.run --standalone --nproc_per_node 2 -m datkit.train "$@"

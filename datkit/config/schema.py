@@ -98,6 +98,7 @@ class TrainConfig:
     resume: bool = False  # continue from output_dir/checkpoint_last.pt if it exists
     checkpoint_every: int = 1  # save a checkpoint every N epochs (0 = only the final one)
     output_dir: str = "runs/${data.name}_${method.name}"  # where results, logs and checkpoints go
+    malloc_tuning: bool = True  # glibc: keep freed memory in the process (fewer page faults, ~10% faster CPU steps)
 
 
 @dataclass

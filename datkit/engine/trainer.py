@@ -23,6 +23,7 @@ from datkit.models import create_model
 from datkit.optim import build_optimizer, build_scheduler, eps_at
 
 from .evaluate import evaluate_accuracy, ra_attack
+from .malloc_tuning import tune_malloc
 from .results import ResultsWriter
 
 CHECKPOINT = "checkpoint_last.pt"
@@ -40,6 +41,8 @@ class Trainer:
 
     def __init__(self, cfg, backend) -> None:
         self.cfg, self.backend = cfg, backend
+        if cfg.train.malloc_tuning:
+            tune_malloc()
         torch.manual_seed(cfg.train.seed)
         self.data = build_data(cfg.data)
         model = build_model(cfg, self.data.spec)
