@@ -1,0 +1,1 @@
+"""placeholder: filled by the certified-training work (issue 7)."""
