@@ -47,8 +47,12 @@ def resolve_backend_name(name: str, argv: Sequence[str] = ()) -> str:
 
 
 def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:
-    """Build the backend for ``cfg`` (``cfg.backend``, ``cfg.device``, ``cfg.dist``)."""
-    return BACKENDS.get(resolve_backend_name(cfg.backend, argv))(cfg)
+    """Build the backend for ``cfg`` (``cfg.backend``, ``cfg.device``, ``cfg.dist``, ``cfg.compression``)."""
+    from datkit.compress import compressor_from_config
+
+    backend = BACKENDS.get(resolve_backend_name(cfg.backend, argv))(cfg)
+    backend.set_compressor(compressor_from_config(cfg.compression, seed=cfg.train.seed))
+    return backend
 
 
 __all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "BackendUnavailable", "CommTimer", "create_backend",

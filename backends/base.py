@@ -7,6 +7,7 @@ process (torchtitan); a backend that cannot do something raises a clear error. N
 from __future__ import annotations
 
 import contextlib
+import time
 from abc import ABC, abstractmethod
 from typing import Any, ContextManager
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from datkit.checkpoint import atomic_save, load_checkpoint_file
+from datkit.compress import ByteCounter, Compressor, CountingCollectives, GradientBuckets, gather_state, pick_state
 
 from .comm_timer import CommTimer
 
@@ -35,6 +37,10 @@ class Backend(ABC):
         self.local_rank = 0
         self.device = torch.device("cpu")
         self.comm_timer = CommTimer()
+        self.byte_counter = ByteCounter()
+        self.compressor: Compressor | None = None
+        self.bucket_cap_mb = 25.0
+        self._buckets: GradientBuckets | None = None
 
     # --- identity -------------------------------------------------------------------------------
     @property
@@ -75,6 +81,58 @@ class Backend(ABC):
     def comm_seconds(self) -> float:
         """Seconds of gradient communication since the last call (and reset the counter)."""
         return self.comm_timer.reset()
+
+    def comm_bytes(self) -> float:
+        """Bytes of gradient communication this worker sent since the last call (and reset the counter)."""
+        return self.byte_counter.reset()
+
+    # --- gradient compression -------------------------------------------------------------------
+    def set_compressor(self, compressor: Compressor | None) -> None:
+        """Reduce gradients with ``compressor`` (None: the backend's own float32 allreduce). Before ``setup``."""
+        self.compressor = compressor
+        if compressor is not None and self.world_size == 1 and self.is_main:
+            print(f"datkit: compression {compressor.describe()} has no effect with 1 worker (nothing is communicated)",
+                  flush=True)
+
+    def counting_collectives(self) -> CountingCollectives:
+        """This backend's collectives, with every call's bytes added to ``byte_counter``."""
+        return CountingCollectives(self, self.byte_counter)
+
+    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+        """Manual path: average gradients over workers in buckets, compressed if a compressor is set.
+
+        For backends (or ``dist.ddp=false``) that do not synchronise gradients during backward. Timed (C)
+        and counted (bytes). Every worker must call it with the same parameters.
+        """
+        if self.world_size == 1:
+            return
+        if self._buckets is None:
+            self._buckets = GradientBuckets(params, self.bucket_cap_mb)
+        coll, m, comp = self.counting_collectives(), self.world_size, self.compressor
+        start = time.perf_counter()
+        if comp is None:
+            self._buckets.reduce(lambda flat, key: coll.all_reduce(flat.div_(m)))
+        else:
+            self._buckets.reduce(lambda flat, key: comp.reduce_mean(flat, coll, key))
+        self.comm_timer.record(start)
+
+    def compression_state(self) -> dict[str, Any] | None:
+        """Collective: every worker's compressor state (error-feedback residuals), for rank 0's checkpoint."""
+        if self.compressor is None:
+            return None
+        return gather_state(self.compressor.local_state(), self)
+
+    def load_compression_state(self, saved: dict[str, Any] | None) -> None:
+        """Give this worker its part of a ``compression_state`` back (a different world size starts from zero)."""
+        if self.compressor is None or saved is None:
+            return
+        mine = pick_state(saved, self.rank, self.world_size, self.device)
+        if mine is None:
+            if self.is_main:
+                print(f"datkit: the checkpoint's compression state is for {saved.get('world_size')} workers, this run has "
+                      f"{self.world_size}: error-feedback residuals start from zero", flush=True)
+            return
+        self.compressor.load_local_state(mine)
 
     # --- collectives ----------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

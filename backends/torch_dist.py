@@ -3,7 +3,9 @@
 Launched by ``torchrun --nproc_per_node N -m datkit.train`` (multi-node: ``--nnodes`` with a
 rendezvous) or plain ``python -m datkit.train`` (one process, no process group). Gradients are
 averaged by DistributedDataParallel; a communication hook wraps DDP's allreduce so that the time
-spent in gradient communication (column C) is measured while it overlaps the backward pass.
+spent in gradient communication (column C) is measured while it overlaps the backward pass. With
+``compression.name`` set, a compressed hook (``ddp_hooks.CompressedHook``) replaces the allreduce;
+``dist.ddp=false`` uses the manual bucketed path of ``Backend.reduce_gradients``.
 """
 from __future__ import annotations
 
@@ -17,26 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .base import Backend
+from .ddp_hooks import CompressedHook, timed_allreduce_hook
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-def _timed_allreduce_hook(backend: "TorchBackend"):
-    """DDP comm hook: mean-allreduce of the bucket, its [start, completion] interval recorded."""
-
-    def hook(state, bucket):  # no annotations: DDP checks them against the real classes
-        start = time.perf_counter()
-        buf = bucket.buffer()
-        buf.div_(backend.world_size)
-        fut = dist.all_reduce(buf, async_op=True).get_future()
-
-        def done(f: torch.futures.Future) -> torch.Tensor:
-            backend.comm_timer.record(start)
-            return f.value()[0]
-
-        return fut.then(done)
-
-    return hook
 
 
 class TorchBackend(Backend):
@@ -64,8 +49,10 @@ class TorchBackend(Backend):
         model = model.to(self.device)
         if self.world_size > 1 and self.use_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            params = list(model.parameters())
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.bucket_cap_mb)
-            model.register_comm_hook(None, _timed_allreduce_hook(self))
+            hook = timed_allreduce_hook(self) if self.compressor is None else CompressedHook(self, params).hook
+            model.register_comm_hook(None, hook)
         return model, optimizer
 
     def no_sync(self, model: nn.Module) -> ContextManager[Any]:
@@ -75,22 +62,8 @@ class TorchBackend(Backend):
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.world_size > 1 and not self.use_ddp:
-            self._allreduce_grads(optimizer)
+            self.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
         super().step(optimizer)
-
-    def _allreduce_grads(self, optimizer: torch.optim.Optimizer) -> None:
-        """Manual path (dist.ddp=false): one flattened mean-allreduce of all gradients."""
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        start = time.perf_counter()
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world_size)
-        dist.all_reduce(flat)
-        self.comm_timer.record(start)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     # --- collectives ----------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

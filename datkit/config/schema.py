@@ -125,12 +125,40 @@ class DistConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Gradient compression (datkit.compress), on every backend; the DAT paper's Table 4 and 1-bit Adam."""
+
+    name: str = "none"  # none (the backend's float32 allreduce) | fp16 | bf16 | int8 | onebit
+    two_sided: bool = False  # int8 only: quantize the server's average on the way back too ("8-bit 2-sided")
+    rounding: str = "nearest"  # int8 only: nearest | stochastic (unbiased)
+    block_size: int = 0  # int8 / onebit: elements per float32 scale; 0 = the compressor's default (int8 256, onebit 1024)
+    error_feedback: bool = True  # onebit only: keep worker- and server-side residuals (false = plain sign compression)
+
+
+@dataclass
 class LogConfig:
     """What gets printed and written."""
 
     progress: bool = True  # tqdm progress bar on rank 0
     tensorboard: bool = True  # write TensorBoard events to output_dir/tb
     plot: bool = True  # write output_dir/curves.png
+
+
+@dataclass
+class SmoothingConfig:
+    """Randomized smoothing (Cohen et al. 2019): Gaussian-noise training (method smoothing) and certification (python -m datkit.certify)."""
+
+    sigma: float = 0.25  # std of the Gaussian noise in pixel units ([0,1] inputs); training noise and certified sigma (Table 2: 0.12, 0.25)
+    num_noise: int = 1  # method smoothing: noise samples per training input (the loss is averaged over them)
+    adv_steps: int = 0  # method smoothing: PGD steps of SmoothAdv (Salman et al. 2019) on the smoothed classifier; 0 = Gaussian augmentation only
+    adv_eps: float = 0.25  # SmoothAdv l2 radius (step 2*adv_eps/adv_steps), ramped like attack.eps over attack.eps_warmup_epochs
+    n0: int = 100  # certify: noise samples to select the top class
+    n: int = 100000  # certify: noise samples to estimate its probability (Cohen et al.: 100,000)
+    alpha: float = 0.001  # certify: failure probability of the Clopper-Pearson bound (the certificate holds with prob. >= 1-alpha)
+    batch_size: int = 1000  # certify: noisy copies of one image per forward pass
+    num_samples: int = 500  # certify: test images (a fixed seeded subset; 0 = all)
+    seed: int = 0  # certify: the noise of test image i depends only on (seed, i), not on the worker or the batch
+    radii: List[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])  # certify: l2 radii of the certified-accuracy table (DAT paper Table 2)
 
 
 @dataclass
@@ -149,3 +177,5 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)

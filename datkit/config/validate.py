@@ -47,6 +47,41 @@ def _check_data(cfg, errors: list[str]) -> None:
             errors.append(str(err))
 
 
+def _check_compression(cfg, errors: list[str]) -> None:
+    """compression.name is registered and every option set applies to it (built once to check)."""
+    from datkit.compress import COMPRESSORS, compressor_from_config
+
+    c = cfg.compression
+    if c.name not in COMPRESSORS:
+        _choices(errors, "compression.name", c.name, COMPRESSORS.names())
+        return
+    try:
+        compressor_from_config(c)
+    except ValueError as err:
+        errors.append(f"compression: {err}")
+
+
+def _check_smoothing(cfg, errors: list[str]) -> None:
+    """Randomized smoothing: sigma > 0, 1 <= n0 <= n, alpha in (0, 1), radii >= 0 and increasing."""
+    sm = cfg.smoothing
+    _at_least(errors, "smoothing.sigma", sm.sigma, 0.0, strict=True)
+    _at_least(errors, "smoothing.num_noise", sm.num_noise, 1)
+    _at_least(errors, "smoothing.adv_steps", sm.adv_steps, 0)
+    _at_least(errors, "smoothing.adv_eps", sm.adv_eps, 0.0)
+    _at_least(errors, "smoothing.n0", sm.n0, 1)
+    _at_least(errors, "smoothing.n", sm.n, 1)
+    if sm.n0 > sm.n:
+        errors.append(f"smoothing.n0={sm.n0} must be <= smoothing.n={sm.n} (n0 noise samples select the class, "
+                      f"n estimate its probability)")
+    if not 0.0 < sm.alpha < 1.0:
+        errors.append(f"smoothing.alpha={sm.alpha!r} must be in (0, 1) (the certificate's failure probability, e.g. 0.001)")
+    _at_least(errors, "smoothing.batch_size", sm.batch_size, 1)
+    _at_least(errors, "smoothing.num_samples", sm.num_samples, 0)
+    radii = list(sm.radii)
+    if not radii or any(r < 0 for r in radii) or radii != sorted(radii):
+        errors.append(f"smoothing.radii={radii!r} must be a non-empty increasing list of radii >= 0")
+
+
 def validate_config(cfg) -> None:
     """Raise ``ConfigError`` listing every impossible value in ``cfg``."""
     from datkit.backends import BACKEND_CHOICES
@@ -108,6 +143,8 @@ def validate_config(cfg) -> None:
     _at_least(e, "eval.pgd_restarts", v.pgd_restarts, 1)
     _at_least(e, "dist.timeout_s", cfg.dist.timeout_s, 1)
     _at_least(e, "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, 0.0, strict=True)
+    _check_compression(cfg, e)
+    _check_smoothing(cfg, e)
     if e:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
 

@@ -3,7 +3,8 @@ TensorBoard events and ``curves.png``. Only rank 0 writes (the trainer creates t
 
 Per-epoch record keys: ``epoch, train_loss, TA, RA, C_s, T_s`` (plus ``eval_s``, ``lr``, ``eps``,
 ``n_eval``). ``C_s`` = seconds of gradient communication in the epoch; ``T_s`` = wall time of the
-epoch's training (evaluation excluded, it is ``eval_s``).
+epoch's training (evaluation excluded, it is ``eval_s``); ``bytes_per_iter`` = bytes of gradient
+communication one worker sent per optimizer step (``datkit.compress.accounting``'s model).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 from typing import Any
 
 COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "loss", "{:.4f}"), ("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"),
-           ("C_s", "C (s)", "{:.2f}"), ("T_s", "T (s)", "{:.2f}")]
+           ("C_s", "C (s)", "{:.2f}"), ("T_s", "T (s)", "{:.2f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -66,12 +66,16 @@ class Trainer:
 
     # --- one epoch ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
-        """Train one epoch; returns (mean loss over workers, T seconds, C seconds)."""
+        """Train one epoch; returns (mean loss over workers, T seconds, C seconds).
+
+        ``self.bytes_per_iter`` is set to the bytes of gradient communication per step of this epoch.
+        """
         cfg, be = self.cfg, self.backend
         torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1_009 + be.rank)
         self.sampler.set_epoch(epoch)
         self.model.train()
-        be.comm_seconds()  # reset the communication timer
+        be.comm_seconds()  # reset the communication timer and byte counter
+        be.comm_bytes()
         loss_sum, steps = torch.zeros((), dtype=torch.float64), 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
                    disable=not (be.is_main and cfg.log.progress), dynamic_ncols=True)
@@ -88,6 +92,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         bar.close()
         comm = be.comm_seconds()
+        self.bytes_per_iter = be.comm_bytes() / max(1, steps)
         stats = be.all_reduce(torch.tensor([float(loss_sum), steps], dtype=torch.float64, device=be.device), op="sum")
         return float(stats[0] / max(1.0, float(stats[1]))), seconds, comm
 
@@ -129,6 +134,7 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.train.epochs + 1):
             loss, seconds, comm = self.train_epoch(epoch)
             record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm, "T_s": seconds,
+                                      "bytes_per_iter": self.bytes_per_iter,
                                       "lr": self.scheduler.get_last_lr()[0],
                                       "eps": eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, epoch)}
             if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
@@ -154,6 +160,8 @@ class Trainer:
         final = {"TA": ev["TA"], "RA": ev["RA"], "n": ev["n"], "test_set": self.data.test_name, "eps": atk.eps,
                  "pgd_steps": atk.steps, "pgd_restarts": atk.restarts, "eval_s": time.perf_counter() - t0,
                  "train_time_s": sum(r["T_s"] for r in self.records), "C_s": sum(r["C_s"] for r in self.records),
+                 "bytes_per_iter": (sum(r.get("bytes_per_iter", 0.0) for r in self.records) / len(self.records)
+                                    if self.records else 0.0),
                  "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs}
         if self.writer is not None:
             table = self.writer.write(final)
@@ -166,7 +174,8 @@ class Trainer:
         """Checkpoint after ``epoch`` (rank 0 writes atomically)."""
         state = {"epoch": epoch, "model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "records": self.records,
-                 "config": OmegaConf.to_yaml(self.cfg, resolve=True), "world_size": self.backend.world_size}
+                 "config": OmegaConf.to_yaml(self.cfg, resolve=True), "world_size": self.backend.world_size,
+                 "compression": self.backend.compression_state()}
         self.backend.save_checkpoint(os.path.join(self.out, CHECKPOINT), state)
 
     def _load(self, path: str) -> list[dict[str, Any]]:
@@ -174,6 +183,7 @@ class Trainer:
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.backend.load_compression_state(state.get("compression"))
         self.start_epoch = int(state["epoch"]) + 1
         if self.backend.is_main:
             print(f"datkit: resumed from {path} after epoch {state['epoch']}", flush=True)

@@ -1,0 +1,71 @@
+"""Gradient compression for every backend (registry ``COMPRESSORS``, ``get_compressor(name, **options)``).
+
+``none`` (float32), ``fp16``, ``bf16``, ``int8`` (per-block scale; nearest or stochastic rounding;
+``two_sided``) and ``onebit`` (sign + scale, error feedback on worker and server), all on the sharded
+parameter-server exchange of ``datkit.compress.base``; byte accounting in ``accounting``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from datkit.registry import Registry
+
+from .accounting import ByteCounter, CountingCollectives, allreduce_bytes
+from .base import Collectives, Compressor
+from .buckets import GradientBuckets
+from .cast import BF16, FP16, NoCompression
+from .int8 import Int8
+from .onebit import OneBit
+from .state import gather_state, pick_state
+
+COMPRESSORS: Registry[Callable[..., Compressor]] = Registry("compressor")
+for _cls in (NoCompression, FP16, BF16, Int8, OneBit):
+    COMPRESSORS.register(_cls.name)(_cls)
+
+
+def compressor_options(name: str) -> tuple[str, ...]:
+    """The options (besides ``seed``) that compressor ``name`` accepts."""
+    return tuple(COMPRESSORS.get(name).options)
+
+
+def get_compressor(name: str, **options: Any) -> Compressor:
+    """Build compressor ``name``; unknown names list the known ones, options that do not apply are refused."""
+    cls = COMPRESSORS.get(name)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    wrong = sorted(set(options) - accepted)
+    if wrong:
+        allowed = ", ".join(cls.options) or "none"
+        raise ValueError(f"option(s) {', '.join(wrong)} do not apply to compressor '{name}' (its options: {allowed})")
+    return cls(**options)
+
+
+def compressor_from_config(ccfg, seed: int = 0) -> Compressor | None:
+    """The compressor a ``compression`` config section asks for; None for ``none`` (the backend's allreduce).
+
+    Only options changed from their defaults are passed on, so that setting one that does not apply to
+    the chosen compressor (``two_sided`` with ``fp16``) fails with a message naming it.
+    """
+    if ccfg.name == "none":
+        options = _changed_options(ccfg)
+        if options:
+            raise ValueError(f"option(s) {', '.join(sorted(options))} do not apply to compression.name=none")
+        return None
+    return get_compressor(ccfg.name, seed=seed, **_changed_options(ccfg))
+
+
+def _changed_options(ccfg) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ccfg.two_sided:
+        out["two_sided"] = True
+    if ccfg.rounding != "nearest":
+        out["rounding"] = ccfg.rounding
+    if ccfg.block_size != 0:
+        out["block_size"] = int(ccfg.block_size)
+    if not ccfg.error_feedback:
+        out["error_feedback"] = False
+    return out
+
+
+__all__ = ["compressor_from_config", "COMPRESSORS", "ByteCounter", "Collectives", "Compressor", "CountingCollectives", "GradientBuckets",
+           "allreduce_bytes", "compressor_options", "gather_state", "get_compressor", "pick_state"]
