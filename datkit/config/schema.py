@@ -55,7 +55,7 @@ class AttackConfig:
 class MethodConfig:
     """What one training step minimizes."""
 
-    name: str = "pgd"  # clean | pgd | fgsm | trades
+    name: str = "pgd"  # clean | pgd | fgsm | trades | smoothing (Gaussian noise, see smoothing.*)
     lam: float = 0.25  # DAT objective lam*loss(clean) + loss(adversarial); 0 = Madry AT
     beta: float = 6.0  # trades only: weight of the KL robustness term
 
