@@ -52,18 +52,43 @@ class CompressedHook:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datkit-compress")
         self.coll = backend.counting_collectives()
 
-    def key(self, bucket) -> str:
-        """Bucket key from its parameters' indices (residuals follow the same gradients across steps)."""
-        return ",".join(str(self.index[id(p)]) for p in bucket.parameters())
+    def canonical(self, bucket) -> tuple[str, list[tuple[int, int]] | None]:
+        """Key and layout of a bucket in parameter-index order.
+
+        DDP rebuilds its buckets after the first iteration in the order gradients became ready, and a
+        resumed run starts again from the initial order. Reducing each bucket with its parameters sorted
+        by index keeps the key and the flat layout of the error-feedback residuals the same in both
+        orders (whenever the rebuilt buckets hold the same parameters, e.g. one bucket, or a sequential
+        model). Returns the key and, when the order differs, the (offset, numel) slices in sorted order.
+        """
+        params = bucket.parameters()
+        idx = [self.index[id(p)] for p in params]
+        order = sorted(range(len(idx)), key=idx.__getitem__)
+        key = ",".join(str(idx[i]) for i in order)
+        if order == list(range(len(idx))):
+            return key, None
+        offsets, pos = [], 0
+        for p in params:
+            offsets.append((pos, p.numel()))
+            pos += p.numel()
+        return key, [offsets[i] for i in order]
 
     def hook(self, state, bucket):  # registered as the bound method (DDP wants a __name__)
         fut: torch.futures.Future = torch.futures.Future()
-        buf, key = bucket.buffer(), self.key(bucket)
+        buf = bucket.buffer()
+        key, slices = self.canonical(bucket)
 
         def work() -> None:
             start = time.perf_counter()
             try:
-                out = self.backend.compressor.reduce_mean(buf, self.coll, key)
+                flat = buf if slices is None else torch.cat([buf[o:o + n] for o, n in slices])
+                out = self.backend.compressor.reduce_mean(flat, self.coll, key)
+                if slices is not None:
+                    back, pos = torch.empty_like(buf), 0
+                    for o, n in slices:
+                        back[o:o + n] = out[pos:pos + n]
+                        pos += n
+                    out = back
                 self.backend.comm_timer.record(start)
                 fut.set_result(out)
             except BaseException as err:  # surfaces in the training thread when DDP waits

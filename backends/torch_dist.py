@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from typing import Any, ContextManager
 
 import torch
