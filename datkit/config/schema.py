@@ -33,7 +33,7 @@ class DataConfig:
 class ModelConfig:
     """Which network; normalization to the dataset's mean/std is built into the model."""
 
-    name: str = "cnn_small"  # cnn_small | cnn_4layer | cnn_madry | cnn_7layer_bn | preact_resnet18 | wide_resnet | resnet50 (see datkit.models)
+    name: str = "cnn_small"  # cnn_small | cnn_4layer | cnn_madry | cnn_7layer_bn | preact_resnet18 | wide_resnet | resnet50 | certified training: wide_resnet_8 | resnext | 64x64: cnn_7layer_bn_imagenet64 | wide_resnet_imagenet64 | resnext_imagenet64 (see datkit.models)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm across workers (batch statistics over the global batch)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. {depth: 28, widen_factor: 10} for wide_resnet
 
@@ -55,7 +55,7 @@ class AttackConfig:
 class MethodConfig:
     """What one training step minimizes."""
 
-    name: str = "pgd"  # clean | pgd | fgsm | trades | smoothing (Gaussian noise, see smoothing.*)
+    name: str = "pgd"  # clean | pgd | fgsm | trades | smoothing (Gaussian noise, see smoothing.*) | ibp | crown-ibp (certified training, see bounds.*)
     lam: float = 0.25  # DAT objective lam*loss(clean) + loss(adversarial); 0 = Madry AT
     beta: float = 6.0  # trades only: weight of the KL robustness term
 
@@ -162,6 +162,21 @@ class SmoothingConfig:
 
 
 @dataclass
+class BoundsConfig:
+    """Certified training with bound propagation (methods ibp / crown-ibp; Shi et al. 2021) and verified accuracy (VA)."""
+
+    engine: str = "native"  # native (datkit.certify.bounds) | auto_lirpa (needs auto_LiRPA installed from source; PyPI's 0.3 does not run on current torch)
+    eps_schedule: str = "smoothed"  # linear | smoothed: ramp of the training eps (attack.eps is its maximum; attack.eps_warmup_epochs is not used)
+    eps_start: float = 1.0  # epochs at eps = 0 before the ramp (the papers' 1-based start=2 is 1 here)
+    eps_length: float = 20.0  # epochs of the ramp from 0 to attack.eps
+    init: str = "ibp"  # ibp (w ~ N(0, 2*pi/fan_in^2), Shi et al. 2021) | default (the model's own initialization)
+    reg_lambda: float = 0.5  # weight lambda of the warm-up regularizers, applied as lambda*(1 - eps_t/eps_max); 0 = vanilla IBP
+    reg_tol: float = 0.5  # tolerance tau of the tightness and ReLU-balance regularizers
+    reg_terms: List[str] = field(default_factory=lambda: ["tightness", "relu"])  # which warm-up regularizers: tightness, relu
+    verify: str = "ibp"  # bound of the verified accuracy VA at eval.eps: ibp | crown-ibp (an example counts if either bound certifies it)
+
+
+@dataclass
 class Config:
     """Root of the configuration."""
 
@@ -179,3 +194,4 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)

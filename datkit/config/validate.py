@@ -82,6 +82,34 @@ def _check_smoothing(cfg, errors: list[str]) -> None:
         errors.append(f"smoothing.radii={radii!r} must be a non-empty increasing list of radii >= 0")
 
 
+def _check_bounds(cfg, errors: list[str]) -> None:
+    """Certified training (bounds.*): known engine / schedule / init / regularizers / verify bound; the
+    auto_lirpa engine must be importable when a certified method uses it."""
+    from datkit.certify.bounds.engines import ENGINES, require_engine
+    from datkit.certify.regularizers import TERMS
+    from datkit.certify.schedules import SCHEDULES
+
+    b = cfg.bounds
+    _choices(errors, "bounds.engine", b.engine, ENGINES)
+    _choices(errors, "bounds.eps_schedule", b.eps_schedule, SCHEDULES)
+    _at_least(errors, "bounds.eps_start", b.eps_start, 0.0)
+    _at_least(errors, "bounds.eps_length", b.eps_length, 0.0)
+    _choices(errors, "bounds.init", b.init, ("ibp", "default"))
+    _at_least(errors, "bounds.reg_lambda", b.reg_lambda, 0.0)
+    _at_least(errors, "bounds.reg_tol", b.reg_tol, 0.0, strict=True)
+    bad = [t for t in b.reg_terms if t not in TERMS]
+    if bad:
+        errors.append(f"bounds.reg_terms={list(b.reg_terms)!r}: unknown term(s) {', '.join(map(repr, bad))}; allowed: {', '.join(TERMS)}")
+    _choices(errors, "bounds.verify", b.verify, ("ibp", "crown-ibp"))
+    if cfg.method.name in ("ibp", "crown-ibp") and b.engine in ENGINES:
+        if cfg.attack.norm != "linf":
+            errors.append(f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} certifies l_inf balls only (use linf)")
+        try:
+            require_engine(b.engine)
+        except ImportError as err:
+            errors.append(str(err))
+
+
 def validate_config(cfg) -> None:
     """Raise ``ConfigError`` listing every impossible value in ``cfg``."""
     from datkit.backends import BACKEND_CHOICES
@@ -145,6 +173,7 @@ def validate_config(cfg) -> None:
     _at_least(e, "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, 0.0, strict=True)
     _check_compression(cfg, e)
     _check_smoothing(cfg, e)
+    _check_bounds(cfg, e)
     if e:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
 

@@ -5,7 +5,7 @@ one ``all_reduce``, so evaluation is split across workers, not repeated on each.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,14 +23,32 @@ def ra_attack(eval_cfg, train_eps: float, norm: str = "linf") -> PGD:
                restarts=eval_cfg.pgd_restarts, eval_mode=True)
 
 
+@runtime_checkable
+class Metric(Protocol):
+    """An evaluation column that is not an attack (e.g. verified accuracy): ``correct(model, x, y)`` is the
+    number of examples of the batch that count as correct. ``complement`` (optional) names a second
+    column reported as ``1 - accuracy`` (verified error)."""
+
+    def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int: ...
+
+
 @torch.no_grad()
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return int((model(x).argmax(1) == y).sum())
 
 
+def _count(model: nn.Module, x: torch.Tensor, y: torch.Tensor, entry: Attack | Metric | None) -> int:
+    if entry is None:
+        return _correct(model, x, y)
+    if isinstance(entry, Metric):
+        return int(entry.correct(model, x, y))
+    return _correct(model, entry(model, x, y), y)
+
+
 def evaluate_accuracy(backend, model: nn.Module, dataset: Dataset, indices: Sequence[int], batch_size: int,
-                      attacks: dict[str, Attack | None]) -> dict[str, float]:
-    """Accuracy of ``model`` on ``dataset[indices]`` for each entry of ``attacks`` (None = clean).
+                      attacks: dict[str, Attack | Metric | None]) -> dict[str, float]:
+    """Accuracy of ``model`` on ``dataset[indices]`` for each entry of ``attacks`` (None = clean, an attack,
+    or a :class:`Metric`; a metric's ``complement`` column is added as ``1 - accuracy``).
 
     Returns ``{name: accuracy}`` plus ``n``, identical on every rank.
     """
@@ -44,12 +62,15 @@ def evaluate_accuracy(backend, model: nn.Module, dataset: Dataset, indices: Sequ
         for x, y in iterate_batches(dataset, batches):
             x, y = x.to(backend.device), y.to(backend.device)
             for k, atk in enumerate(attacks.values()):
-                counts[k] += _correct(model, x if atk is None else atk(model, x, y), y)
+                counts[k] += _count(model, x, y, atk)
             counts[-1] += len(y)
     finally:
         model.train(was_training)
     counts = backend.all_reduce(counts.to(backend.device), op="sum").cpu()
     n = max(1.0, float(counts[-1]))
     out = {name: float(counts[k]) / n for k, name in enumerate(attacks)}
+    for name, entry in attacks.items():
+        if isinstance(entry, Metric) and getattr(entry, "complement", None):
+            out[entry.complement] = 1.0 - out[name]
     out["n"] = int(counts[-1])
     return out

@@ -5,7 +5,7 @@ from typing import Any
 
 
 def plot_curves(records: list[dict[str, Any]], path: str) -> None:
-    """Two panels: train loss; TA and RA (evaluated epochs only)."""
+    """Two panels: train loss; TA, RA and (certified training) VA (evaluated epochs only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,7 +15,7 @@ def plot_curves(records: list[dict[str, Any]], path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax1.plot(epochs, [r["train_loss"] for r in records], marker="o")
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key in ("TA", "RA"):
+    for key in ("TA", "RA", "VA"):
         pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
         if pts:
             ax2.plot(*zip(*pts), marker="o", label=key)

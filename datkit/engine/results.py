@@ -4,7 +4,8 @@ TensorBoard events and ``curves.png``. Only rank 0 writes (the trainer creates t
 Per-epoch record keys: ``epoch, train_loss, TA, RA, C_s, T_s`` (plus ``eval_s``, ``lr``, ``eps``,
 ``n_eval``). ``C_s`` = seconds of gradient communication in the epoch; ``T_s`` = wall time of the
 epoch's training (evaluation excluded, it is ``eval_s``); ``bytes_per_iter`` = bytes of gradient
-communication one worker sent per optimizer step (``datkit.compress.accounting``'s model).
+communication one worker sent per optimizer step (``datkit.compress.accounting``'s model). Certified
+training adds ``VA`` / ``VE`` (verified accuracy / error at ``eval.eps``), shown next to TA and RA.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 
 COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "loss", "{:.4f}"), ("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"),
            ("C_s", "C (s)", "{:.2f}"), ("T_s", "T (s)", "{:.2f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
+# Columns shown (after RA) only when some record has them: the evaluation columns of certified training.
+OPTIONAL_COLUMNS = [("VA", "VA", "{:.4f}"), ("VE", "verified err", "{:.4f}")]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -25,13 +28,16 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown_table(records: list[dict[str, Any]], final: dict[str, Any] | None = None) -> str:
     """The per-epoch table, and the final evaluation below it."""
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    extra = [c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in records)]
+    cols = COLUMNS[:4] + extra + COLUMNS[4:]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
-        lines.append("| " + " | ".join(_fmt(r.get(k), s) for k, _, s in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k), s) for k, _, s in cols) + " |")
     if final:
         lines += ["", f"Final evaluation on {final.get('test_set', '?')} (n={final.get('n')}): "
                   f"**TA {final['TA']:.4f}**, **RA {final['RA']:.4f}** "
                   f"(PGD-{final.get('pgd_steps')}, eps={final.get('eps')}, restarts={final.get('pgd_restarts')}); "
+                  + "".join(f"**{h} {final[k]:.4f}**; " for k, h, _ in OPTIONAL_COLUMNS if final.get(k) is not None) +
                   f"training time {final.get('train_time_s', 0):.1f} s, communication {final.get('C_s', 0):.2f} s, "
                   f"{final.get('world_size')} worker(s), backend {final.get('backend')}."]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from datkit.data import ShardedBatchSampler, random_shift, build_data, eval_subset, iterate_batches
 from datkit.methods import StepInfo, create_method
 from datkit.models import create_model
-from datkit.optim import build_optimizer, build_scheduler, eps_at
+from datkit.optim import build_optimizer, build_scheduler
 
 from .evaluate import evaluate_accuracy, ra_attack
 from .malloc_tuning import tune_malloc
@@ -46,12 +46,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.data = build_data(cfg.data)
         model = build_model(cfg, self.data.spec)
+        self.method = create_method(cfg)
+        self.method.prepare_model(model)  # e.g. the IBP initialization of certified training
         if cfg.model.sync_bn and backend.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.train.batch_size)
         self.model, self.optimizer = backend.setup(model, optimizer)
         self.raw = backend.unwrap(self.model)
-        self.method = create_method(cfg)
         self.sampler = ShardedBatchSampler(len(self.data.train), cfg.train.batch_size, backend.rank, backend.world_size,
                                            seed=cfg.train.seed)
         self.steps_per_epoch = len(self.sampler) if cfg.train.max_steps <= 0 else min(len(self.sampler), cfg.train.max_steps)
@@ -83,7 +84,7 @@ class Trainer:
         for step, (x, y) in enumerate(iterate_batches(self.data.train, self.sampler, cfg.data.num_workers)):
             if step >= self.steps_per_epoch:
                 break
-            info = StepInfo(eps=eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, epoch - 1 + step / self.steps_per_epoch))
+            info = StepInfo(eps=self.method.train_eps(epoch - 1 + step / self.steps_per_epoch))
             step_loss = self.train_step(x, y, info)
             loss_sum += step_loss
             steps += 1
@@ -119,10 +120,11 @@ class Trainer:
         return step_loss
 
     def evaluate(self, num_samples: int) -> dict[str, float]:
-        """TA and RA of the current model on a fixed test subset of ``num_samples`` (0 = all)."""
+        """TA, RA and the method's own columns (e.g. verified accuracy) on a fixed test subset of ``num_samples`` (0 = all)."""
         idx = eval_subset(len(self.data.test), num_samples, seed=self.cfg.train.seed)
         atk = ra_attack(self.cfg.eval, self.cfg.attack.eps, self.cfg.attack.norm)
-        return evaluate_accuracy(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size, {"TA": None, "RA": atk})
+        columns = {"TA": None, "RA": atk, **self.method.eval_metrics()}
+        return evaluate_accuracy(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size, columns)
 
     # --- the run -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -136,17 +138,19 @@ class Trainer:
             record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm, "T_s": seconds,
                                       "bytes_per_iter": self.bytes_per_iter,
                                       "lr": self.scheduler.get_last_lr()[0],
-                                      "eps": eps_at(cfg.attack.eps, cfg.attack.eps_warmup_epochs, epoch)}
+                                      "eps": self.method.train_eps(epoch)}
             if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
                 t0 = time.perf_counter()
                 ev = self.evaluate(cfg.eval.num_samples)
                 record.update(TA=ev["TA"], RA=ev["RA"], n_eval=ev["n"], eval_s=time.perf_counter() - t0)
+                record.update({k: v for k, v in ev.items() if k not in ("TA", "RA", "n")})  # the method's columns (VA, VE)
             self.records.append(record)
             if self.writer is not None:
                 self.writer.add_epoch(record)
                 ta = "-" if record["TA"] is None else f"{record['TA']:.4f}"
                 ra = "-" if record["RA"] is None else f"{record['RA']:.4f}"
-                print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
+                va = f"  VA {record['VA']:.4f}" if record.get("VA") is not None else ""
+                print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}{va}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
             if (cfg.train.checkpoint_every and epoch % cfg.train.checkpoint_every == 0) or epoch == cfg.train.epochs:
                 self.save(epoch)
         return self.finish()
@@ -162,7 +166,8 @@ class Trainer:
                  "train_time_s": sum(r["T_s"] for r in self.records), "C_s": sum(r["C_s"] for r in self.records),
                  "bytes_per_iter": (sum(r.get("bytes_per_iter", 0.0) for r in self.records) / len(self.records)
                                     if self.records else 0.0),
-                 "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs}
+                 "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs,
+                 **{k: v for k, v in ev.items() if k not in ("TA", "RA", "n")}}
         if self.writer is not None:
             table = self.writer.write(final)
             self.writer.close()

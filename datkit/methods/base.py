@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,6 +34,22 @@ class Method(ABC):
     @abstractmethod
     def loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> torch.Tensor:
         """Scalar loss (mean over the batch) whose gradient the trainer back-propagates."""
+
+    # --- optional hooks (defaults: nothing to do) -------------------------------------------------
+    def train_eps(self, progress: float) -> float:
+        """The training budget after ``progress`` epochs (fractional): ``attack.eps`` ramped linearly over
+        ``attack.eps_warmup_epochs``. Certified methods override it with their own schedule."""
+        from ..optim import eps_at
+
+        return eps_at(self.cfg.attack.eps, self.cfg.attack.eps_warmup_epochs, progress)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Called once on the freshly built model, before it is wrapped for training (e.g. a special initialization)."""
+
+    def eval_metrics(self) -> dict[str, Any]:
+        """Extra evaluation columns: name -> an object with ``correct(model, x, y) -> int`` (see
+        ``datkit.engine.evaluate.Metric``), evaluated next to TA and RA."""
+        return {}
 
 
 METHODS: Registry[Callable[..., Method]] = Registry("method")

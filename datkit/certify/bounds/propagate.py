@@ -1,0 +1,112 @@
+"""The two passes of the engine over a :class:`~datkit.certify.bounds.graph.BoundGraph`.
+
+- :func:`ibp_pass`: interval bound propagation (Gowal et al. 2018) from the input box through every
+  step, keeping every step's interval (CROWN-IBP's intermediate bounds, the regularizers' inputs).
+  With a specification matrix ``C`` the last layer, when it is linear, is merged with ``C`` (bounds of
+  ``C W h + C b`` rather than ``C`` times the logits' box), as in IBP / CROWN-IBP training.
+- :func:`backward_pass`: the backward linear bound of CROWN (Zhang et al. 2018) from ``C`` (rows) at the
+  output to the input, with every ReLU relaxed on its IBP interval: CROWN-IBP (Zhang et al., ICLR
+  2020). The bound is concretized on the input box: ``A x + c >= A center - |A| radius + c``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .core import Interval, UnsupportedLayer
+from .graph import BoundGraph, Ref, Step
+from .rules_affine import LinearRule, NormalizeRule
+from .rules_relu import ReLURule
+
+
+def _resolve(args: Any, values: dict[str, Any]) -> Any:
+    return fx.node.map_aggregate(args, lambda a: values[a.name] if isinstance(a, Ref) else a)
+
+
+class BoundState:
+    """The result of an IBP pass: every step's interval (or shape value) and per-step caches."""
+
+    def __init__(self, graph: BoundGraph, steps: list[Step], batch_stats: dict | None) -> None:
+        self.graph, self.steps = graph, steps
+        self.batch_stats = batch_stats or {}
+        self.values: dict[str, Any] = {}
+        self.cache: dict[str, Any] = {}
+        self.output: Interval | None = None  # of the logits, or of C @ logits when a spec was given
+
+    def interval(self, name: str) -> Interval:
+        return self.values[name]
+
+    def shape(self, name: str) -> torch.Size:
+        return self.values[name].lower.shape
+
+    def kwargs(self, step: Step) -> dict[str, Any]:
+        return _resolve(step.kwargs, self.values) if step.kwargs else {}
+
+    @property
+    def input(self) -> Interval:
+        """The input box (pixel space)."""
+        return self.values[self.graph.input_name]
+
+    def network_input(self) -> Interval:
+        """The box after the in-model normalization (the input itself when the model has none)."""
+        for step in self.steps:
+            if step.rule is not None and isinstance(step.rule, NormalizeRule):
+                return self.values[step.name]
+        return self.input
+
+    def relu_inputs(self) -> list[Interval]:
+        """Intervals of the pre-activations of every ReLU, in graph order."""
+        return [self.values[s.args[0].name] for s in self.steps if isinstance(s.rule, ReLURule)]
+
+
+def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor | None = None,
+             batch_stats: dict | None = None) -> BoundState:
+    """Intervals of every step of ``model`` for inputs in ``box``; ``state.output`` bounds ``C @ logits`` if given."""
+    steps = graph.bind(model)
+    state = BoundState(graph, steps, batch_stats)
+    for step in steps:
+        if step.op == "placeholder":
+            state.values[step.name] = box
+            continue
+        args = _resolve(step.args, state.values)
+        if step.name == graph.output_name and C is not None and isinstance(step.rule, LinearRule) and args[0].lower.dim() == 2:
+            state.output = step.rule.ibp_spec(step, args[0], C)
+            state.values[step.name] = state.output
+            return state
+        state.values[step.name] = step.rule.ibp(step, args, state)
+    out = state.values[graph.output_name]
+    if C is not None:
+        out = Interval.from_center_radius((C @ out.center.unsqueeze(-1)).squeeze(-1),
+                                          (C.abs() @ out.radius.unsqueeze(-1)).squeeze(-1))
+    state.output = out
+    return state
+
+
+def backward_pass(state: BoundState, C: torch.Tensor) -> torch.Tensor:
+    """CROWN lower bound of ``C @ logits`` (shape ``(batch, rows)``) using the IBP intervals of ``state``."""
+    graph = state.graph
+    if state.values[graph.output_name].lower.dim() != 2:
+        raise UnsupportedLayer("datkit.certify: CROWN-IBP needs logits of shape (batch, classes)")
+    pending: dict[str, torch.Tensor] = {graph.output_name: C}
+    bias = torch.zeros(C.shape[:2], dtype=C.dtype, device=C.device)
+    lower = None
+    for step in reversed(state.steps):
+        A = pending.pop(step.name, None)
+        if A is None:
+            continue
+        if step.op == "placeholder":
+            box = state.values[step.name]
+            flat = A.flatten(2)
+            lower = (flat @ box.center.flatten(1).unsqueeze(-1)).squeeze(-1) - (flat.abs() @ box.radius.flatten(1).unsqueeze(-1)).squeeze(-1)
+            continue
+        contributions, b = step.rule.backward(step, A, state)
+        if b is not None:
+            bias = bias + b
+        for name, A_in in contributions:
+            pending[name] = A_in if name not in pending else pending[name] + A_in
+    if lower is None:
+        raise UnsupportedLayer("datkit.certify: the output does not depend on the input")
+    return lower + bias
