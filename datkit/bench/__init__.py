@@ -4,11 +4,13 @@ Each subcommand lives in its own module with a ``main(argv) -> int`` function an
 when it runs. To add one, add an entry to :data:`SUBCOMMANDS` (name -> (module, one-line summary)).
 
 - ``step``: one PGD-AT training step of datkit vs a hand-written PyTorch loop, alternated in one process.
+- ``comm``: each gradient compressor's bytes per iteration, loopback check, time and error (under torchrun).
 """
 from __future__ import annotations
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "step": ("datkit.bench.step", "time one PGD-AT training step of datkit against a plain PyTorch loop"),
+    "comm": ("datkit.bench.comm", "bytes, time and error of each gradient compressor vs a float32 allreduce (torchrun, 2+ workers)"),
 }
 
 __all__ = ["SUBCOMMANDS"]
