@@ -15,7 +15,7 @@ import torch
 from helpers.runs import describe, one_thread, run_python, train_inprocess
 
 from datkit.certify import __main__ as certify_main
-from datkit.certify.smoothing_report import COLUMNS, certified_accuracy
+from datkit.certify.smoothing_report import COLUMNS, certified_accuracy, summary, update_results_json
 from datkit.certify.smoothing_run import certify
 from datkit.config import ConfigError, load_config, validate_config
 
@@ -35,6 +35,19 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train_inprocess(["method.name=smoothing", f"smoothing.sigma={SIGMA}", "train.epochs=1", "train.max_steps=20",
                      "optim.lr=0.01", "log.plot=true", f"train.output_dir={out}"])
     return out / "checkpoint_last.pt"
+
+
+def test_certified_accuracy_on_constructed_rows(tmp_path: Path) -> None:
+    rows = [{"idx": i, "label": 1, "predict": p, "radius": r, "correct": p == 1, "time": 1.0}
+            for i, (p, r) in enumerate([(1, 0.3), (1, 0.05), (2, 0.9), (-1, 0.0)])]
+    assert certified_accuracy(rows, [0.0, 0.05, 0.1, 0.3, 0.31]) == [0.5, 0.5, 0.25, 0.25, 0.0]
+    s = summary(rows, [0.0, 0.5])
+    assert s["certified_accuracy"] == {"0": 0.5, "0.5": 0.0}
+    assert s["ACR"] == pytest.approx((0.3 + 0.05) / 4) and s["abstain_rate"] == 0.25
+    (tmp_path / "results.json").write_text("not json")
+    update_results_json(str(tmp_path / "results.json"), {"a": 1})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"certify": {"a": 1}}
+    assert (tmp_path / "results.json.bak").read_text() == "not json"
 
 
 def _rows_without_time(res: dict) -> list[tuple]:
