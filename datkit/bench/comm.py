@@ -7,7 +7,9 @@ compressor of ``datkit.compress``, it reports
 - bytes per iteration one worker sends, relative to a float32 ring allreduce of the same tensor
   (counted from every collective's payload, scales included);
 - the loopback check: the bytes the ``lo`` interface carried (``/proc/net/dev``) per worker and
-  iteration, relative to the counted bytes (the byte model matches the wire when this is ~1);
+  iteration, relative to the counted bytes (the byte model matches the wire when this is ~1; other
+  processes' loopback traffic inflates it), and rank 0's own socket writes (``/proc/self/io``'s
+  ``wchar``) relative to its counted bytes, which other processes cannot disturb;
 - the time of one compressed reduce relative to one plain float32 ``all_reduce``, the two alternated in
   the same run (median over ``--iters``);
 - the relative error ``||out - mean|| / ||mean||`` of the reduced gradient against the exact mean.
@@ -58,6 +60,21 @@ def loopback_bytes() -> int | None:
     return None
 
 
+def written_bytes() -> int | None:
+    """Bytes this process has written through system calls (``wchar`` of ``/proc/self/io``): its socket sends.
+
+    Unlike the loopback counters it ignores other processes' traffic, so it stays meaningful on a busy host.
+    """
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -76,11 +93,13 @@ def measure(be, g: torch.Tensor, mean: torch.Tensor, label: str, args: argparse.
         out = comp.reduce_mean(g.clone(), coll)
     counter.reset()
     be.barrier()
-    lo0 = loopback_bytes()
+    lo0, w0 = loopback_bytes(), written_bytes()
     for _ in range(args.iters):
         out = comp.reduce_mean(g.clone(), coll)
+    w1 = written_bytes()
     be.barrier()
     lo1 = loopback_bytes()
+    sent = None if w0 is None or w1 is None else float(w1 - w0) / args.iters
     counted = counter.reset() / args.iters
     t_comp, t_plain = [], []
     for _ in range(args.iters):
@@ -94,17 +113,19 @@ def measure(be, g: torch.Tensor, mean: torch.Tensor, label: str, args: argparse.
     return {"variant": label, "bytes_per_iter": counted,
             "bytes_ratio": counted / allreduce_bytes(g.numel() * 4, m),
             "loopback_ratio": None if wire is None else wire / counted,
+            "written_ratio": None if sent is None else sent / counted,
             "time_ratio": statistics.median(t_comp) / statistics.median(t_plain),
             "t_compressed_s": statistics.median(t_comp), "t_allreduce_s": statistics.median(t_plain), "rel_error": err}
 
 
 def report(rows: list[dict[str, Any]], numel: int, m: int, device: str) -> str:
     lines = [f"gradient of {numel:,} float32 elements, {m} workers, {device}; ratios against a float32 ring allreduce",
-             "", "| compressor | bytes/iter (per worker) | bytes vs fp32 | loopback / counted | time vs fp32 allreduce "
-             "| relative error |", "|---|---|---|---|---|---|"]
+             "", "| compressor | bytes/iter (per worker) | bytes vs fp32 | loopback / counted | written / counted "
+             "| time vs fp32 allreduce | relative error |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lo = "-" if r["loopback_ratio"] is None else f"{r['loopback_ratio']:.3f}"
-        lines.append(f"| {r['variant']} | {r['bytes_per_iter']:,.0f} | {r['bytes_ratio']:.4f} | {lo} | "
+        wr = "-" if r["written_ratio"] is None else f"{r['written_ratio']:.3f}"
+        lines.append(f"| {r['variant']} | {r['bytes_per_iter']:,.0f} | {r['bytes_ratio']:.4f} | {lo} | {wr} | "
                      f"{r['time_ratio']:.2f} | {r['rel_error']:.2e} |")
     return "\n".join(lines)
 
