@@ -161,6 +161,28 @@ class Backend(ABC):
         """Every rank loads ``path`` (``weights_only=True``) onto the CPU."""
         return load_checkpoint_file(path)
 
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full (unsharded) weights of the model; collective on backends that shard parameters."""
+        return self.unwrap(model).state_dict()
+
+    def save_training_state(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            run_state: dict[str, Any]) -> None:
+        """Collective: checkpoint model + optimizer with the trainer's ``run_state`` at ``path``.
+
+        The file at ``path`` always holds ``model`` (full weights) and ``run_state``'s keys, so that
+        evaluation tools read every backend's checkpoints alike; backends that shard optimizer state
+        save it their own way next to it.
+        """
+        state = {**run_state, "model": self.model_state_dict(model), "optimizer": optimizer.state_dict()}
+        self.save_checkpoint(path, state)
+
+    def load_training_state(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore what ``save_training_state`` wrote into ``model`` and ``optimizer``; returns the run state."""
+        state = self.load_checkpoint(path)
+        self.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return state
+
     def close(self) -> None:
         """Tear down the process group (idempotent)."""
         return None

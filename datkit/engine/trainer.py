@@ -176,17 +176,14 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
-        """Checkpoint after ``epoch`` (rank 0 writes atomically)."""
-        state = {"epoch": epoch, "model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "records": self.records,
-                 "config": OmegaConf.to_yaml(self.cfg, resolve=True), "world_size": self.backend.world_size,
-                 "compression": self.backend.compression_state()}
-        self.backend.save_checkpoint(os.path.join(self.out, CHECKPOINT), state)
+        """Checkpoint after ``epoch``: the backend saves model and optimizer its way, with this run state."""
+        run_state = {"epoch": epoch, "scheduler": self.scheduler.state_dict(), "records": self.records,
+                     "config": OmegaConf.to_yaml(self.cfg, resolve=True), "world_size": self.backend.world_size,
+                     "compression": self.backend.compression_state()}
+        self.backend.save_training_state(os.path.join(self.out, CHECKPOINT), self.model, self.optimizer, run_state)
 
     def _load(self, path: str) -> list[dict[str, Any]]:
-        state = self.backend.load_checkpoint(path)
-        self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = self.backend.load_training_state(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.backend.load_compression_state(state.get("compression"))
         self.start_epoch = int(state["epoch"]) + 1
