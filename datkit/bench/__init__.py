@@ -5,12 +5,14 @@ when it runs. To add one, add an entry to :data:`SUBCOMMANDS` (name -> (module, 
 
 - ``step``: one PGD-AT training step of datkit vs a hand-written PyTorch loop, alternated in one process.
 - ``comm``: each gradient compressor's bytes per iteration, loopback check, time and error (under torchrun).
+- ``ibp``: an IBP / CROWN-IBP training step relative to a clean training step of the same model and batch.
 """
 from __future__ import annotations
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "step": ("datkit.bench.step", "time one PGD-AT training step of datkit against a plain PyTorch loop"),
     "comm": ("datkit.bench.comm", "bytes, time and error of each gradient compressor vs a float32 allreduce (torchrun, 2+ workers)"),
+    "ibp": ("datkit.bench.ibp", "time an IBP and a CROWN-IBP training step relative to a clean step of the same model and batch"),
 }
 
 __all__ = ["SUBCOMMANDS"]

@@ -18,29 +18,79 @@ unless it has its own), by function (``F.relu``, ``operator.add``) or by tensor-
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 
-class Interval(NamedTuple):
-    """Element-wise bounds ``lower <= value <= upper`` of a batch of tensors."""
+class Interval:
+    """Element-wise bounds ``lower <= value <= upper`` of a batch of tensors.
 
-    lower: torch.Tensor
-    upper: torch.Tensor
+    Affine layers work on ``(center, radius)`` and ReLU on ``(lower, upper)``; an interval keeps whichever
+    form it was made in and computes (once) the other on demand, so a chain of layers converts only where
+    it must. ``lower, upper = interval`` unpacks it.
+    """
 
-    @property
-    def center(self) -> torch.Tensor:
-        return (self.upper + self.lower) / 2
+    __slots__ = ("_lower", "_upper", "_center", "_radius")
 
-    @property
-    def radius(self) -> torch.Tensor:
-        return (self.upper - self.lower) / 2
+    def __init__(self, lower: torch.Tensor, upper: torch.Tensor) -> None:
+        self._lower, self._upper = lower, upper
+        self._center = self._radius = None
 
     @staticmethod
     def from_center_radius(center: torch.Tensor, radius: torch.Tensor) -> "Interval":
-        return Interval(center - radius, center + radius)
+        iv = Interval.__new__(Interval)
+        iv._lower = iv._upper = None
+        iv._center, iv._radius = center, radius
+        return iv
+
+    @property
+    def lower(self) -> torch.Tensor:
+        if self._lower is None:
+            self._lower = self._center - self._radius
+        return self._lower
+
+    @property
+    def upper(self) -> torch.Tensor:
+        if self._upper is None:
+            self._upper = self._center + self._radius
+        return self._upper
+
+    @property
+    def center(self) -> torch.Tensor:
+        if self._center is None:
+            self._center = (self._upper + self._lower) * 0.5
+        return self._center
+
+    @property
+    def radius(self) -> torch.Tensor:
+        if self._radius is None:
+            self._radius = (self._upper - self._lower) * 0.5
+        return self._radius
+
+    @property
+    def shape(self) -> torch.Size:
+        return (self._lower if self._lower is not None else self._center).shape
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Interval":
+        """The interval of ``fn(value)`` for a linear ``fn`` with non-negative weights (a reshape, average
+        pooling): ``fn`` is applied to whichever form is stored."""
+        if self._center is not None:
+            return Interval.from_center_radius(fn(self._center), fn(self._radius))
+        return Interval(fn(self._lower), fn(self._upper))
+
+    def __add__(self, other: "Interval") -> "Interval":
+        if self._lower is not None and other._lower is not None:
+            return Interval(self._lower + other._lower, self._upper + other._upper)
+        return Interval.from_center_radius(self.center + other.center, self.radius + other.radius)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield self.lower
+        yield self.upper
+
+    def __repr__(self) -> str:
+        return f"Interval(shape={tuple(self.lower.shape)})"
 
 
 class UnsupportedLayer(TypeError):

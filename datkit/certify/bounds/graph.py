@@ -100,6 +100,11 @@ class BoundGraph:
                         tuple(n.name for n in node.all_input_nodes), _label(node, model))
             step.rule = self._static_rule(node, model)
             self.steps.append(step)
+        self.consumers: dict[str, list[str]] = {s.name: [] for s in self.steps}
+        for step in self.steps:
+            for name in step.inputs:
+                self.consumers[name].append(step.name)
+        self.consumers[self.output_name].append("output")
 
     @staticmethod
     def _static_rule(node: fx.Node, model: nn.Module) -> Rule | None:

@@ -18,7 +18,8 @@ from torch import nn
 
 from .core import Interval, UnsupportedLayer
 from .graph import BoundGraph, Ref, Step
-from .rules_affine import LinearRule, NormalizeRule
+from .batchnorm import BatchNormRule
+from .rules_affine import AffineRule, LinearRule, NormalizeRule
 from .rules_relu import ReLURule
 
 
@@ -40,7 +41,7 @@ class BoundState:
         return self.values[name]
 
     def shape(self, name: str) -> torch.Size:
-        return self.values[name].lower.shape
+        return self.values[name].shape
 
     def kwargs(self, step: Step) -> dict[str, Any]:
         return _resolve(step.kwargs, self.values) if step.kwargs else {}
@@ -62,20 +63,41 @@ class BoundState:
         return [self.values[s.args[0].name] for s in self.steps if isinstance(s.rule, ReLURule)]
 
 
+def _batchnorm_after(graph: BoundGraph, steps: list[Step], i: int, args: Any) -> Step | None:
+    """The BatchNorm step that is the only consumer of Linear/Conv step ``i`` (channels on dimension 1), or None."""
+    step = steps[i]
+    if not isinstance(step.rule, AffineRule) or i + 1 >= len(steps):
+        return None
+    nxt = steps[i + 1]
+    if not isinstance(nxt.rule, BatchNormRule) or graph.consumers[step.name] != [nxt.name]:
+        return None
+    if isinstance(step.rule, LinearRule) and len(args[0].shape) != 2:
+        return None
+    return nxt
+
+
 def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor | None = None,
              batch_stats: dict | None = None) -> BoundState:
     """Intervals of every step of ``model`` for inputs in ``box``; ``state.output`` bounds ``C @ logits`` if given."""
     steps = graph.bind(model)
     state = BoundState(graph, steps, batch_stats)
-    for step in steps:
+    fused: set[str] = set()
+    for i, step in enumerate(steps):
         if step.op == "placeholder":
             state.values[step.name] = box
             continue
+        if step.name in fused:
+            continue
         args = _resolve(step.args, state.values)
-        if step.name == graph.output_name and C is not None and isinstance(step.rule, LinearRule) and args[0].lower.dim() == 2:
+        if step.name == graph.output_name and C is not None and isinstance(step.rule, LinearRule) and len(args[0].shape) == 2:
             state.output = step.rule.ibp_spec(step, args[0], C)
             state.values[step.name] = state.output
             return state
+        bn = _batchnorm_after(graph, steps, i, args)
+        if bn is not None:  # layer + BatchNorm as one affine map (the layer's own interval is not needed)
+            state.values[bn.name] = step.rule.ibp_then(step, args[0], *bn.rule.affine(bn, state))
+            fused.add(bn.name)
+            continue
         state.values[step.name] = step.rule.ibp(step, args, state)
     out = state.values[graph.output_name]
     if C is not None:
@@ -88,7 +110,7 @@ def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor
 def backward_pass(state: BoundState, C: torch.Tensor) -> torch.Tensor:
     """CROWN lower bound of ``C @ logits`` (shape ``(batch, rows)``) using the IBP intervals of ``state``."""
     graph = state.graph
-    if state.values[graph.output_name].lower.dim() != 2:
+    if len(state.values[graph.output_name].shape) != 2:
         raise UnsupportedLayer("datkit.certify: CROWN-IBP needs logits of shape (batch, classes)")
     pending: dict[str, torch.Tensor] = {graph.output_name: C}
     bias = torch.zeros(C.shape[:2], dtype=C.dtype, device=C.device)

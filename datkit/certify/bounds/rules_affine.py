@@ -30,13 +30,37 @@ def channel_affine_backward(A: torch.Tensor, scale: torch.Tensor, shift: torch.T
     return A * scale.reshape(shape), per_channel @ shift.reshape(-1).expand(per_channel.shape[-1])
 
 
-@register_module(nn.Linear)
-class LinearRule(Rule):
-    """``W h + b`` over the last dimension."""
+def folded(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``scale * (W h + b) + shift`` (per output channel): a layer followed by a BatchNorm,
+    bounded as one affine map, which saves the BatchNorm's element-wise passes over the activations."""
+    w = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return w, (shift if bias is None else bias * scale + shift)
+
+
+class AffineRule(Rule):
+    """A layer ``W h + b`` (``forward(step, h, W, b)``): IBP is ``forward(center) -+ |W|-forward(radius)``;
+    ``ibp_then`` bounds it together with a per-channel affine map (a BatchNorm) that follows it."""
+
+    def forward(self, step, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _ibp(self, step, iv: Interval, weight: torch.Tensor, bias: torch.Tensor | None) -> Interval:
+        return Interval.from_center_radius(self.forward(step, iv.center, weight, bias),
+                                           self.forward(step, iv.radius, weight.abs(), None))
 
     def ibp(self, step, args, ctx):
-        m, iv = step.module, args[0]
-        return Interval.from_center_radius(F.linear(iv.center, m.weight, m.bias), F.linear(iv.radius, m.weight.abs()))
+        return self._ibp(step, args[0], step.module.weight, step.module.bias)
+
+    def ibp_then(self, step, iv: Interval, scale: torch.Tensor, shift: torch.Tensor) -> Interval:
+        return self._ibp(step, iv, *folded(step.module.weight, step.module.bias, scale, shift))
+
+
+@register_module(nn.Linear)
+class LinearRule(AffineRule):
+    """``W h + b`` over the last dimension."""
+
+    def forward(self, step, h, weight, bias):
+        return F.linear(h, weight, bias)
 
     def ibp_spec(self, step, iv: Interval, C: torch.Tensor) -> Interval:
         """Interval of ``C (W h + b)`` with ``C W`` formed first (tighter than ``C`` times the logits' box)."""
@@ -73,15 +97,12 @@ def transposed(A: torch.Tensor, weight: torch.Tensor, in_shape: torch.Size, stri
 
 
 @register_module(nn.Conv2d)
-class Conv2dRule(Rule):
+class Conv2dRule(AffineRule):
     """2-d convolution (any stride, padding, dilation, groups; zero padding)."""
 
-    def ibp(self, step, args, ctx):
-        m, iv = step.module, args[0]
-        pad = _conv_padding(m)
-        center = F.conv2d(iv.center, m.weight, m.bias, m.stride, pad, m.dilation, m.groups)
-        radius = F.conv2d(iv.radius, m.weight.abs(), None, m.stride, pad, m.dilation, m.groups)
-        return Interval.from_center_radius(center, radius)
+    def forward(self, step, h, weight, bias):
+        m = step.module
+        return F.conv2d(h, weight, bias, m.stride, _conv_padding(m), m.dilation, m.groups)
 
     def backward(self, step, A, ctx):
         m, name = step.module, step.args[0].name
@@ -121,8 +142,7 @@ class AvgPoolRule(Rule):
     the output's bounds are the pooled bounds; backward, ``A`` goes through its transpose."""
 
     def ibp(self, step, args, ctx):
-        iv = args[0]
-        return Interval(step.module(iv.lower), step.module(iv.upper))
+        return args[0].map(step.module)
 
     def backward(self, step, A, ctx):
         name = step.args[0].name

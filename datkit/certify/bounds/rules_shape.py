@@ -52,10 +52,11 @@ class ReshapeRule(Rule):
 
     def ibp(self, step, args, ctx):
         iv, rest = args[0], tuple(args[1:])
-        out = Interval(_apply(step, iv.lower, rest, ctx.kwargs(step)), _apply(step, iv.upper, rest, ctx.kwargs(step)))
-        if out.lower.shape[0] != iv.lower.shape[0]:
+        kwargs = ctx.kwargs(step)
+        out = iv.map(lambda t: _apply(step, t, rest, kwargs))
+        if out.shape[0] != iv.shape[0]:
             raise UnsupportedLayer(f"datkit.certify: {step.label} changes the batch dimension "
-                                   f"({tuple(iv.lower.shape)} -> {tuple(out.lower.shape)})")
+                                   f"({tuple(iv.shape)} -> {tuple(out.shape)})")
         return out
 
     def backward(self, step, A, ctx):
@@ -87,8 +88,7 @@ class AddRule(Rule):
         if len(args) != 2 or ctx.kwargs(step) or not all(isinstance(a, Interval) for a in args):
             raise UnsupportedLayer(f"datkit.certify: {step.label} must add exactly two outputs of earlier layers "
                                    "(constants and alpha= are not supported)")
-        a, b = args
-        return Interval(a.lower + b.lower, a.upper + b.upper)
+        return args[0] + args[1]
 
     def backward(self, step, A, ctx):
         return [(a.name, A) for a in step.args if isinstance(a, Ref)], None
