@@ -13,7 +13,7 @@ from datkit.backends.comm_timer import CommTimer
 from datkit.backends.select import detect_backend
 from datkit.engine.results import markdown_table
 
-HEADER = "| epoch | loss | TA | RA | C (s) | T (s) |"
+HEADER = "| epoch | loss | TA | RA | C (s) | T (s) | bytes/iter |"
 EPOCHS = 2
 
 
@@ -92,7 +92,7 @@ def test_no_tensorboard_or_plot_when_off(tmp_path: Path) -> None:
 def test_markdown_table_dashes_for_missing_values() -> None:
     table = markdown_table([{"epoch": 1, "train_loss": 0.5, "TA": None, "RA": float("nan"), "C_s": 0.0, "T_s": 1.0}])
     assert table.splitlines()[0] == HEADER
-    assert table.splitlines()[2] == "| 1 | 0.5000 | - | - | 0.00 | 1.00 |"
+    assert table.splitlines()[2] == "| 1 | 0.5000 | - | - | 0.00 | 1.00 | - |"
 
 
 # --- CommTimer: C is the union of the communication intervals ---------------------------------------
