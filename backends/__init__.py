@@ -38,7 +38,17 @@ def _not_yet(name: str, launcher: str) -> Callable[..., Backend]:
 
 
 BACKENDS.register("horovod")(_not_yet("horovod", "it will run under horovodrun"))
-BACKENDS.register("deepspeed")(_not_yet("deepspeed", "it will run under the deepspeed launcher"))
+@BACKENDS.register("deepspeed")
+def _deepspeed(cfg) -> Backend:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise BackendUnavailable(
+            f"backend 'deepspeed' needs DeepSpeed, which is not installed ({err}). Install it with "
+            "`pip install -e '.[deepspeed]'` (or `pip install deepspeed`), or use backend=torch (torchrun).") from None
+    from .deepspeed_backend import DeepSpeedBackend
+
+    return DeepSpeedBackend(cfg)
 
 
 def resolve_backend_name(name: str, argv: Sequence[str] = ()) -> str:

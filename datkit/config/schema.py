@@ -27,6 +27,8 @@ class DataConfig:
     shared_root: str = "../shared/data"  # where the official MNIST test set (MNIST/raw/t10k-*.gz) is looked for; relative to the working directory
     augment_shift: int = 0  # random translation by up to this many pixels (in-memory datasets: mnist5k, digits); 0 = off
     num_workers: int = 0  # DataLoader worker processes per training process (embedded datasets need none)
+    resize: int = 0  # resize every image (train and test) to resize x resize pixels, bilinear, e.g. 28 for digits -> an MNIST model; 0 = native size
+    num_labeled: int = 0  # keep the labels of only this many training examples (class-balanced, seeded); the rest is unlabeled (see semisup.*); 0 = all labeled
 
 
 @dataclass
@@ -64,7 +66,7 @@ class MethodConfig:
 class OptimConfig:
     """Optimizer and the linear scaling rule."""
 
-    name: str = "adam"  # sgd | adam
+    name: str = "adam"  # sgd | adam | lalr (DAT's layer-wise adaptive learning rate, see lalr_base, c_l, c_u)
     lr: float = 1e-3  # learning rate at `base_batch_size` (before linear scaling, if enabled)
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
@@ -72,6 +74,10 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
     scale_lr: bool = False  # linear scaling rule (Goyal et al. 2017): lr *= global_batch / base_batch_size
     base_batch_size: int = 256  # reference global batch size for `scale_lr`
+    lalr_base: str = "adam"  # lalr only: adam | sgd -- the base direction u (Adam moments / momentum, weight decay folded in) normalized per tensor
+    c_l: float = 0.0  # lalr only: lower clip of the trust coefficient tau = min(max(||theta||, c_l), c_u); each tensor moves tau*lr per step
+    c_u: float = 10.0  # lalr only: upper clip of tau (DAT authors' code: [0, 10])
+    lalr_exclude: str = "bias_and_norm"  # lalr only: bias_and_norm (tensors with ndim <= 1 get the plain base update, no trust ratio) | none
 
 
 @dataclass
@@ -99,6 +105,9 @@ class TrainConfig:
     checkpoint_every: int = 1  # save a checkpoint every N epochs (0 = only the final one)
     output_dir: str = "runs/${data.name}_${method.name}"  # where results, logs and checkpoints go
     malloc_tuning: bool = True  # glibc: keep freed memory in the process (fewer page faults, ~10% faster CPU steps)
+    init_from: str = ""  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer is replaced when the number of classes differs); "" = from scratch
+    new_head: bool = False  # init_from: re-initialize the last Linear layer even when the number of classes matches
+    freeze_backbone: bool = False  # init_from: train only the last Linear layer (every other parameter frozen)
 
 
 @dataclass
@@ -122,6 +131,18 @@ class DistConfig:
     timeout_s: int = 600  # collective timeout: a lost worker makes the others fail after this long
     ddp: bool = True  # wrap in DistributedDataParallel (gradient allreduce overlaps backward)
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Options of the deepspeed backend (ZeRO); batch sizes and gradient clipping come from train.*."""
+
+    zero_stage: int = 0  # ZeRO stage: 0 (DDP-like) | 1 (optimizer states sharded) | 2 (+ gradients) | 3 (+ parameters)
+    config_file: str = ""  # a DeepSpeed JSON merged over the generated config (its keys win, batch sizes excepted)
+    offload_optimizer: str = "none"  # none | cpu: ZeRO-Offload of optimizer states (stage >= 1)
+    offload_param: str = "none"  # none | cpu: parameter offload (stage 3)
+    fp16: bool = False  # DeepSpeed fp16 mixed precision (GPU)
+    bf16: bool = False  # DeepSpeed bf16 mixed precision (hardware with bf16 support)
 
 
 @dataclass
@@ -177,6 +198,17 @@ class BoundsConfig:
 
 
 @dataclass
+class SemisupConfig:
+    """Semi-supervised AT (robust self-training, Carmon et al. 2019; DAT paper Table 3): pseudo-label the unlabeled part of the training set (data.num_labeled) with a clean teacher, then train on both."""
+
+    enabled: bool = False  # use the unlabeled examples with the teacher's pseudo-labels (needs data.num_labeled > 0); false = labeled examples only
+    teacher: str = "train"  # train: a clean teacher on the labeled examples first (saved as output_dir/teacher.pt) | path to a datkit checkpoint
+    teacher_epochs: int = 20  # teacher=train: epochs of clean training on the labeled examples (optim.*, schedule.*, train.batch_size)
+    unlabeled_fraction: float = 0.5  # fraction of every global batch drawn from the pseudo-labeled examples (Carmon et al.: 0.5)
+    num_unlabeled: int = 0  # use this many unlabeled examples (a seeded subset); 0 = all of them
+
+
+@dataclass
 class Config:
     """Root of the configuration."""
 
@@ -193,5 +225,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
+    semisup: SemisupConfig = field(default_factory=SemisupConfig)

@@ -61,6 +61,20 @@ def _check_compression(cfg, errors: list[str]) -> None:
         errors.append(f"compression: {err}")
 
 
+def _check_deepspeed(cfg, errors: list[str]) -> None:
+    """deepspeed.*: stage 0-3, offload devices and the stages they need, one precision at a time."""
+    d = cfg.deepspeed
+    _choices(errors, "deepspeed.zero_stage", d.zero_stage, (0, 1, 2, 3))
+    _choices(errors, "deepspeed.offload_optimizer", d.offload_optimizer, ("none", "cpu"))
+    _choices(errors, "deepspeed.offload_param", d.offload_param, ("none", "cpu"))
+    if d.offload_optimizer != "none" and d.zero_stage < 1:
+        errors.append("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage >= 1")
+    if d.offload_param != "none" and d.zero_stage != 3:
+        errors.append("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3")
+    if d.fp16 and d.bf16:
+        errors.append("deepspeed.fp16 and deepspeed.bf16 are both true; choose one")
+
+
 def _check_smoothing(cfg, errors: list[str]) -> None:
     """Randomized smoothing: sigma > 0, 1 <= n0 <= n, alpha in (0, 1), radii >= 0 and increasing."""
     sm = cfg.smoothing
@@ -108,6 +122,30 @@ def _check_bounds(cfg, errors: list[str]) -> None:
             require_engine(b.engine)
         except ImportError as err:
             errors.append(str(err))
+
+
+def _check_recipes(cfg, errors: list[str]) -> None:
+    """The DAT recipes: LALR options, semi-supervised AT (data.num_labeled, semisup.*), fine-tuning (train.init_from)."""
+    from datkit.optim.lalr import BASES, EXCLUDE_CHOICES
+
+    o, d, ss, t = cfg.optim, cfg.data, cfg.semisup, cfg.train
+    _choices(errors, "optim.lalr_base", o.lalr_base, BASES)
+    _choices(errors, "optim.lalr_exclude", o.lalr_exclude, EXCLUDE_CHOICES)
+    _at_least(errors, "optim.c_l", o.c_l, 0.0)
+    if o.c_u < o.c_l:
+        errors.append(f"optim.c_u={o.c_u!r} must be >= optim.c_l={o.c_l!r} (tau = min(max(||theta||, c_l), c_u))")
+    _at_least(errors, "data.resize", d.resize, 0)
+    _at_least(errors, "data.num_labeled", d.num_labeled, 0)
+    _at_least(errors, "semisup.teacher_epochs", ss.teacher_epochs, 1)
+    _at_least(errors, "semisup.num_unlabeled", ss.num_unlabeled, 0)
+    if not 0.0 < ss.unlabeled_fraction < 1.0:
+        errors.append(f"semisup.unlabeled_fraction={ss.unlabeled_fraction!r} must be in (0, 1) (the share of every batch "
+                      f"that is pseudo-labeled)")
+    if ss.enabled and d.num_labeled <= 0:
+        errors.append("semisup.enabled=true needs data.num_labeled > 0 (the labeled part; the rest of the training set is "
+                      "pseudo-labeled)")
+    if (t.freeze_backbone or t.new_head) and not t.init_from:
+        errors.append("train.freeze_backbone / train.new_head apply to fine-tuning only: set train.init_from")
 
 
 def validate_config(cfg) -> None:
@@ -172,8 +210,28 @@ def validate_config(cfg) -> None:
     _at_least(e, "dist.timeout_s", cfg.dist.timeout_s, 1)
     _at_least(e, "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, 0.0, strict=True)
     _check_compression(cfg, e)
+    _check_deepspeed(cfg, e)
     _check_smoothing(cfg, e)
     _check_bounds(cfg, e)
+    _check_recipes(cfg, e)
+    if e:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
+
+
+def validate_for_training(cfg) -> None:
+    """Checks of files a training run reads (not repeated when a finished run's config is evaluated):
+    ``train.init_from`` (unless the run resumes from its own checkpoint) and ``semisup.teacher``."""
+    from datkit.engine.trainer import CHECKPOINT
+
+    e: list[str] = []
+    t, ss = cfg.train, cfg.semisup
+    resuming = t.resume and os.path.isfile(os.path.join(t.output_dir, CHECKPOINT))
+    if t.init_from and not resuming and not os.path.isfile(t.init_from):
+        e.append(f"train.init_from={t.init_from!r}: no such checkpoint file (a datkit checkpoint, e.g. "
+                 f"runs/<name>/checkpoint_last.pt, or '' to train from scratch)")
+    if ss.enabled and ss.teacher != "train" and not os.path.isfile(ss.teacher):
+        e.append(f"semisup.teacher={ss.teacher!r}: no such checkpoint file (a datkit checkpoint, or 'train' to train "
+                 f"a clean teacher on the labeled examples)")
     if e:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(e))
 
@@ -184,5 +242,11 @@ def validate_for_world(cfg, world_size: int) -> None:
     if cfg.train.batch_size % per:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by world_size * train.grad_accum = "
                           f"{world_size} * {cfg.train.grad_accum} = {per} (it is the global batch, split across workers)")
+    if cfg.semisup.enabled:
+        g_u = round(cfg.semisup.unlabeled_fraction * cfg.train.batch_size)
+        if g_u % world_size or g_u == 0 or g_u == cfg.train.batch_size:
+            raise ConfigError(f"semisup.unlabeled_fraction={cfg.semisup.unlabeled_fraction} of train.batch_size="
+                              f"{cfg.train.batch_size} gives {g_u} pseudo-labeled and {cfg.train.batch_size - g_u} labeled "
+                              f"examples per global batch: both must be > 0 and divisible by world_size={world_size}")
     if cfg.eval.batch_size < world_size:
         raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be >= world_size={world_size}")

@@ -1,0 +1,187 @@
+"""The ``deepspeed`` backend: ZeRO stages 0-3 through the DeepSpeed engine, launched by ``deepspeed``.
+
+``deepspeed --num_gpus N datkit/train.py backend=deepspeed deepspeed.zero_stage=2`` (on CPU DeepSpeed
+picks its CPU accelerator and gloo). The model and datkit's optimizer (a client optimizer: Adam, SGD,
+LALR) go into ``deepspeed.initialize`` with a config built from datkit's (``backends.deepspeed_config``);
+``backward``/``step`` go through the engine, collectives through ``deepspeed.comm``, checkpoints through
+``engine.save_checkpoint``/``load_checkpoint`` (ZeRO shards saved and resumed), and attacks run on
+``engine.module`` (an attack through the engine breaks its gradient bookkeeping).
+
+Gradient compression: with ``compression.name`` set, the engine's own allreduce is switched off
+(``enable_backward_allreduce = False``) and datkit's compressor reduces the gradients over
+``deepspeed.comm`` before the engine's step -- at ZeRO stage 0 only, like DeepSpeed's former 1-bit Adam:
+ZeRO >= 1 partitions gradients inside its own reduce-scatter, which a compressor cannot replace.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+from datkit.config import ConfigError
+
+from .base import Backend
+from .deepspeed_comm import CommMeter
+from .deepspeed_config import build_ds_config
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed backend (see module docstring)."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        if cfg.compression.name != "none" and cfg.deepspeed.zero_stage >= 1:
+            raise ConfigError(
+                f"compression.name={cfg.compression.name} needs deepspeed.zero_stage=0 (got {cfg.deepspeed.zero_stage}): "
+                "ZeRO >= 1 reduce-scatters gradients into optimizer-state partitions inside DeepSpeed, where a "
+                "compressor cannot take over (DeepSpeed's own 1-bit optimizers refused ZeRO >= 1 for the same reason). "
+                "Choose deepspeed.zero_stage=0 with compression, or compression.name=none with ZeRO.")
+        import deepspeed
+        import deepspeed.comm as ds_comm
+
+        self._ds, self._comm, self.cfg = deepspeed, ds_comm, cfg
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but no CUDA device is available (use device=cpu or auto)")
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(k, v)  # a plain `python -m datkit.train backend=deepspeed` is one worker
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="nccl" if want_cuda else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+        self.rank, self.world_size = ds_comm.get_rank(), ds_comm.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if want_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        self.ds_config = build_ds_config(cfg, self.world_size, on_gpu=want_cuda)
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.engine = None
+        self.meter = CommMeter(self.comm_timer, self.byte_counter, self.world_size)
+
+    def describe(self) -> str:
+        return super().describe() + f" zero_stage={self.zero_stage}"
+
+    # --- model and gradients --------------------------------------------------------------------
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.device)
+        self.engine, _, _, _ = self._ds.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        if self.compressor is not None:
+            self.engine.enable_backward_allreduce = False
+        else:
+            self.meter.install()
+        # The client optimizer's param_groups are the ones DeepSpeed steps with: datkit's lr schedule sets them.
+        return self.engine, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.engine.module if self.engine is not None and model is self.engine else super().unwrap(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Engine backward; between accumulation boundaries the engine's micro-step counter advances."""
+        self.meter.active = True
+        try:
+            self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided by train.grad_accum
+            if not self.engine.is_gradient_accumulation_boundary():
+                self.engine.step()
+        finally:
+            self.meter.active = False
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """DeepSpeed clips inside ``step`` (``gradient_clipping`` = ``train.grad_clip``)."""
+        return float("nan")
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.compressor is not None and self.world_size > 1:
+            self.reduce_gradients(list(self.engine.module.parameters()))
+        self.meter.active = True
+        try:
+            self.engine.step()
+        finally:
+            self.meter.active = False
+
+    # --- collectives (deepspeed.comm) -----------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        if op == "mean":
+            self._comm.all_reduce(tensor)
+            return tensor.div_(self.world_size)
+        self._comm.all_reduce(tensor, op=getattr(self._comm.ReduceOp, _OPS[op]))
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor.unsqueeze(0)
+        out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        self._comm.all_gather_into_tensor(out, tensor.contiguous().reshape(-1))
+        return out.view(self.world_size, *tensor.shape)
+
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        out = torch.empty_like(tensor)
+        self._comm.all_to_all_single(out, tensor.contiguous())
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size > 1:
+            self._comm.broadcast(tensor, src)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self._comm.barrier()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Full weights; at ZeRO-3 the partitioned parameters are gathered first (collective)."""
+        module = self.unwrap(model)
+        if self.zero_stage == 3:
+            with self._ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+    def save_training_state(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            run_state: dict[str, Any]) -> None:
+        """ZeRO shards via ``engine.save_checkpoint`` into ``<path>.deepspeed/<tag>``, then rank 0 writes
+        ``path`` (full weights + run state + the tag) atomically, then older tags are removed."""
+        ds_dir, tag = path + ".deepspeed", f"epoch{run_state['epoch']}"
+        self.engine.save_checkpoint(ds_dir, tag=tag)
+        state = {**run_state, "model": self.model_state_dict(model), "deepspeed_dir": os.path.basename(ds_dir),
+                 "deepspeed_tag": tag, "zero_stage": self.zero_stage}
+        self.save_checkpoint(path, state)
+        if self.is_main:
+            for old in os.listdir(ds_dir):
+                if old != tag and old.startswith("epoch") and os.path.isdir(os.path.join(ds_dir, old)):
+                    shutil.rmtree(os.path.join(ds_dir, old), ignore_errors=True)
+
+    def load_training_state(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        state = self.load_checkpoint(path)
+        if "deepspeed_tag" not in state:
+            raise RuntimeError(f"{path} was not written by the deepspeed backend (no ZeRO checkpoint next to it); "
+                               "resume it with the backend that wrote it, or start a new output_dir")
+        ds_dir = os.path.join(os.path.dirname(path), state["deepspeed_dir"])
+        loaded, _ = self.engine.load_checkpoint(ds_dir, tag=state["deepspeed_tag"], load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load its checkpoint {ds_dir}/{state['deepspeed_tag']}")
+        return state
+
+    def close(self) -> None:
+        self.meter.uninstall()
+        if self._comm.is_initialized():
+            self._comm.destroy_process_group()

@@ -1,0 +1,89 @@
+"""Column C and ``bytes_per_iter`` for DeepSpeed's own gradient communication.
+
+DeepSpeed reduces gradients (ZeRO 0: allreduce; ZeRO 1/2: reduce-scatter, then an all-gather of the
+updated partitions; ZeRO 3: all-gathers of parameters in forward and backward too) through
+``deepspeed.comm``. ``CommMeter`` wraps those functions; while ``active`` (the backend switches it on
+around ``backward`` and ``step``) every call's wall time goes into the backend's ``CommTimer`` and its
+payload, by the ring model of ``datkit.compress.accounting``, into its ``ByteCounter``. Nested calls
+(``allgather_fn`` calling ``all_gather_into_tensor``) count once. The config turns DeepSpeed's
+``overlap_comm`` off on CPU, so these calls block and the measured time is the communication time.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def _nbytes(x: Any) -> float:
+    if isinstance(x, torch.Tensor):
+        return float(x.numel() * x.element_size())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0.0
+
+
+# name -> (index of the payload argument, factor(M) applied to its bytes)
+_MODELS: dict[str, tuple[int, Callable[[int], float]]] = {
+    "all_reduce": (0, lambda m: 2.0 * (m - 1) / m),
+    "all_reduce_coalesced": (0, lambda m: 2.0 * (m - 1) / m),
+    "inference_all_reduce": (0, lambda m: 2.0 * (m - 1) / m),
+    "all_gather": (1, lambda m: float(m - 1)),
+    "all_gather_into_tensor": (1, lambda m: float(m - 1)),
+    "allgather_fn": (1, lambda m: float(m - 1)),
+    "all_gather_coalesced": (1, lambda m: float(m - 1)),
+    "reduce_scatter_tensor": (1, lambda m: (m - 1) / m),
+    "reduce_scatter_fn": (1, lambda m: (m - 1) / m),
+    "reduce_scatter": (1, lambda m: (m - 1) / m),
+    "reduce": (0, lambda m: (m - 1) / m),
+    "all_to_all_single": (1, lambda m: (m - 1) / m),
+    "broadcast": (0, lambda m: (m - 1) / m),
+}
+
+
+class CommMeter:
+    """Times and counts ``deepspeed.comm`` collectives while ``active`` (see module docstring)."""
+
+    def __init__(self, timer, counter, world_size: int) -> None:
+        self.timer, self.counter, self.world_size = timer, counter, world_size
+        self.active = False
+        self._local = threading.local()
+        self._originals: dict[str, Callable] = {}
+
+    def install(self) -> None:
+        import deepspeed.comm as ds_comm
+
+        for name, (pos, factor) in _MODELS.items():
+            fn = getattr(ds_comm, name, None)
+            if fn is None or name in self._originals:
+                continue
+            self._originals[name] = fn
+            setattr(ds_comm, name, self._wrap(fn, name, pos, factor))
+
+    def uninstall(self) -> None:
+        import deepspeed.comm as ds_comm
+
+        for name, fn in self._originals.items():
+            setattr(ds_comm, name, fn)
+        self._originals.clear()
+
+    def _wrap(self, fn: Callable, name: str, pos: int, factor: Callable[[int], float]) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            depth = getattr(self._local, "depth", 0)
+            if not self.active or depth:
+                return fn(*args, **kwargs)
+            self._local.depth = depth + 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._local.depth = depth
+                self.timer.record(start)
+                payload = args[pos] if len(args) > pos else next(iter(kwargs.values()), None)
+                self.counter.add(_nbytes(payload) * factor(self.world_size))
+
+        return wrapper
