@@ -197,7 +197,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Start-up errors print one message on stderr (rank 0) and raise ``SystemExit(2)``.
     """
     from datkit.backends import BackendUnavailable, create_backend
-    from datkit.data import DATASETS, build_data, eval_subset
+    from datkit.data import build_data, dataset_spec, eval_subset
     from datkit.engine import build_model, evaluate_accuracy
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -212,7 +212,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         opts, dotlist = split_args(items)
         state, cfg = load_run(opts["checkpoint"], dotlist)
         validate_config(cfg)
-        spec = DATASETS.get(cfg.data.name)
+        spec = dataset_spec(cfg.data)  # data.resize applied
         attacks = build_attacks(opts, cfg, spec.num_classes)
         backend = create_backend(cfg, argv)
     except (ConfigError, BackendUnavailable, RuntimeError) as err:

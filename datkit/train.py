@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script: make `datkit` importable, not 
 
 from datkit.backends import BackendUnavailable, create_backend  # noqa: E402
 from datkit.cli import fail, parse_args  # noqa: E402
-from datkit.config import ConfigError, load_config, validate_config, validate_for_world  # noqa: E402
+from datkit.config import ConfigError, load_config, validate_config, validate_for_training, validate_for_world  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path, overrides)
         validate_config(cfg)
+        validate_for_training(cfg)
         backend = create_backend(cfg, argv)
     except (ConfigError, BackendUnavailable) as err:
         fail(err)
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> dict:
             fail(err)
         from datkit.engine import Trainer
 
-        return Trainer(cfg, backend).train()
+        try:
+            trainer = Trainer(cfg, backend)
+        except ConfigError as err:  # found while building the run (e.g. init_from weights that do not fit the model)
+            fail(err)
+        return trainer.train()
     finally:
         backend.close()
 

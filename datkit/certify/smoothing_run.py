@@ -118,7 +118,7 @@ def certify(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the certification named on the command line; returns the result record (all ranks) with its rows
     under ``"rows"``. Start-up errors print one message on stderr (rank 0) and raise ``SystemExit(2)``."""
     from datkit.backends import BackendUnavailable, create_backend
-    from datkit.data import DATASETS, build_data, eval_subset
+    from datkit.data import build_data, dataset_spec, eval_subset
     from datkit.evaluate import load_run
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -133,7 +133,7 @@ def certify(argv: Sequence[str] | None = None) -> dict[str, Any]:
         opts, dotlist = split_args(items)
         state, cfg = load_run(opts["checkpoint"], dotlist)
         validate_config(cfg)
-        spec = DATASETS.get(cfg.data.name)
+        spec = dataset_spec(cfg.data)  # data.resize applied
         model = load_model(state, cfg, spec, opts["checkpoint"])
         backend = create_backend(cfg, argv)
     except (ConfigError, BackendUnavailable, RuntimeError) as err:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .labeled import split_labeled
 from .official_mnist import load_official_mnist_test, official_mnist_available
+from .resize import resize_dataset, resized_spec
 from .sampler import ShardedBatchSampler
 from .spec import DATASETS, DatasetSpec
 
@@ -22,6 +24,12 @@ class DataBundle:
     train: Dataset
     test: Dataset
     test_name: str  # e.g. "official MNIST test set (10000)" -- reported with the results
+    unlabeled: Optional[Dataset] = None  # data.num_labeled > 0: the training examples whose labels are not used
+
+
+def dataset_spec(data_cfg) -> DatasetSpec:
+    """The registered spec of ``data_cfg.name`` with ``data.resize`` applied (what models are built for)."""
+    return resized_spec(DATASETS.get(data_cfg.name), data_cfg.resize)
 
 
 def resolve_test_set(data_cfg) -> str:
@@ -33,7 +41,9 @@ def resolve_test_set(data_cfg) -> str:
 
 
 def build_data(data_cfg) -> DataBundle:
-    """Load the datasets named by ``data_cfg`` (``name``, ``root``, ``download``, ``test``, ``shared_root``)."""
+    """Load the datasets named by ``data_cfg`` (``name``, ``root``, ``download``, ``test``, ``shared_root``), resized
+    to ``data_cfg.resize`` (0 = native) and, with ``data_cfg.num_labeled > 0``, split into labeled ``train`` and
+    ``unlabeled`` (class-balanced, seed 0)."""
     spec = DATASETS.get(data_cfg.name)
     test_kind = resolve_test_set(data_cfg)
     train, heldout = spec.build(root=data_cfg.root, download=data_cfg.download, use_all_for_training=test_kind == "mnist")
@@ -42,7 +52,13 @@ def build_data(data_cfg) -> DataBundle:
         name = f"official MNIST test set ({len(test)})"
     else:
         test, name = heldout, f"{spec.name} held-out split ({len(heldout)})"
-    return DataBundle(spec, train, test, name)
+    if data_cfg.resize > 0:
+        train, test = resize_dataset(train, data_cfg.resize), resize_dataset(test, data_cfg.resize)
+        name += f", resized to {data_cfg.resize}x{data_cfg.resize}"
+    unlabeled = None
+    if data_cfg.num_labeled > 0:
+        train, unlabeled = split_labeled(train, data_cfg.num_labeled, seed=0)
+    return DataBundle(dataset_spec(data_cfg), train, test, name, unlabeled)
 
 
 def iterate_batches(dataset: Dataset, sampler: ShardedBatchSampler | Sequence[Sequence[int]], num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,6 +9,7 @@ epoch's checkpoint reproduces the uninterrupted run exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from typing import Any
@@ -20,11 +21,14 @@ from tqdm import tqdm
 from datkit.data import ShardedBatchSampler, random_shift, build_data, eval_subset, iterate_batches
 from datkit.methods import StepInfo, create_method
 from datkit.models import create_model
+from datkit.models.sync_batchnorm import convert_sync_batchnorm
 from datkit.optim import build_optimizer, build_scheduler
+from datkit.semisup import semisup_training_set
 
 from .evaluate import evaluate_accuracy, ra_attack
 from .malloc_tuning import tune_malloc
 from .results import ResultsWriter
+from .transfer import freeze_all_but_head, init_from_checkpoint
 
 CHECKPOINT = "checkpoint_last.pt"
 
@@ -45,16 +49,29 @@ class Trainer:
             tune_malloc()
         torch.manual_seed(cfg.train.seed)
         self.data = build_data(cfg.data)
+        # semi-supervised AT: teacher + pseudo-labels (data.num_labeled, semisup.*); otherwise the data as is
+        train_set, mixed_sampler, self.recipe_info = semisup_training_set(cfg, backend, self.data, build_model)
+        self.data = dataclasses.replace(self.data, train=train_set)
         model = build_model(cfg, self.data.spec)
         self.method = create_method(cfg)
         self.method.prepare_model(model)  # e.g. the IBP initialization of certified training
-        if cfg.model.sync_bn and backend.world_size > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.train.batch_size)
+        resuming = cfg.train.resume and os.path.isfile(os.path.join(cfg.train.output_dir, CHECKPOINT))
+        if cfg.train.init_from and not resuming:  # fine-tuning (a resumed run gets its weights from its checkpoint)
+            note = init_from_checkpoint(model, cfg.train.init_from, cfg.train.new_head, cfg.train.freeze_backbone,
+                                        run_model=f"{cfg.model.name} (kwargs {OmegaConf.to_container(cfg.model.kwargs)}) for "
+                                                  f"{cfg.data.name} at {self.data.spec.image_size}x{self.data.spec.image_size}")
+            self.recipe_info["init_from"] = cfg.train.init_from
+            if backend.is_main:
+                print(f"datkit: {note}", flush=True)
+        elif cfg.train.freeze_backbone:
+            freeze_all_but_head(model)
+        if cfg.model.sync_bn and backend.world_size > 1:  # torch's SyncBatchNorm on CUDA, datkit's GlobalBatchNorm elsewhere
+            model = convert_sync_batchnorm(model, backend.device)
+        optimizer = build_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad], cfg.train.batch_size)
         self.model, self.optimizer = backend.setup(model, optimizer)
         self.raw = backend.unwrap(self.model)
-        self.sampler = ShardedBatchSampler(len(self.data.train), cfg.train.batch_size, backend.rank, backend.world_size,
-                                           seed=cfg.train.seed)
+        self.sampler = mixed_sampler or ShardedBatchSampler(len(self.data.train), cfg.train.batch_size, backend.rank,
+                                                            backend.world_size, seed=cfg.train.seed)
         self.steps_per_epoch = len(self.sampler) if cfg.train.max_steps <= 0 else min(len(self.sampler), cfg.train.max_steps)
         self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.steps_per_epoch, cfg.train.epochs)
         self.out = cfg.train.output_dir
@@ -166,7 +183,7 @@ class Trainer:
                  "train_time_s": sum(r["T_s"] for r in self.records), "C_s": sum(r["C_s"] for r in self.records),
                  "bytes_per_iter": (sum(r.get("bytes_per_iter", 0.0) for r in self.records) / len(self.records)
                                     if self.records else 0.0),
-                 "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs,
+                 "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs, **self.recipe_info,
                  **{k: v for k, v in ev.items() if k not in ("TA", "RA", "n")}}
         if self.writer is not None:
             table = self.writer.write(final)

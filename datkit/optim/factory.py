@@ -1,4 +1,4 @@
-"""Optimizers (registry ``OPTIMIZERS``) and the linear scaling rule.
+"""Optimizers (registry ``OPTIMIZERS``: sgd, adam, lalr) and the linear scaling rule.
 
 Linear scaling (Goyal et al., "Accurate, Large Minibatch SGD", 2017): with ``optim.scale_lr`` the
 learning rate is ``lr * global_batch / base_batch_size``.
@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..registry import Registry
+from .lalr import LALR
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
@@ -28,6 +29,14 @@ def _sgd(params: Iterable, lr: float, cfg) -> torch.optim.Optimizer:
 @OPTIMIZERS.register("adam")
 def _adam(params: Iterable, lr: float, cfg) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("lalr")
+def _lalr(params: Iterable, lr: float, cfg) -> torch.optim.Optimizer:
+    """DAT's layer-wise adaptive learning rate over ``optim.lalr_base`` (see ``datkit.optim.lalr``)."""
+    return LALR(params, lr=lr, base=cfg.lalr_base, betas=tuple(cfg.betas), momentum=cfg.momentum,
+                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay, c_l=cfg.c_l, c_u=cfg.c_u,
+                exclude=cfg.lalr_exclude)
 
 
 def build_optimizer(optim_cfg, params: Iterable, global_batch: int) -> torch.optim.Optimizer:
