@@ -7,12 +7,13 @@ while the clean forward pass runs (as auto_LiRPA does and Shi et al. 2021 train 
 hold for the network whose normalization that clean batch defines, and gradients flow through the
 statistics as they do in the forward pass.
 
-Workers: a ``SyncBatchNorm`` layer normalizes with the statistics of the *global* batch (all workers),
-and so do its bounds: :func:`batch_mean_var` reduces its sums over the layer's process group with the
-differentiable ``torch.distributed.nn`` all-reduce, exactly when ``SyncBatchNorm.forward`` synchronises
-(training mode, an initialised process group of more than one process). A plain ``BatchNorm`` uses
-each worker's own batch, like its forward pass; ``model.sync_bn=true`` gives every worker the same
-statistics, which is what makes an N-worker run equal to one worker with the N-times larger batch.
+Workers: a ``SyncBatchNorm`` / :class:`~datkit.models.sync_batchnorm.GlobalBatchNorm` layer normalizes with
+the statistics of the *global* batch (all workers), and so do its bounds: :func:`batch_mean_var` reduces
+its sums over the layer's process group with the differentiable ``torch.distributed.nn`` all-reduce,
+exactly when the layer's forward synchronises (training mode, an initialised process group of more than
+one process). A plain ``BatchNorm`` uses each worker's own batch, like its forward pass;
+``model.sync_bn=true`` gives every worker the same statistics, which is what makes an N-worker run equal
+to one worker with the N-times larger batch.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from typing import Iterator
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from datkit.models.sync_batchnorm import global_mean_var, sync_group
 
 from .core import Rule, register_module
 from .rules_affine import channel_affine_backward, channel_affine_ibp
@@ -34,33 +37,16 @@ def uses_batch_stats(m: _BatchNorm) -> bool:
     return m.training or (m.running_mean is None and m.running_var is None)
 
 
-def _sync_group(m: _BatchNorm):
-    """The process group a ``SyncBatchNorm`` in training mode synchronises over, or None."""
-    if not (isinstance(m, nn.SyncBatchNorm) and m.training):
-        return None
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = m.process_group or dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
 def batch_mean_var(m: _BatchNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` (channel dimension 1) as layer ``m`` normalizes it."""
+    """Per-channel mean and biased variance of ``x`` (channel dimension 1) as layer ``m`` normalizes it: over
+    the global batch for a SyncBatchNorm / GlobalBatchNorm in training mode, else over ``x``."""
+    group = sync_group(m)
+    if group is not None:
+        mean, var, _ = global_mean_var(x, group)
+        return mean, var
     dims = [0] + list(range(2, x.dim()))
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    group = _sync_group(m)
-    if group is None:  # two passes, written out: faster on CPU than Tensor.var over several dimensions
-        mean = x.mean(dims)
-        return mean, (x - mean.view(shape)).square().mean(dims)
-    from torch.distributed.nn.functional import all_reduce
-
-    count = torch.full((1,), float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
-    total = all_reduce(torch.cat([x.sum(dims), count]), group=group)  # differentiable sum over workers
-    mean = total[:-1] / total[-1]
-    sq = all_reduce((x - mean.view(shape)).square().sum(dims), group=group)
-    return mean, sq / total[-1]
+    mean = x.mean(dims)  # two passes, written out: faster on CPU than Tensor.var over several dimensions
+    return mean, (x - mean.view((1, -1) + (1,) * (x.dim() - 2))).square().mean(dims)
 
 
 @contextlib.contextmanager
