@@ -1,0 +1,108 @@
+"""The deepspeed backend on CPU (2 processes under the ``deepspeed`` launcher, gloo).
+
+- ZeRO-0 and ZeRO-2 take exactly the steps of the torch backend (same seed, global batch, 2 workers):
+  the weights agree to 1e-5 after a few steps;
+- a run resumed from a ZeRO-2 checkpoint ends with the uninterrupted run's weights;
+- compression works at stage 0 and is refused at stage >= 1 with a message that says why;
+- without DeepSpeed installed, asking for it says how to install it.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
+
+pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]'; the dev extra has it)")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
+
+STEPS = ["train.epochs=1", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.05", "schedule.name=constant"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed(args: list[str], cwd: Path, timeout: float = 400):
+    return run_python(["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+                       str(REPO / "datkit" / "train.py"), "backend=deepspeed", *args], cwd=cwd, timeout=timeout)
+
+
+def _torchrun(args: list[str], cwd: Path):
+    return run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.train",
+                       "backend=torch", *args], cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def torch_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("torch")
+    proc = _torchrun([*[a for a in TINY if not a.startswith("backend=")], *STEPS, f"train.output_dir={tmp / 'out'}"], tmp)
+    assert proc.returncode == 0, describe(proc)
+    return load_checkpoint(tmp / "out")
+
+
+def _tiny() -> list[str]:
+    return [a for a in TINY if not a.startswith("backend=")]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_zero_matches_the_torch_backend(stage: int, torch_run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    proc = _deepspeed([*_tiny(), *STEPS, f"deepspeed.zero_stage={stage}", f"train.output_dir={out}"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert f"backend=deepspeed world_size=2 device=cpu zero_stage={stage}" in proc.stdout, describe(proc)
+    ds = load_checkpoint(out)
+    assert ds["zero_stage"] == stage and (out / "checkpoint_last.pt.deepspeed").is_dir()
+    assert_same_weights(ds["model"], torch_run["model"], atol=1e-5)
+    assert ds["records"][0]["train_loss"] == pytest.approx(torch_run["records"][0]["train_loss"], abs=1e-5)
+    assert ds["records"][0]["bytes_per_iter"] > 0 and ds["records"][0]["C_s"] > 0
+
+
+def test_resume_from_a_zero2_checkpoint_is_exact(tmp_path: Path) -> None:
+    args = [*_tiny(), "deepspeed.zero_stage=2", "train.max_steps=3", "optim.name=adam", "schedule.name=constant"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    proc = _deepspeed([*args, "train.epochs=2", f"train.output_dir={full}"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    proc = _deepspeed([*args, "train.epochs=1", f"train.output_dir={part}"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    proc = _deepspeed([*args, "train.epochs=2", "train.resume=true", f"train.output_dir={part}"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "resumed from" in proc.stdout, describe(proc)
+    assert_same_weights(load_checkpoint(full)["model"], load_checkpoint(part)["model"], atol=0.0)
+    assert sorted(p.name for p in (part / "checkpoint_last.pt.deepspeed").iterdir() if p.is_dir()) == ["epoch2"]
+
+
+def test_onebit_compression_at_stage_0(tmp_path: Path) -> None:
+    out = tmp_path / "ob"
+    proc = _deepspeed([*_tiny(), *STEPS, "deepspeed.zero_stage=0", "compression.name=onebit", f"train.output_dir={out}"],
+                      tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    rec = load_checkpoint(out)["records"][0]
+    assert 0 < rec["bytes_per_iter"] < 2000, rec  # ~1/32 of the float32 gradient (18,440 bytes) plus scales
+
+
+def test_compression_with_zero_stage_1_fails_at_start_up(tmp_path: Path) -> None:
+    proc = run_python(["-m", "datkit.train", "backend=deepspeed", "deepspeed.zero_stage=1", "compression.name=int8",
+                       f"train.output_dir={tmp_path / 'x'}"], cwd=tmp_path, timeout=200)
+    assert proc.returncode == 2, describe(proc)
+    assert "zero_stage=0" in proc.stderr and "reduce-scatter" in proc.stderr, describe(proc)
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_deepspeed_says_how_to_install(tmp_path: Path) -> None:
+    script = ("import sys; sys.modules['deepspeed'] = None\n"
+              "from datkit.train import main\nmain(['backend=deepspeed'])\n")
+    proc = run_python(["-c", script], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, describe(proc)
+    assert "pip install" in proc.stderr and "deepspeed" in proc.stderr and "backend=torch" in proc.stderr, describe(proc)
+
+
+def test_bad_deepspeed_values_fail_at_start_up(tmp_path: Path) -> None:
+    proc = run_python(["-m", "datkit.train", "backend=deepspeed", "deepspeed.zero_stage=4", "deepspeed.offload_param=cpu"],
+                      cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, describe(proc)
+    assert "deepspeed.zero_stage=4 is not one of: 0, 1, 2, 3" in proc.stderr, describe(proc)
+    assert "offload_param=cpu needs deepspeed.zero_stage=3" in proc.stderr, describe(proc)
