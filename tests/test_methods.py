@@ -30,7 +30,7 @@ def _setup(method: str, optimizer: str = "adam", *extra: str):
 
 def test_builtin_methods_and_optimizers_registered() -> None:
     assert {"clean", "pgd", "fgsm", "trades"} <= set(METHOD_NAMES)
-    assert {"sgd", "adam"} <= set(OPTIMIZER_NAMES)
+    assert {"sgd", "adam", "lalr"} <= set(OPTIMIZER_NAMES)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZER_NAMES)
