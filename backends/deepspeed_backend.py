@@ -45,12 +45,6 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        if cfg.compression.name != "none" and cfg.deepspeed.zero_stage >= 1:
-            raise ConfigError(
-                f"compression.name={cfg.compression.name} needs deepspeed.zero_stage=0 (got {cfg.deepspeed.zero_stage}): "
-                "ZeRO >= 1 reduce-scatters gradients into optimizer-state partitions inside DeepSpeed, where a "
-                "compressor cannot take over (DeepSpeed's own 1-bit optimizers refused ZeRO >= 1 for the same reason). "
-                "Choose deepspeed.zero_stage=0 with compression, or compression.name=none with ZeRO.")
         import deepspeed
         import deepspeed.comm as ds_comm
 
@@ -69,7 +63,14 @@ class DeepSpeedBackend(Backend):
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         self.ds_config = build_ds_config(cfg, self.world_size, on_gpu=want_cuda)
-        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        if cfg.compression.name != "none" and self.zero_stage >= 1:
+            raise ConfigError(
+                f"compression.name={cfg.compression.name} needs ZeRO stage 0 (deepspeed.zero_stage, or the stage in "
+                f"deepspeed.config_file; got {self.zero_stage}): ZeRO >= 1 reduce-scatters gradients into "
+                "optimizer-state partitions inside DeepSpeed, where a compressor cannot take over (DeepSpeed's own "
+                "1-bit optimizers refused ZeRO >= 1 for the same reason). Choose deepspeed.zero_stage=0 with "
+                "compression, or compression.name=none with ZeRO.")
         self.engine = None
         self.meter = CommMeter(self.comm_timer, self.byte_counter, self.world_size)
 

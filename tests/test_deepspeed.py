@@ -106,3 +106,43 @@ def test_bad_deepspeed_values_fail_at_start_up(tmp_path: Path) -> None:
     assert proc.returncode == 2, describe(proc)
     assert "deepspeed.zero_stage=4 is not one of: 0, 1, 2, 3" in proc.stderr, describe(proc)
     assert "offload_param=cpu needs deepspeed.zero_stage=3" in proc.stderr, describe(proc)
+
+
+def test_bench_zero_halves_optimizer_state_at_stage_1_and_2(tmp_path: Path) -> None:
+    out = tmp_path / "zero.json"
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.bench", "zero",
+                       "--model", "cnn_small", "--data", "mnist5k", "--image-size", "28", "--json", str(out)],
+                      cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, describe(proc)
+    import json
+
+    rows = {r["stage"]: r for r in json.loads(out.read_text())}
+    # Adam: exp_avg + exp_avg_sq in float32 (plus a scalar step counter per tensor)
+    assert rows[0]["optimizer_state_bytes"] == pytest.approx(2 * 4 * rows[0]["params"], rel=1e-4)
+    for stage in (1, 2):
+        assert rows[stage]["ratio_vs_stage0"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_example_deepspeed_json_merges_over_datkits_config(path: Path) -> None:
+    import json
+
+    from datkit.backends.deepspeed_config import build_ds_config
+    from datkit.config import load_config
+
+    cfg = load_config(None, [f"deepspeed.config_file={path}", "train.batch_size=64", "train.grad_accum=2"])
+    ds = build_ds_config(cfg, world_size=2, on_gpu=False)
+    user = json.loads(path.read_text())
+    assert ds["zero_optimization"]["stage"] == user["zero_optimization"]["stage"]
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 16, 2)
+    assert ds["zero_allow_untested_optimizer"] is True
+
+
+def test_config_file_batch_sizes_must_agree(tmp_path: Path) -> None:
+    from datkit.backends.deepspeed_config import build_ds_config
+    from datkit.config import ConfigError, load_config
+
+    f = tmp_path / "ds.json"
+    f.write_text('{"train_batch_size": 999}')
+    with pytest.raises(ConfigError, match="train_batch_size=999"):
+        build_ds_config(load_config(None, [f"deepspeed.config_file={f}"]), world_size=2, on_gpu=False)

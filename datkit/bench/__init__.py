@@ -4,6 +4,7 @@ Each subcommand lives in its own module with a ``main(argv) -> int`` function an
 when it runs. To add one, add an entry to :data:`SUBCOMMANDS` (name -> (module, one-line summary)).
 
 - ``step``: one PGD-AT training step of datkit vs a hand-written PyTorch loop, alternated in one process.
+- ``zero``: per-worker optimizer-state memory at ZeRO stages 1/2 vs 0 (deepspeed backend).
 - ``comm``: each gradient compressor's bytes per iteration, loopback check, time and error (under torchrun).
 - ``ibp``: an IBP / CROWN-IBP training step relative to a clean training step of the same model and batch.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "step": ("datkit.bench.step", "time one PGD-AT training step of datkit against a plain PyTorch loop"),
+    "zero": ("datkit.bench.zero", "per-worker optimizer-state memory at DeepSpeed ZeRO stages vs stage 0 (2+ workers)"),
     "comm": ("datkit.bench.comm", "bytes, time and error of each gradient compressor vs a float32 allreduce (torchrun, 2+ workers)"),
     "ibp": ("datkit.bench.ibp", "time an IBP and a CROWN-IBP training step relative to a clean step of the same model and batch"),
 }
