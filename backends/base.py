@@ -35,6 +35,7 @@ class Backend(ABC):
         self.rank = 0
         self.world_size = 1
         self.local_rank = 0
+        self.local_world_size = 1  # workers on this host (sets the CPU threads per worker)
         self.device = torch.device("cpu")
         self.comm_timer = CommTimer()
         self.byte_counter = ByteCounter()

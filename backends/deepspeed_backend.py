@@ -59,6 +59,7 @@ class DeepSpeedBackend(Backend):
                                    timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         self.rank, self.world_size = ds_comm.get_rank(), ds_comm.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_world_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if want_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)

@@ -35,6 +35,7 @@ class TorchBackend(Backend):
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device=cuda was asked for but no CUDA device is available (use device=cpu or auto)")
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self._owns_group = dist.is_initialized()

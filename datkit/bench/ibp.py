@@ -29,7 +29,7 @@ from datkit.backends import create_backend
 from datkit.config import load_config, validate_config
 from datkit.data import DATASETS
 from datkit.engine import Trainer, build_model
-from datkit.engine.malloc_tuning import tune_malloc
+from datkit.engine.cpu_runtime import tune_malloc
 from datkit.methods import StepInfo, create_method
 from datkit.optim import build_optimizer, build_scheduler
 

@@ -104,6 +104,7 @@ class TrainConfig:
     resume: bool = False  # continue from output_dir/checkpoint_last.pt if it exists
     checkpoint_every: int = 1  # save a checkpoint every N epochs (0 = only the final one)
     output_dir: str = "runs/${data.name}_${method.name}"  # where results, logs and checkpoints go
+    threads: int = 0  # CPU intra-op threads per worker; 0 = auto: OMP_NUM_THREADS if set, else cores / workers on this host
     malloc_tuning: bool = True  # glibc: keep freed memory in the process (fewer page faults, ~10% faster CPU steps)
     init_from: str = ""  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer is replaced when the number of classes differs); "" = from scratch
     new_head: bool = False  # init_from: re-initialize the last Linear layer even when the number of classes matches

@@ -26,7 +26,7 @@ from datkit.optim import build_optimizer, build_scheduler
 from datkit.semisup import semisup_training_set
 
 from .evaluate import evaluate_accuracy, ra_attack
-from .malloc_tuning import tune_malloc
+from .cpu_runtime import set_cpu_threads, tune_malloc
 from .results import ResultsWriter
 from .transfer import freeze_all_but_head, init_from_checkpoint
 
@@ -47,6 +47,7 @@ class Trainer:
         self.cfg, self.backend = cfg, backend
         if cfg.train.malloc_tuning:
             tune_malloc()
+        set_cpu_threads(cfg.train.threads, backend.local_world_size)
         torch.manual_seed(cfg.train.seed)
         self.data = build_data(cfg.data)
         # semi-supervised AT: teacher + pseudo-labels (data.num_labeled, semisup.*); otherwise the data as is
