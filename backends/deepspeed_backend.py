@@ -72,6 +72,11 @@ class DeepSpeedBackend(Backend):
                 "optimizer-state partitions inside DeepSpeed, where a compressor cannot take over (DeepSpeed's own "
                 "1-bit optimizers refused ZeRO >= 1 for the same reason). Choose deepspeed.zero_stage=0 with "
                 "compression, or compression.name=none with ZeRO.")
+        if cfg.optim.name == "lalr" and self.zero_stage >= 1:
+            raise ConfigError(
+                f"optim.name=lalr with ZeRO stage {self.zero_stage}: ZeRO >= 1 hands the client optimizer flattened "
+                "partitions of many layers, so LALR's per-layer trust ratio would be computed per partition; use "
+                "deepspeed.zero_stage=0 (or backend=torch)")
         self.engine = None
         self.meter = CommMeter(self.comm_timer, self.byte_counter, self.world_size)
 

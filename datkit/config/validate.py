@@ -144,13 +144,6 @@ def _check_recipes(cfg, errors: list[str]) -> None:
     if ss.enabled and d.num_labeled <= 0:
         errors.append("semisup.enabled=true needs data.num_labeled > 0 (the labeled part; the rest of the training set is "
                       "pseudo-labeled)")
-    if o.name == "lalr" and cfg.deepspeed.zero_stage >= 1:
-        from datkit.backends.select import detect_backend
-
-        if (cfg.backend if cfg.backend != "auto" else detect_backend()) == "deepspeed":
-            errors.append(f"optim.name=lalr with deepspeed.zero_stage={cfg.deepspeed.zero_stage}: ZeRO >= 1 hands the client "
-                          f"optimizer flattened partitions of many layers, so LALR's per-layer trust ratio would be "
-                          f"computed per partition; use deepspeed.zero_stage=0 (or backend=torch)")
     if (t.freeze_backbone or t.new_head) and not t.init_from:
         errors.append("train.freeze_backbone / train.new_head apply to fine-tuning only: set train.init_from")
 
