@@ -5,6 +5,7 @@ launcher's environment). Horovod and DeepSpeed are imported lazily, only when ch
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Sequence
 
 from datkit.registry import Registry
@@ -28,16 +29,24 @@ def _torch(cfg) -> Backend:
     return TorchBackend(device=cfg.device, timeout_s=cfg.dist.timeout_s, ddp=cfg.dist.ddp, bucket_cap_mb=cfg.dist.bucket_cap_mb)
 
 
-def _not_yet(name: str, launcher: str) -> Callable[..., Backend]:
-    def factory(cfg) -> Backend:
+HOROVOD_INSTALL = "bash launchers/install_horovod.sh"  # from the repository root; PYTHON=... picks the interpreter
+
+
+@BACKENDS.register("horovod")
+def _horovod(cfg) -> Backend:
+    try:
+        import horovod.torch  # noqa: F401  (also fails when Horovod was built for another torch)
+    except ImportError as err:
         raise BackendUnavailable(
-            f"backend '{name}' is not available in this version of datkit (it is planned; {launcher}). "
-            f"Use backend=torch (torchrun) instead; datkit never falls back silently to another backend.")
+            f"backend 'horovod' is not available: it needs Horovod, which is not installed or not usable here ({err}). "
+            f"Install it with `PYTHON={sys.executable} {HOROVOD_INSTALL}` (it builds Horovod 0.28.1 for the "
+            "installed torch and caches the wheel; a plain `pip install horovod` fails to build against torch >= 2.1), "
+            "or use backend=torch (torchrun).") from None
+    from .horovod_backend import HorovodBackend
 
-    return factory
+    return HorovodBackend(cfg)
 
 
-BACKENDS.register("horovod")(_not_yet("horovod", "it will run under horovodrun"))
 @BACKENDS.register("deepspeed")
 def _deepspeed(cfg) -> Backend:
     try:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment .venv and install datkit into it, editable.
 # Usage: source launchers/setup_env.sh [EXTRAS]     e.g. EXTRAS=dev  ->  pip install -e ".[dev]"
+# (EXTRAS containing horovod also runs launchers/install_horovod.sh: Horovod is not installable by pip.)
 # Python >= 3.10 is taken from $PYTHON (default: python3). Re-running is cheap: once an install with the
 # same extras succeeded (stamp file .venv/.datkit-installed-<extras>, newer than pyproject.toml), pip is
 # not run again. DATKIT_REINSTALL=1 forces the install.
@@ -28,4 +29,7 @@ if [ "${DATKIT_REINSTALL:-0}" = 1 ] || ! up_to_date; then
   "$ROOT/.venv/bin/python" -m pip install --quiet -e "$SPEC"
   touch "$STAMP"
 fi
+case ",$EXTRAS," in  # the horovod extra: Horovod is built from source for the venv's torch (cached, idempotent)
+  *,horovod,*) PYTHON="$ROOT/.venv/bin/python" bash "$ROOT/launchers/install_horovod.sh" ;;
+esac
 export PATH="$ROOT/.venv/bin:$PATH"

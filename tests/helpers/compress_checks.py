@@ -2,11 +2,14 @@
 
 Rank 0 writes a JSON file (path in argv[1]) with one entry per check: measured quantities that
 ``tests/test_compress_dist.py`` asserts on. Every worker holds different data (seeded by rank).
+The backend is ``$DATKIT_TEST_BACKEND`` (default ``torch``; ``tests/test_horovod.py`` runs the same
+checks with ``horovod`` under ``horovodrun``).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import torch
@@ -38,7 +41,7 @@ def block_scales(x: torch.Tensor, m: int, block: int) -> torch.Tensor:
 
 
 def main(out_path: str) -> None:
-    cfg = load_config(None, ["backend=torch", "device=cpu"])
+    cfg = load_config(None, [f"backend={os.environ.get('DATKIT_TEST_BACKEND', 'torch')}", "device=cpu"])
     be = create_backend(cfg)
     m, rank = be.world_size, be.rank
     torch.manual_seed(100 + rank)

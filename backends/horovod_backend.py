@@ -1,0 +1,176 @@
+"""The ``horovod`` backend: Horovod's collectives and DistributedOptimizer, launched by ``horovodrun``.
+
+``horovodrun -np 2 -H localhost:2 --gloo python -m datkit.train backend=horovod`` (one host, CPU or one
+GPU per local rank), ``horovodrun -np 16 -H a:8,b:8 ...`` or ``--hostfile`` (several hosts), or
+``mpirun``/``srun`` when Horovod was built with MPI. Horovod is built for the installed torch by
+``launchers/install_horovod.sh`` (its last release does not build against torch >= 2.1 as published).
+
+- Set-up: ``hvd.init()``; rank/size/local rank/local size from Horovod; rank 0's parameters and buffers
+  are broadcast (``hvd.broadcast_parameters``), and its optimizer state when it has any
+  (``hvd.broadcast_optimizer_state``).
+- Gradients: ``compression.name`` none / fp16 -> ``hvd.DistributedOptimizer`` (fp16 through Horovod's
+  ``Compression.fp16`` hook; ``backends.horovod_sync`` says why and how C/bytes are metered);
+  int8 / onebit / bf16 -> the plain optimizer, and datkit's compressor reduces the gradients in ``step``
+  (``Backend.reduce_gradients``) over Horovod's ``alltoall``/``allgather`` -- Horovod's own allreduce
+  would *sum* int8 codes or sign bits, which is meaningless.
+- Collectives: ``hvd.allreduce`` / ``allgather`` / ``alltoall`` / ``broadcast`` / ``barrier``
+  (int8/uint8 payloads work over gloo); attacks and bounds run on the unwrapped model.
+- Checkpoints: the base class's (rank 0 writes; the optimizer is replicated on every worker).
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .base import Backend
+from .horovod_sync import MeteredDistributedOptimizer
+
+_OPS = {"sum": "Sum", "max": "Max", "min": "Min"}
+# Set by horovodrun (gloo: HOROVOD_RANK, ...) and by MPI launchers (mpirun, srun --mpi) that Horovod's MPI
+# controller can use.
+_HOROVODRUN_VARS = ("HOROVOD_RANK", "HOROVOD_CONTROLLER", "HOROVOD_HOSTNAME")
+_MPI_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+LAUNCH_HINT = ("run it under horovodrun, e.g. `horovodrun -np 2 -H localhost:2 --gloo python -m datkit.train "
+               "backend=horovod ...` (launchers/horovodrun_local.sh; one worker: -np 1 -H localhost:1), or use "
+               "backend=torch for a plain `python -m datkit.train`")
+
+
+def launch_problem(env: Mapping[str, str], mpi_built: bool) -> str | None:
+    """Why this process cannot run as a Horovod worker (None when it can).
+
+    A plain ``python`` has no launcher variables: Horovod would silently run one worker. Under
+    ``mpirun`` without Horovod's MPI support, every process would be its own 1-worker job.
+    """
+    if any(k in env for k in _HOROVODRUN_VARS):
+        return None
+    if any(k in env for k in _MPI_VARS):
+        if mpi_built:
+            return None
+        return ("backend=horovod is not available under an MPI launcher: this Horovod was built without MPI, so every "
+                "process would train alone. Launch with `horovodrun --gloo` instead, or rebuild Horovod with MPI "
+                "(launchers/install_horovod.sh builds it when `mpicxx` is on PATH)")
+    return (f"backend=horovod is not available in a process that horovodrun did not start (a plain `python` would "
+            f"silently train alone): {LAUNCH_HINT}")
+
+
+class HorovodBackend(Backend):
+    """Horovod backend (see module docstring)."""
+
+    name = "horovod"
+
+    def __init__(self, cfg, env: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        import horovod.torch as hvd
+
+        from . import BackendUnavailable
+
+        problem = launch_problem(os.environ if env is None else env, hvd.mpi_built())
+        if problem is not None:
+            raise BackendUnavailable(problem)
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but no CUDA device is available (use device=cpu or auto)")
+        hvd.init()
+        self.hvd = hvd
+        self._alive = True
+        self.rank, self.world_size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
+        if want_cuda:  # one GPU per local rank
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        if cfg.model.sync_bn and self.world_size > 1:
+            from datkit.config import ConfigError
+
+            raise ConfigError("model.sync_bn=true is not supported with backend=horovod: datkit's global BatchNorm "
+                              "reduces over torch.distributed, which Horovod does not set up (its statistics would "
+                              "silently stay per worker); use model.sync_bn=false, or backend=torch")
+        self.bucket_cap_mb = cfg.dist.bucket_cap_mb
+        self.grad_accum = int(cfg.train.grad_accum)
+        self._sync: MeteredDistributedOptimizer | None = None
+
+    def describe(self) -> str:
+        controller = "mpi" if self.hvd.mpi_enabled() else "gloo"
+        if self.world_size == 1:
+            grads = "none (1 worker)"
+        elif self._uses_horovod_optimizer():
+            grads = f"hvd.DistributedOptimizer(compression={'fp16' if self.compressor is not None else 'none'})"
+        else:
+            grads = f"datkit {self.compressor.describe()} over hvd.alltoall/allgather"
+        return super().describe() + f" controller={controller} gradients={grads}"
+
+    def _uses_horovod_optimizer(self) -> bool:
+        return self.compressor is None or self.compressor.name == "fp16"
+
+    # --- model and gradients --------------------------------------------------------------------
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.device)
+        if self.world_size == 1:
+            return model, optimizer
+        hvd = self.hvd
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # parameters and buffers (BN statistics)
+        # A fresh optimizer (every start: a resumed run loads its checkpoint on every rank after set-up) has no
+        # state to broadcast, and hvd.broadcast_optimizer_state would first *create* state with one optimizer
+        # step on zero gradients (weight decay moves the weights, Adam's step count advances), so that the run
+        # would no longer take the steps of the torch backend. Only rank 0's decision counts.
+        if hvd.broadcast_object(len(optimizer.state) > 0 if self.rank == 0 else None, root_rank=0,
+                                name="datkit.optimizer_has_state"):
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # undo that zero-gradient step elsewhere
+        if self._uses_horovod_optimizer():
+            self._sync = MeteredDistributedOptimizer(hvd, self, optimizer, model, fp16=self.compressor is not None,
+                                                     backward_passes_per_step=self.grad_accum)
+            optimizer = self._sync.optimizer
+        return model, optimizer
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        if self._sync is not None:
+            self._sync.synchronize()  # clip the averaged gradients
+        return super().clip_grad_norm(model, max_norm)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._sync is not None:
+            self._sync.step()
+            return
+        if self.compressor is not None and self.world_size > 1:
+            self.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
+        super().step(optimizer)
+
+    # --- collectives (Horovod) ------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        hop = getattr(self.hvd, _OPS["sum" if op == "mean" else op])
+        tensor.copy_(self.hvd.allreduce(tensor.detach().contiguous(), op=hop))
+        return tensor.div_(self.world_size) if op == "mean" else tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor.unsqueeze(0)
+        return self.hvd.allgather(tensor.detach().contiguous().unsqueeze(0))  # concatenated along dim 0
+
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        if tensor.shape[0] % self.world_size:
+            raise ValueError(f"all_to_all: dim 0 ({tensor.shape[0]}) is not a multiple of the world size {self.world_size}")
+        out = self.hvd.alltoall(tensor.detach().contiguous())  # equal splits of dim 0
+        return out[0] if isinstance(out, tuple) else out
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size > 1:
+            tensor.copy_(self.hvd.broadcast(tensor.detach().contiguous(), root_rank=src))
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.hvd.barrier()
+
+    def close(self) -> None:
+        if getattr(self, "_alive", False):
+            self._alive = False
+            self.hvd.shutdown()
+
