@@ -106,7 +106,7 @@ class TrainConfig:
     output_dir: str = "runs/${data.name}_${method.name}"  # where results, logs and checkpoints go
     threads: int = 0  # CPU intra-op threads per worker; 0 = auto: OMP_NUM_THREADS if set, else cores / workers on this host
     malloc_tuning: bool = True  # glibc: keep freed memory in the process (fewer page faults, ~10% faster CPU steps)
-    init_from: str = ""  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer is replaced when the number of classes differs); "" = from scratch
+    init_from: Optional[str] = None  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer is replaced when the number of classes differs); null = from scratch
     new_head: bool = False  # init_from: re-initialize the last Linear layer even when the number of classes matches
     freeze_backbone: bool = False  # init_from: train only the last Linear layer (every other parameter frozen)
 

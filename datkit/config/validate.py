@@ -228,7 +228,7 @@ def validate_for_training(cfg) -> None:
     resuming = t.resume and os.path.isfile(os.path.join(t.output_dir, CHECKPOINT))
     if t.init_from and not resuming and not os.path.isfile(t.init_from):
         e.append(f"train.init_from={t.init_from!r}: no such checkpoint file (a datkit checkpoint, e.g. "
-                 f"runs/<name>/checkpoint_last.pt, or '' to train from scratch)")
+                 f"runs/<name>/checkpoint_last.pt, or null to train from scratch)")
     if ss.enabled and ss.teacher != "train" and not os.path.isfile(ss.teacher):
         e.append(f"semisup.teacher={ss.teacher!r}: no such checkpoint file (a datkit checkpoint, or 'train' to train "
                  f"a clean teacher on the labeled examples)")
