@@ -95,7 +95,7 @@ def sample_points(x: torch.Tensor, eps: float, n: int) -> list[torch.Tensor]:
     return pts
 
 
-def pgd_extremes(f, x: torch.Tensor, eps: float, outputs: int, steps: int = 15) -> list[torch.Tensor]:
+def pgd_extremes(f, x: torch.Tensor, eps: float, outputs: int, steps: int = 10) -> list[torch.Tensor]:
     """For each output j and sign s, PGD from x maximizing s * f(x')[:, j] within the box: the points whose
     outputs come closest to the bounds."""
     lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
@@ -133,7 +133,7 @@ def test_sampled_and_attacked_points_stay_within_bounds(seed: int, mode: str) ->
     with torch.no_grad():
         bounds = {"IBP": ibp_bounds(model, x, eps), "CROWN-IBP": crown_ibp_bounds(model, x, eps),
                   "IBP margins": ibp_bounds(model, x, eps, C), "CROWN-IBP margins": crown_ibp_bounds(model, x, eps, C)}
-    points = sample_points(x, eps, 20) + pgd_extremes(f, x, eps, CLASSES) + pgd_extremes(margin, x, eps, CLASSES - 1)
+    points = sample_points(x, eps, 10) + pgd_extremes(f, x, eps, CLASSES) + pgd_extremes(margin, x, eps, CLASSES - 1)
     for name, (lb, ub) in bounds.items():
         assert lb.shape == ub.shape and bool((lb <= ub + TOL).all()), name
         for z in points:

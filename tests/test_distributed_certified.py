@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import assert_same_weights, describe, load_checkpoint, run_python
+from helpers.runs import assert_same_weights, describe, load_checkpoint, one_thread, run_python
 from torch import nn
 
 from datkit.models import create_model
@@ -31,7 +31,14 @@ METHODS = {"ibp": ["method.name=ibp", "bounds.eps_length=0"],  # eps_max from th
 
 
 def _train(nproc: int, args: list[str], out: Path) -> dict:
-    cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    """``nproc`` workers under torchrun, or (nproc = 1) one plain process in this interpreter."""
+    if nproc == 1:
+        from datkit.train import main
+
+        with one_thread():
+            main([*RUN, *args, f"train.output_dir={out}"])
+        return load_checkpoint(out)
+    cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     proc = run_python([*cmd, "-m", "datkit.train", *RUN, *args, f"train.output_dir={out}"], cwd=out.parent, timeout=280)
     assert proc.returncode == 0, describe(proc)
     assert f"world_size={nproc}" in proc.stdout, describe(proc)

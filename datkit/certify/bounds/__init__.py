@@ -9,16 +9,18 @@ The model is traced with ``torch.fx`` (:mod:`.graph`); each layer type has one s
 (:mod:`.rules_affine`: Linear, Conv2d, Normalize, AvgPool2d / AdaptiveAvgPool2d; :mod:`.batchnorm`:
 BatchNorm1d/2d and SyncBatchNorm in train and eval mode; :mod:`.rules_relu`: ReLU; :mod:`.rules_shape`:
 Identity, Dropout (eval), Flatten / view / reshape, residual addition). A layer without a rule fails
-with :class:`UnsupportedLayer` naming it. ``auto_lirpa`` (:mod:`.lirpa`) is an optional second engine.
+with :class:`UnsupportedLayer` naming it; a new layer type gets its rule with ``@register_module(MyLayer)`` on a
+:class:`Rule` subclass. ``auto_lirpa`` (:mod:`.lirpa`) is an optional second engine.
 """
 from . import batchnorm, rules_affine, rules_relu, rules_shape  # noqa: F401  (register the rules)
 from .api import (METHODS, MarginBounds, bound_state, crown_ibp_bounds, ibp_bounds, input_box, margin_bounds,
                   num_classes_of, spec_matrix, verified)
 from .batchnorm import clean_batch_stats, record_batch_stats
-from .core import Interval, Rule, UnsupportedLayer, supported_layers
+from .core import Interval, Rule, UnsupportedLayer, register_function, register_method, register_module, supported_layers
 from .graph import BoundGraph, graph_of
 from .propagate import BoundState
 
 __all__ = ["METHODS", "BoundGraph", "BoundState", "Interval", "MarginBounds", "Rule", "UnsupportedLayer", "bound_state",
            "clean_batch_stats", "crown_ibp_bounds", "graph_of", "ibp_bounds", "input_box", "margin_bounds",
-           "num_classes_of", "record_batch_stats", "spec_matrix", "supported_layers", "verified"]
+           "num_classes_of", "record_batch_stats", "register_function", "register_method", "register_module",
+           "spec_matrix", "supported_layers", "verified"]

@@ -18,7 +18,7 @@ from .core import Interval, Rule, UnsupportedLayer, register_module, rows_sum
 
 def channel_affine_ibp(iv: Interval, scale: torch.Tensor, shift: torch.Tensor) -> Interval:
     """Interval of ``scale[c] * h + shift[c]`` (channel dimension 1) for ``h`` in ``iv``."""
-    shape = (1, -1) + (1,) * (iv.lower.dim() - 2)
+    shape = (1, -1) + (1,) * (len(iv.shape) - 2)
     s, t = scale.reshape(shape), shift.reshape(shape)
     return Interval.from_center_radius(iv.center * s + t, iv.radius * s.abs())
 
