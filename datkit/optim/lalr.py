@@ -121,9 +121,9 @@ class LALR(torch.optim.Optimizer):
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             t = state["step"]
-            u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + group["eps"])
+            u = (m / (1 - b1 ** t)).div_((v / (1 - b2 ** t)).sqrt_().add_(group["eps"]))
             if wd:
-                u = u.add(p, alpha=wd)
+                u.add_(p, alpha=wd)
             return u
         d = g.add(p, alpha=wd) if wd else g
         mu = group["momentum"]
@@ -156,5 +156,5 @@ class LALR(torch.optim.Optimizer):
                 tau = trust_coefficient(torch.linalg.vector_norm(p), group["c_l"], group["c_u"])
                 scale = torch.where(u_norm > 0, tau * group["lr"] / u_norm.clamp(min=torch.finfo(u.dtype).tiny),
                                     torch.zeros_like(u_norm))
-                p.sub_(u * scale)
+                p.sub_(u.mul_(scale))
         return loss
