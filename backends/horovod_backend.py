@@ -122,7 +122,8 @@ class HorovodBackend(Backend):
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # undo that zero-gradient step elsewhere
         if self._uses_horovod_optimizer():
             self._sync = MeteredDistributedOptimizer(hvd, self, optimizer, model, fp16=self.compressor is not None,
-                                                     backward_passes_per_step=self.grad_accum)
+                                                     backward_passes_per_step=self.grad_accum,
+                                                     group_cap_mb=self.bucket_cap_mb)
             optimizer = self._sync.optimizer
         return model, optimizer
 

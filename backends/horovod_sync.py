@@ -15,6 +15,11 @@ run it for), and ``Compression.fp16`` is Horovod's own hook. The trainer's contr
 - gradient clipping needs the averaged gradients: ``synchronize`` first, then clip, then the step under
   ``skip_synchronize`` (Horovod's documented recipe).
 
+Grouping: the parameters go into groups of at most ``dist.bucket_cap_mb`` megabytes, last layers first
+(Horovod's ``groups``; DDP's buckets): a group's grouped allreduce starts when its last gradient is ready.
+Without groups Horovod negotiates whatever gradients became ready in each 1 ms cycle, so a backward pass
+of a small model costs several negotiation rounds; grouping makes it one round per group.
+
 Metering: each allreduce Horovod starts adds its payload (float32, or float16 with ``fp16``) to the
 backend's ``ByteCounter`` by the ring model (``2 (M-1)/M`` of the bytes); C gets one interval per step,
 from the first allreduce's start to the end of ``synchronize`` (the allreduces run asynchronously in
@@ -35,27 +40,34 @@ class MeteredDistributedOptimizer:
     """Wraps ``optimizer`` in ``hvd.DistributedOptimizer`` and meters its communication (see module doc)."""
 
     def __init__(self, hvd: Any, backend: Any, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
-                 fp16: bool, backward_passes_per_step: int) -> None:
+                 fp16: bool, backward_passes_per_step: int, group_cap_mb: float = 25.0) -> None:
         self.backend, self.fp16 = backend, fp16
         compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self.optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=list(model.named_parameters()),
                                                   compression=compression,
-                                                  backward_passes_per_step=backward_passes_per_step)
-        if not hasattr(self.optimizer, "_allreduce_grad_async"):
-            raise RuntimeError("this Horovod's DistributedOptimizer has no _allreduce_grad_async (datkit meters Horovod "
-                               "0.28.x); install Horovod with launchers/install_horovod.sh")
-        self._submit = self.optimizer._allreduce_grad_async
-        self.optimizer._allreduce_grad_async = self._metered_submit  # the hooks look it up on the instance
+                                                  backward_passes_per_step=backward_passes_per_step,
+                                                  groups=size_groups(params, group_cap_mb))
+        for name in ("_allreduce_grad_async", "_grouped_allreduce_grad_async"):
+            if not hasattr(self.optimizer, name):
+                raise RuntimeError(f"this Horovod's DistributedOptimizer has no {name} (datkit meters Horovod 0.28.x); "
+                                   "install Horovod with launchers/install_horovod.sh")
+        # the hooks and synchronize() look these up on the instance
+        self._submit, self._submit_group = self.optimizer._allreduce_grad_async, self.optimizer._grouped_allreduce_grad_async
+        self.optimizer._allreduce_grad_async = lambda p: self._metered(self._submit, p, [p])
+        self.optimizer._grouped_allreduce_grad_async = lambda ps: self._metered(self._submit_group, ps, ps)
         self._first_start: float | None = None
         self._synchronized = False
 
-    def _metered_submit(self, p: torch.nn.Parameter):
+    def _metered(self, submit, arg, params: list[torch.nn.Parameter]):
         if self._first_start is None:
             self._first_start = time.perf_counter()
-        handle = self._submit(p)
-        grad = p.grad
-        itemsize = 2 if self.fp16 and grad.is_floating_point() else grad.element_size()
-        self.backend.byte_counter.add(allreduce_bytes(grad.numel() * itemsize, self.backend.world_size))
+        handle = submit(arg)
+        nbytes = 0
+        for p in params:
+            itemsize = 2 if self.fp16 and p.grad.is_floating_point() else p.grad.element_size()
+            nbytes += p.grad.numel() * itemsize
+        self.backend.byte_counter.add(allreduce_bytes(nbytes, self.backend.world_size))
         return handle
 
     def synchronize(self) -> None:
@@ -77,3 +89,21 @@ class MeteredDistributedOptimizer:
         # Horovod's zero_grad() takes no set_to_none; its handles are cleared by synchronize, so the
         # wrapped optimizer class's own zero_grad is safe here.
         super(type(opt), opt).zero_grad(set_to_none=True)
+
+
+def size_groups(params: list[torch.nn.Parameter], cap_mb: float) -> list[list[torch.nn.Parameter]]:
+    """``params`` in groups of at most ``cap_mb`` megabytes (float32), last parameters first (backward order)."""
+    cap = max(1, int(cap_mb * 1024 * 1024))
+    groups: list[list[torch.nn.Parameter]] = []
+    current: list[torch.nn.Parameter] = []
+    size = 0
+    for p in reversed(params):
+        nbytes = p.numel() * 4
+        if current and size + nbytes > cap:
+            groups.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += nbytes
+    if current:
+        groups.append(current)
+    return groups

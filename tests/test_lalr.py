@@ -323,3 +323,20 @@ def test_lalr_as_deepspeed_client_optimizer_matches_torch(lalr_one_worker: dict,
                        f"train.output_dir={tmp_path / 'ds'}"], cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, describe(proc)
     assert_same_weights(load_checkpoint(tmp_path / "ds")["model"], lalr_one_worker["model"], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_lalr_under_horovod_matches_one_worker(lalr_one_worker: dict, tmp_path) -> None:
+    # hvd.DistributedOptimizer subclasses LALR and steps it on the averaged gradients: 2 Horovod workers = 1 worker
+    pytest.importorskip("horovod.torch", reason="needs Horovod (launchers/install_horovod.sh)")
+    import sys
+
+    from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
+
+    tiny = [a for a in TINY if not a.startswith("backend=")]
+    proc = run_python(["-m", "horovod.runner.launch", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
+                       "datkit.train", "backend=horovod", *tiny, *_DIST_STEPS, f"train.output_dir={tmp_path / 'hvd'}"],
+                      cwd=tmp_path, timeout=360, PYTHONPATH=str(REPO / "tests"))
+    assert proc.returncode == 0, describe(proc)
+    assert_same_weights(load_checkpoint(tmp_path / "hvd")["model"], lalr_one_worker["model"], atol=1e-5)
