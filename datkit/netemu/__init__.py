@@ -1,0 +1,13 @@
+"""Emulated multi-node runs on one machine (``python -m datkit.netemu`` / ``launchers/emulated_hosts.py``).
+
+- :mod:`datkit.netemu.hosts`: network namespaces on a software switch, ``tc tbf``-limited links, teardown;
+- :mod:`datkit.netemu.probe`: a TCP throughput probe between two emulated hosts;
+- :mod:`datkit.netemu.launch`: each backend's own multi-node launch (torchrun rendezvous, horovodrun -H
+  through an ssh shim, deepspeed --no_ssh per node), started inside the hosts' namespaces;
+- :mod:`datkit.netemu.cli`: ``up`` / ``down`` / ``run`` / ``probe``.
+"""
+from __future__ import annotations
+
+from datkit.netemu.hosts import NEEDS, NetemuError, Topology, available, down, up
+
+__all__ = ["NEEDS", "NetemuError", "Topology", "available", "down", "up"]
