@@ -14,24 +14,35 @@ tbf settings (``tc-tbf(8)``): ``burst`` must hold at least ``rate / HZ`` bytes o
 HZ >= 100: ``max(rate / 100, 64 KiB)`` bytes, i.e. 10 ms of traffic (125 KB at 100 Mbit/s, 12.5 MB at
 10 Gbit/s). A burst that size lets a message of up to 10 ms worth of bytes through at memory speed, which
 makes links look up to ~10 ms faster per burst than the rate; the tbf ``latency`` (how long a packet may
-wait in the queue before it is dropped, which sizes the queue) is 100 ms. ``netem`` (delay, loss) is not
+wait in the queue before it is dropped, which sizes the queue) is 100 ms.
+
+Names: ``ip netns exec`` bind-mounts ``/etc/netns/<ns>/hosts`` over ``/etc/hosts``; this module writes one
+per host in which the machine's hostname (shared by every namespace) and ``<prefix>h<j>`` resolve to the
+host's own / host j's address, as on a cluster node. Without it the hostname resolves to 127.0.0.1 inside
+every host, and Horovod 0.28.1's process-set gloo context (which forgets ``HOROVOD_GLOO_IFACE`` and falls
+back to the hostname) advertises 127.0.0.1 to the other hosts and fails with "connect [127.0.0.1]". ``netem`` (delay, loss) is not
 available on these machines, so only bandwidth is emulated, not latency.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 SUBNET = "198.18.0"
 PREFIX_LEN = 24
 MAX_HOSTS = 200
 TBF_LATENCY = "100ms"
 MIN_BURST = 64 * 1024
+NETNS_ETC = "/etc/netns"  # ip netns exec bind-mounts /etc/netns/<ns>/* over /etc/*
+HOSTS_MARK = "# created by datkit.netemu; removed by 'down'"
 NEEDS = "needs root and iproute2 (ip, tc) for network namespaces"
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -153,6 +164,7 @@ def up(topo: Topology) -> Topology:
         for i in range(topo.hosts):
             ns, e, p = topo.host_ns(i), topo.iface, topo.port(i)
             _ip("ip", "netns", "add", ns)
+            write_hosts_file(topo, i)
             _ip("ip", "-n", ns, "link", "set", "lo", "up")
             # Created inside the switch namespace, then one end moved: never an interface in the root namespace.
             _ip("ip", "-n", sw, "link", "add", p, "type", "veth", "peer", "name", e, "netns", ns)
@@ -196,7 +208,25 @@ def down(prefix: str = "dkt", grace: float = 5.0) -> list[str]:
         pids = alive
     for ns in names:
         _ip("ip", "netns", "del", ns, check=False)
+    for folder in Path(NETNS_ETC).glob(f"{prefix}h*"):
+        hosts = folder / "hosts"
+        if folder.name[len(prefix) + 1:].isdigit() and hosts.exists() and hosts.read_text().startswith(HOSTS_MARK):
+            shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # only when empty
+        Path(NETNS_ETC).rmdir()
     return names
+
+
+def write_hosts_file(topo: Topology, i: int) -> Path:
+    """``/etc/netns/<host i>/hosts``: localhost, this machine's hostname as host i's address, every host's name."""
+    folder = Path(NETNS_ETC) / topo.host_ns(i)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [HOSTS_MARK, "127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback",
+             f"{topo.addr(i)} {socket.gethostname()}"]
+    lines += [f"{topo.addr(j)} {topo.host_ns(j)}" for j in range(topo.hosts)]
+    path = folder / "hosts"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _alive(pid: int) -> bool:
