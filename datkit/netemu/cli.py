@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.workers_per_host < 1:
             raise NetemuError(f"--workers-per-host {args.workers_per_host}: must be >= 1")
-        rc = run_job(topo, args.backend, args.overrides, args.workers_per_host, args.port, args.grace, args.timeout)
+        rc = run_job(topo, args.backend, args.overrides, args.workers_per_host, port=args.port, grace=args.grace,
+                     timeout=args.timeout)
         print(f"netemu run: {args.backend} on {topo.hosts} hosts x {args.workers_per_host} at {topo.rate}: exit {rc}; "
               f"namespaces removed", file=sys.stderr)
         return rc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -86,35 +87,51 @@ def wait_all(procs: Sequence[subprocess.Popen], grace: float, timeout: float | N
         time.sleep(0.2)
 
 
-def run_job(topo: Topology, backend: str, overrides: Sequence[str], workers_per_host: int = 1,
-            port: int = 29500, grace: float = 60.0, timeout: float | None = None, log: IO[str] | None = None,
-            workdir: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None) -> int:
-    """Create ``topo``'s hosts, run ``backend``'s multi-node launch of ``datkit.train overrides`` across them,
-    tear everything down. Returns the job's exit code (124: ``timeout`` passed). Each launcher's output goes
-    to ``log`` (default: this process's stdout/stderr). Raises :class:`Interrupted` after teardown when a
-    signal stopped it."""
+def launch_on_hosts(topo: Topology, backend: str, overrides: Sequence[str], workers_per_host: int = 1,
+                    port: int = 29500, grace: float = 60.0, timeout: float | None = None, log: IO[str] | None = None,
+                    workdir: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None) -> int:
+    """Run ``backend``'s multi-node launch of ``datkit.train overrides`` on hosts that are up; returns the
+    job's exit code (124: ``timeout`` passed). Each launcher's output goes to ``log`` (default: this
+    process's stdout/stderr). Launchers still running when this returns or raises are killed."""
     own_tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix=f"netemu-{topo.prefix}-")) if own_tmp else Path(workdir)
     procs: list[subprocess.Popen] = []
+    try:
+        spec = LaunchSpec(topo, workers_per_host, list(overrides), work, port)
+        cmds = host_commands(backend, spec)
+        env = base_env(spec)
+        if log is not None:
+            print(render(cmds, topo), file=log, flush=True)
+        for c in cmds:
+            procs.append(subprocess.Popen([*ns_exec(topo.host_ns(c.host)), *c.argv], env={**env, **c.env},
+                                          cwd=cwd, stdout=log, stderr=subprocess.STDOUT if log else None,
+                                          start_new_session=True))
+        return wait_all(procs, grace, timeout)
+    finally:
+        with signals_blocked():
+            _stop(procs, 5.0)
+            if own_tmp:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def hosts_up(topo: Topology) -> Iterator[Topology]:
+    """``up(topo)`` for the block; on leaving it (normally, by an error, or by Ctrl-C / SIGTERM / SIGHUP,
+    which raise :class:`Interrupted` inside) every process in the hosts is killed and the hosts removed."""
     with signals_raise():
         try:
-            up(topo)
-            spec = LaunchSpec(topo, workers_per_host, list(overrides), work, port)
-            cmds = host_commands(backend, spec)
-            env = base_env(spec)
-            if log is not None:
-                print(render(cmds, topo), file=log, flush=True)
-            for c in cmds:
-                procs.append(subprocess.Popen([*ns_exec(topo.host_ns(c.host)), *c.argv], env={**env, **c.env},
-                                              cwd=cwd, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                              start_new_session=True))
-            return wait_all(procs, grace, timeout)
+            yield up(topo)
         finally:
             with signals_blocked():
-                _stop(procs, 5.0)
                 down(topo.prefix)
-                if own_tmp:
-                    _rmtree(work)
+
+
+def run_job(topo: Topology, backend: str, overrides: Sequence[str], workers_per_host: int = 1, **kwargs) -> int:
+    """Create ``topo``'s hosts, run ``backend``'s multi-node launch across them (:func:`launch_on_hosts`,
+    ``kwargs`` passed on), tear everything down. Returns the job's exit code; raises :class:`Interrupted`
+    after teardown when a signal stopped it."""
+    with hosts_up(topo):
+        return launch_on_hosts(topo, backend, overrides, workers_per_host, **kwargs)
 
 
 @contextlib.contextmanager
@@ -127,9 +144,3 @@ def signals_blocked() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
