@@ -7,6 +7,7 @@ when it runs. To add one, add an entry to :data:`SUBCOMMANDS` (name -> (module, 
 - ``zero``: per-worker optimizer-state memory at ZeRO stages 1/2 vs 0 (deepspeed backend).
 - ``comm``: each gradient compressor's bytes per iteration, loopback check, time and error (under torchrun).
 - ``ibp``: an IBP / CROWN-IBP training step relative to a clean training step of the same model and batch.
+- ``network``: per-epoch C and T of each compressor across emulated hosts (network namespaces, tc tbf links).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "zero": ("datkit.bench.zero", "per-worker optimizer-state memory at DeepSpeed ZeRO stages vs stage 0 (2+ workers)"),
     "comm": ("datkit.bench.comm", "bytes, time and error of each gradient compressor vs a float32 allreduce (torchrun, 2+ workers)"),
     "ibp": ("datkit.bench.ibp", "time an IBP and a CROWN-IBP training step relative to a clean step of the same model and batch"),
+    "network": ("datkit.bench.network", "per-epoch C and T of each compressor across emulated hosts and link rates (root)"),
 }
 
 __all__ = ["SUBCOMMANDS"]

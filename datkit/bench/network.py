@@ -1,0 +1,227 @@
+"""``python -m datkit.bench network``: per-epoch C and T of each gradient compressor over emulated links.
+
+For each number of hosts (``--hosts 2 4``) and link rate (``--rates 100mbit 1gbit 10gbit``) it creates the
+emulated hosts (:mod:`datkit.netemu`: network namespaces on a switch, ``tc tbf`` on both ends of every
+link), measures the link once with a TCP probe (host 1 -> host 0), then for each compressor
+(``--compressors none fp16 int8 int8-2s onebit``) runs a short ``datkit.train`` job across the hosts with
+the backend's own multi-node launch (``--backend torch`` by default; 1 worker per host), one run at a
+time, and reads the run's ``results.json``. Per run it reports the median over the epochs after the
+first (the first carries start-up: DDP's bucket rebuild, allocator warm-up) of
+
+- ``C`` (s/epoch): rank 0's gradient communication time (the trainer's own definition: the union of the
+  intervals during which gradient reduction was in flight, overlapping the backward pass);
+- ``T`` (s/epoch): the epoch's training wall time;
+- ``bytes/iter``: bytes one worker sent per optimizer step (datkit's byte model);
+- ``C_wire`` (s/epoch): the time those bytes need at the probed link throughput, ``steps * bytes/iter * 8 /
+  throughput`` (each worker's bytes leave through its own link), which shows how much of C is the wire
+  and how much is encode/decode, message count and waiting on other workers;
+- ``C min``: the smallest C of the counted epochs (the least disturbed by other processes on a shared
+  machine), reported next to the median, never instead of it; ``C min ratio`` compares the minima.
+
+Ratios are taken against ``none`` (the backend's own float32 allreduce) at the same hosts and rate:
+absolute times are noisy on a small shared machine, the comparison within one bench run is not. Output:
+``bench_network.md`` (table), ``bench_network.json`` and ``bench_network.png`` (C per compressor per rate,
+log scale) in ``--out``. Needs root and iproute2 (exits 2 otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from datkit.netemu.hosts import NetemuError, Topology, rate_bits, require_tools
+from datkit.netemu.launch import LAUNCHES
+from datkit.netemu.probe import measure_throughput
+from datkit.netemu.runner import Interrupted, hosts_up, launch_on_hosts
+
+COMPRESSORS: dict[str, list[str]] = {
+    "none": ["compression.name=none"],
+    "fp16": ["compression.name=fp16"],
+    "bf16": ["compression.name=bf16"],
+    "int8": ["compression.name=int8"],
+    "int8-2s": ["compression.name=int8", "compression.two_sided=true"],
+    "onebit": ["compression.name=onebit"],
+}
+# The short job: cnn_small (0.84M parameters, 3.4 MB of float32 gradients per step) on the embedded MNIST.
+JOB: list[str] = ["device=cpu", "data.name=mnist5k", "model.name=cnn_small", "method.name=pgd", "attack.steps=3",
+                  "train.batch_size=64", "train.checkpoint_every=0", "eval.every=1000", "eval.num_samples=50",
+                  "eval.final_num_samples=50", "eval.pgd_steps=1", "log.tensorboard=false", "log.plot=false",
+                  "log.progress=false"]
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Command-line options; extra ``key=value`` items are datkit config overrides of every run."""
+    p = argparse.ArgumentParser(prog="python -m datkit.bench network", description="Per-epoch communication (C) "
+                                "and training (T) time of each gradient compressor across emulated hosts and link "
+                                "rates (network namespaces + tc tbf; needs root).")
+    p.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="numbers of emulated hosts (default 2 4)")
+    p.add_argument("--rates", nargs="+", default=["100mbit", "1gbit", "10gbit"], help="link rates (tc syntax)")
+    p.add_argument("--compressors", nargs="+", default=["none", "fp16", "int8", "int8-2s", "onebit"],
+                   help=f"compressors, from: {', '.join(COMPRESSORS)} (default: all but bf16)")
+    p.add_argument("--backend", default="torch", choices=list(LAUNCHES), help="whose multi-node launch (default torch)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per epoch (train.max_steps, default 10)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not counted (default 4)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is stopped (default 600)")
+    p.add_argument("--prefix", default="dkb", help="namespace prefix (default dkb)")
+    p.add_argument("--out", default="runs/bench_network", help="output folder (default runs/bench_network)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra datkit overrides for every run")
+    args = p.parse_args(list(argv))
+    bad = [c for c in args.compressors if c not in COMPRESSORS]
+    if bad:
+        p.error(f"--compressors: unknown {', '.join(bad)}; choose from {', '.join(COMPRESSORS)}")
+    if "none" not in args.compressors:
+        p.error("--compressors must include 'none' (the reference of every ratio)")
+    if args.epochs < 2 or args.steps < 1 or min(args.hosts) < 2:
+        p.error("--epochs >= 2 (the first is not counted), --steps >= 1, --hosts >= 2")
+    return args
+
+
+def epoch_stats(results: dict[str, Any]) -> dict[str, float]:
+    """Median C, T and bytes/iter over the epochs after the first of a run's ``results.json``."""
+    recs = results["epochs"][1:] or results["epochs"]
+    return {"C_s": statistics.median(r["C_s"] for r in recs), "T_s": statistics.median(r["T_s"] for r in recs),
+            "C_min_s": min(r["C_s"] for r in recs), "C_epochs_s": [r["C_s"] for r in results["epochs"]],
+            "T_epochs_s": [r["T_s"] for r in results["epochs"]],
+            "bytes_per_iter": statistics.median(r["bytes_per_iter"] for r in recs), "epochs_counted": len(recs),
+            "world_size": results["final"]["world_size"]}
+
+
+def one_run(topo: Topology, comp: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Run one compressor on the hosts that are up; its row (with ``error`` when the run failed)."""
+    name = f"h{topo.hosts}_{topo.rate}_{comp}"
+    run_dir, log_path = out / "runs" / name, out / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    overrides = [*JOB, *COMPRESSORS[comp], f"train.max_steps={args.steps}", f"train.epochs={args.epochs}",
+                 f"train.output_dir={run_dir}", *args.overrides]
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        rc = launch_on_hosts(topo, args.backend, overrides, timeout=args.timeout, log=log)
+    row: dict[str, Any] = {"hosts": topo.hosts, "rate": topo.rate, "compressor": comp, "rc": rc,
+                           "wall_s": time.monotonic() - start, "log": str(log_path)}
+    res = run_dir / "results.json"
+    if rc != 0 or not res.exists():
+        row["error"] = f"exit {rc}; see {log_path}"
+        return row
+    row.update(epoch_stats(json.loads(res.read_text())))
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]], steps: int) -> None:
+    """C_wire and the ratios against ``none`` at the same hosts and rate (in place)."""
+    for r in rows:
+        if "C_s" in r and r.get("probe_bps"):
+            r["C_wire_s"] = steps * r["bytes_per_iter"] * 8 / r["probe_bps"]
+    for r in rows:
+        ref = next((x for x in rows if x["hosts"] == r["hosts"] and x["rate"] == r["rate"]
+                    and x["compressor"] == "none" and "C_s" in x), None)
+        if ref is None or "C_s" not in r:
+            continue
+        for k, src in (("C_ratio", "C_s"), ("T_ratio", "T_s"), ("bytes_ratio", "bytes_per_iter"),
+                       ("C_min_ratio", "C_min_s")):
+            r[k] = r[src] / ref[src] if ref[src] else float("nan")
+
+
+def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
+    """The results table."""
+    head = ("| hosts | rate | link (Mbit/s, probed) | compressor | bytes/iter | C/epoch (s) | C_wire/epoch (s) | "
+            "C min (s) | T/epoch (s) | C ratio | T ratio | bytes ratio | C min ratio |")
+    lines = [f"`python -m datkit.bench network` — backend {setup['backend']}, {setup['steps']} steps/epoch, median over "
+             f"epochs 2..{setup['epochs']}, 1 worker per host, job: {' '.join(setup['job'])}", "", head,
+             "|" + "---|" * 13]
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else spec.format(v)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['hosts']} | {r['rate']} | {f(r.get('probe_bps', 0) / 1e6, '{:.0f}')} | {r['compressor']} | "
+                         f"failed: {r['error']} |||||||||")
+            continue
+        lines.append(f"| {r['hosts']} | {r['rate']} | {r['probe_bps'] / 1e6:.0f} | {r['compressor']} | "
+                     f"{r['bytes_per_iter']:,.0f} | {r['C_s']:.3f} | {f(r.get('C_wire_s'), '{:.3f}')} | {r['C_min_s']:.3f} | "
+                     f"{r['T_s']:.3f} | {f(r.get('C_ratio'), '{:.3f}')} | {f(r.get('T_ratio'), '{:.3f}')} | "
+                     f"{f(r.get('bytes_ratio'), '{:.3f}')} | {f(r.get('C_min_ratio'), '{:.3f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """C per epoch per compressor, grouped by rate, one panel per number of hosts (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "C_s" in r]
+    hosts = sorted({r["hosts"] for r in ok})
+    if not hosts:
+        return
+    comps = list(dict.fromkeys(r["compressor"] for r in ok))
+    fig, axes = plt.subplots(1, len(hosts), figsize=(5.5 * len(hosts), 4), squeeze=False)
+    for ax, h in zip(axes[0], hosts):
+        rates = sorted({r["rate"] for r in ok if r["hosts"] == h}, key=rate_bits)
+        width = 0.8 / max(1, len(comps))
+        for j, c in enumerate(comps):
+            vals = [next((r["C_s"] for r in ok if r["hosts"] == h and r["rate"] == rt and r["compressor"] == c), 0)
+                    for rt in rates]
+            ax.bar([i + j * width for i in range(len(rates))], [max(v, 1e-4) for v in vals], width, label=c)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rates))], rates)
+        ax.set_yscale("log")
+        ax.set_title(f"{h} emulated hosts")
+        ax.set_ylabel("C per epoch (s)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the grid; write the table, JSON and PNG. Exit 2 without root/iproute2, 1 when a run failed."""
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        require_tools()
+        for r in args.rates:
+            rate_bits(r)
+    except NetemuError as e:
+        print(f"datkit.bench network: error: {e}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    total = len(args.hosts) * len(args.rates) * len(args.compressors)
+    bar = tqdm(total=total, desc="bench network", unit="run", file=sys.stderr)
+    try:
+        for h in args.hosts:
+            for rate in sorted(args.rates, key=rate_bits):
+                with hosts_up(Topology(h, rate, args.prefix)) as topo:
+                    bps = measure_throughput(topo, nbytes=max(5_000_000, rate_bits(rate) // 8 // 10))
+                    for comp in args.compressors:
+                        row = one_run(topo, comp, args, out)
+                        row["probe_bps"] = bps
+                        rows.append(row)
+                        bar.update()
+                        msg = row.get("error") or (f"C {row['C_s']:.3f}s  T {row['T_s']:.3f}s  "
+                                                   f"bytes/iter {row['bytes_per_iter']:,.0f}")
+                        tqdm.write(f"{h} hosts, {rate} (probed {bps / 1e6:.0f} Mbit/s), {comp}: {msg}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"datkit.bench network: {e}; hosts torn down; writing what was measured", file=sys.stderr)
+    finally:
+        bar.close()
+    add_ratios(rows, args.steps)
+    setup = {"backend": args.backend, "steps": args.steps, "epochs": args.epochs, "job": JOB + args.overrides,
+             "cpu_count": os.cpu_count()}
+    (out / "bench_network.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    table = markdown(rows, setup)
+    (out / "bench_network.md").write_text(table)
+    plot(rows, out / "bench_network.png")
+    print(table)
+    print(f"written: {out / 'bench_network.md'}, bench_network.json, bench_network.png")
+    return 1 if any("error" in r for r in rows) or len(rows) < total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
