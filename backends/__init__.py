@@ -71,6 +71,7 @@ def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:
 
     backend = BACKENDS.get(resolve_backend_name(cfg.backend, argv))(cfg)
     backend.set_compressor(compressor_from_config(cfg.compression, seed=cfg.train.seed))
+    backend.start_peer_watch(cfg.dist.peer_timeout_s, cfg.dist.timeout_s)
     return backend
 
 

@@ -7,9 +7,10 @@ process (torchtitan); a backend that cannot do something raises a clear error. N
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -42,6 +43,8 @@ class Backend(ABC):
         self.compressor: Compressor | None = None
         self.bucket_cap_mb = 25.0
         self._buckets: GradientBuckets | None = None
+        self._watch: Any = None  # peer_watch.PeerWatch while started
+        self._failed = False
 
     # --- identity -------------------------------------------------------------------------------
     @property
@@ -184,6 +187,49 @@ class Backend(ABC):
         optimizer.load_state_dict(state["optimizer"])
         return state
 
+    # --- lost workers (backends/peer_watch.py) ------------------------------------------------
+    def peer_store_address(self) -> tuple[str, int, int | None] | None:
+        """(host, port, rank whose process hosts it -- None: the launcher's agent) of a TCPStore every worker
+        reaches, for the lost-worker heart-beats; None = no watch. Default: the store of torch.distributed's
+        env:// rendezvous (``MASTER_ADDR``/``MASTER_PORT``; torchrun's agent store, or rank 0's)."""
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if self.world_size == 1 or not addr or not port:
+            return None
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        return addr, int(port), None if agent else 0
+
+    def start_peer_watch(self, peer_timeout_s: float, startup_timeout_s: float) -> None:
+        """Collective: start the heart-beat watch (``dist.peer_timeout_s``; 0 = off, as with one worker)."""
+        where = self.peer_store_address() if peer_timeout_s > 0 and self.world_size > 1 else None
+        if where is None:
+            return
+        from .peer_watch import PeerWatch, store_client
+
+        host, port, host_rank = where
+        prefix = f"datkit/watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self._watch = PeerWatch(lambda: store_client(host, port, prefix, max(peer_timeout_s, 5.0)), (host, port),
+                                self.rank, self.world_size, peer_timeout_s, startup_timeout_s, host_rank)
+        self._watch.install_sigterm_handler()
+
+    @contextlib.contextmanager
+    def fault_guard(self) -> Iterator[None]:
+        """Around training: an exception that comes from a lost peer becomes the lost-worker message and
+        exit code 3 (``peer_watch``); any other exception propagates."""
+        try:
+            yield
+        except Exception as err:
+            self._failed = True
+            if self._watch is not None:
+                self._watch.handle_failure(err, max_wait_s=5.0)
+            raise
+        self.stop_peer_watch()  # a clean finish
+
+    def stop_peer_watch(self) -> None:
+        """Stop the heart-beats; after a clean run the peers are told this exit is not a loss."""
+        if self._watch is not None:
+            self._watch.stop(clean=not self._failed)
+            self._watch = None
+
     def close(self) -> None:
         """Tear down the process group (idempotent)."""
-        return None
+        self.stop_peer_watch()

@@ -189,6 +189,7 @@ class DeepSpeedBackend(Backend):
         return state
 
     def close(self) -> None:
+        self.stop_peer_watch()
         self.meter.uninstall()
         if self._comm.is_initialized():
             self._comm.destroy_process_group()

@@ -140,6 +140,20 @@ class HorovodBackend(Backend):
             self.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
         super().step(optimizer)
 
+    def peer_store_address(self) -> tuple[str, int, int | None] | None:
+        """Horovod has no key-value store the workers can use: rank 0 hosts a TCPStore for the lost-worker
+        heart-beats, reachable at its horovodrun host name (``HOROVOD_HOSTNAME``, as given to ``-H``)."""
+        if self.world_size == 1:
+            return None
+        where = None
+        if self.rank == 0:
+            import torch.distributed as dist
+
+            self._watch_store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False)
+            where = (os.environ.get("HOROVOD_HOSTNAME", "localhost"), int(self._watch_store.port))
+        host, port = self.hvd.broadcast_object(where, root_rank=0, name="datkit.peer_store")
+        return host, port, 0
+
     # --- collectives (Horovod) ------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.world_size == 1:
@@ -171,6 +185,7 @@ class HorovodBackend(Backend):
             self.hvd.barrier()
 
     def close(self) -> None:
+        self.stop_peer_watch()
         if getattr(self, "_alive", False):
             self._alive = False
             self.hvd.shutdown()

@@ -99,6 +99,7 @@ class TorchBackend(Backend):
             dist.barrier()
 
     def close(self) -> None:
+        self.stop_peer_watch()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False

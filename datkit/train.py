@@ -36,11 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
             fail(err)
         from datkit.engine import Trainer
 
-        try:
-            trainer = Trainer(cfg, backend)
-        except ConfigError as err:  # found while building the run (e.g. init_from weights that do not fit the model)
-            fail(err)
-        return trainer.train()
+        with backend.fault_guard():  # a lost worker: "datkit: lost worker rank R ...", exit code 3
+            try:
+                trainer = Trainer(cfg, backend)
+            except ConfigError as err:  # found while building the run (e.g. init_from weights that do not fit the model)
+                fail(err)
+            return trainer.train()
     finally:
         backend.close()
 

@@ -27,6 +27,7 @@ from datkit.semisup import semisup_training_set
 
 from .evaluate import evaluate_accuracy, ra_attack
 from .cpu_runtime import set_cpu_threads, tune_malloc
+from . import fault_injection
 from .results import ResultsWriter
 from .transfer import freeze_all_but_head, init_from_checkpoint
 
@@ -102,6 +103,7 @@ class Trainer:
         for step, (x, y) in enumerate(iterate_batches(self.data.train, self.sampler, cfg.data.num_workers)):
             if step >= self.steps_per_epoch:
                 break
+            fault_injection.maybe_kill(be.rank, epoch, step)  # test-only (env DATKIT_TEST_KILL_AT_STEP)
             info = StepInfo(eps=self.method.train_eps(epoch - 1 + step / self.steps_per_epoch))
             step_loss = self.train_step(x, y, info)
             loss_sum += step_loss

@@ -1,0 +1,45 @@
+"""TEST-ONLY fault injection, driven by environment variables (never set them in real runs).
+
+They let the fault tests (``tests/test_faults*.py``) hit a failure at a known point:
+
+- ``DATKIT_TEST_KILL_AT_STEP=R:E:S``: rank ``R`` sends itself SIGKILL just before step ``S`` (0-based) of
+  epoch ``E``, in the first attempt of the job only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a
+  job restarted by ``torchrun --max-restarts`` runs through; ``DATKIT_TEST_KILL_SIGNAL=STOP`` freezes it
+  instead (SIGSTOP: a hung worker, whose peers see no error, only a silent heart-beat);
+- ``DATKIT_TEST_NAN_AT_STEP=R:E:S[,R:E:S...]``: rank ``R``'s loss (hence its gradients) becomes NaN at
+  step ``S`` of epoch ``E``;
+- ``DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S=X`` (read by ``datkit.checkpoint``): sleep ``X`` seconds between
+  writing a checkpoint's temp file and renaming it over the previous checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+KILL_VAR = "DATKIT_TEST_KILL_AT_STEP"
+NAN_VAR = "DATKIT_TEST_NAN_AT_STEP"
+
+
+def _points(var: str) -> set[tuple[int, int, int]]:
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return set()
+    try:
+        return {tuple(int(v) for v in item.split(":")) for item in value.split(",")}  # type: ignore[misc]
+    except ValueError:
+        raise ValueError(f"{var}={value!r}: expected RANK:EPOCH:STEP[,RANK:EPOCH:STEP...]") from None
+
+
+def maybe_kill(rank: int, epoch: int, step: int) -> None:
+    """SIGKILL this process at ``DATKIT_TEST_KILL_AT_STEP`` (first attempt only)."""
+    if (rank, epoch, step) in _points(KILL_VAR) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        sig = getattr(signal, "SIG" + os.environ.get("DATKIT_TEST_KILL_SIGNAL", "KILL"))
+        print(f"datkit-test: rank {rank} (pid {os.getpid()}) sends itself {sig.name} at epoch {epoch} step {step}",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), sig)
+
+
+def inject_nan(rank: int, epoch: int, step: int) -> bool:
+    """True when ``DATKIT_TEST_NAN_AT_STEP`` asks this rank's loss to be NaN at this step."""
+    return (rank, epoch, step) in _points(NAN_VAR)
