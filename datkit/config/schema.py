@@ -109,6 +109,8 @@ class TrainConfig:
     init_from: Optional[str] = None  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer is replaced when the number of classes differs); null = from scratch
     new_head: bool = False  # init_from: re-initialize the last Linear layer even when the number of classes matches
     freeze_backbone: bool = False  # init_from: train only the last Linear layer (every other parameter frozen)
+    nonfinite: str = "stop"  # a NaN/Inf loss or gradient on any worker, found on every worker at the same step (before compression): stop = exit with code 4; skip = drop that step (no optimizer step), counted in results.json
+    max_nonfinite_skips: int = 10  # nonfinite=skip: stop (exit code 4) after this many consecutive skipped steps
 
 
 @dataclass
@@ -130,6 +132,7 @@ class DistConfig:
     """Process-group options of the torch backend (torchrun)."""
 
     timeout_s: int = 600  # collective timeout: a lost worker makes the others fail after this long
+    peer_timeout_s: float = 30.0  # lost-worker watch: a peer whose heart-beat stops this long (or whose process is gone) makes every worker exit with code 3 naming it; 0 = off
     ddp: bool = True  # wrap in DistributedDataParallel (gradient allreduce overlaps backward)
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size
 

@@ -61,6 +61,14 @@ def _check_compression(cfg, errors: list[str]) -> None:
         errors.append(f"compression: {err}")
 
 
+def _check_faults(cfg, errors: list[str]) -> None:
+    """Lost workers and non-finite steps: dist.peer_timeout_s 0 (off) or >= 1; train.nonfinite stop | skip."""
+    if cfg.dist.peer_timeout_s != 0:
+        _at_least(errors, "dist.peer_timeout_s", cfg.dist.peer_timeout_s, 1.0)
+    _choices(errors, "train.nonfinite", cfg.train.nonfinite, ("stop", "skip"))
+    _at_least(errors, "train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, 1)
+
+
 def _check_deepspeed(cfg, errors: list[str]) -> None:
     """deepspeed.*: stage 0-3, offload devices and the stages they need, one precision at a time."""
     d = cfg.deepspeed
@@ -209,6 +217,7 @@ def validate_config(cfg) -> None:
     _at_least(e, "eval.pgd_restarts", v.pgd_restarts, 1)
     _at_least(e, "dist.timeout_s", cfg.dist.timeout_s, 1)
     _at_least(e, "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, 0.0, strict=True)
+    _check_faults(cfg, e)
     _check_compression(cfg, e)
     _check_deepspeed(cfg, e)
     _check_smoothing(cfg, e)
