@@ -77,6 +77,18 @@ class DeepSpeedBackend(Backend):
                 f"optim.name=lalr with ZeRO stage {self.zero_stage}: ZeRO >= 1 hands the client optimizer flattened "
                 "partitions of many layers, so LALR's per-layer trust ratio would be computed per partition; use "
                 "deepspeed.zero_stage=0 (or backend=torch)")
+        from datkit.methods import METHODS
+
+        if self.zero_stage >= 3 and getattr(METHODS.get(cfg.method.name), "reads_parameters", False):
+            raise ConfigError(
+                f"method.name={cfg.method.name} with ZeRO stage 3: its bounds read every layer's weights directly, "
+                "and ZeRO-3 keeps only this worker's partition of them outside forward(); use "
+                "deepspeed.zero_stage=0, 1 or 2 (or backend=torch)")
+        if cfg.train.nonfinite == "skip" and self.zero_stage >= 1:
+            raise ConfigError(
+                f"train.nonfinite=skip with ZeRO stage {self.zero_stage}: ZeRO >= 1 keeps gradients in its own "
+                "partitions, which datkit cannot drop (DeepSpeed's ZeRO optimizer already skips a step whose "
+                "partitioned gradients overflow); use train.nonfinite=stop, or deepspeed.zero_stage=0")
         self.engine = None
         self.meter = CommMeter(self.comm_timer, self.byte_counter, self.world_size)
 
@@ -110,6 +122,13 @@ class DeepSpeedBackend(Backend):
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """DeepSpeed clips inside ``step`` (``gradient_clipping`` = ``train.grad_clip``)."""
         return float("nan")
+
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """ZeRO-0: drop the gradients; the engine's counters advance as its own skipped (overflow) steps do."""
+        self.engine.zero_grad()
+        self.engine.micro_steps += 1
+        self.engine.global_steps += 1
+        self.engine.skipped_steps += 1
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.compressor is not None and self.world_size > 1:

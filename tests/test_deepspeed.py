@@ -92,6 +92,16 @@ def test_compression_with_zero_stage_1_fails_at_start_up(tmp_path: Path) -> None
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_bound_methods_with_zero_stage_3_fail_at_start_up(method: str, tmp_path: Path) -> None:
+    # the bound rules read module.weight directly; ZeRO-3 leaves a 0-element partition there outside forward()
+    proc = run_python(["-m", "datkit.train", "backend=deepspeed", "deepspeed.zero_stage=3", f"method.name={method}",
+                       f"train.output_dir={tmp_path / 'x'}"], cwd=tmp_path, timeout=200)
+    assert proc.returncode == 2, describe(proc)
+    assert f"method.name={method}" in proc.stderr and "zero_stage=0, 1 or 2" in proc.stderr, describe(proc)
+    assert not (tmp_path / "x").exists()
+
+
 def test_missing_deepspeed_says_how_to_install(tmp_path: Path) -> None:
     script = ("import sys; sys.modules['deepspeed'] = None\n"
               "from datkit.train import main\nmain(['backend=deepspeed'])\n")

@@ -27,6 +27,9 @@ class Method(ABC):
     """A training objective. ``cfg`` is the full run config (``cfg.method``, ``cfg.attack``)."""
 
     uses_attack: bool = True
+    # True when the method reads the modules' weights directly (bound propagation), not only through forward():
+    # a backend that partitions parameters outside forward (DeepSpeed ZeRO-3) refuses such a method at start-up
+    reads_parameters: bool = False
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg

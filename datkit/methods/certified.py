@@ -63,6 +63,7 @@ class CertifiedTraining(Method):
 
     bound = "ibp"
     uses_attack = False
+    reads_parameters = True  # the bound rules read module.weight / running statistics directly
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
