@@ -1,0 +1,185 @@
+"""Emulated hosts (``datkit.netemu``): network namespaces on a switch namespace, ``tc tbf`` links.
+
+- ``up``/``down`` create and remove only namespaces (and their /etc/netns hosts files): the root
+  namespace's addresses, routes and links are the same before, during and after; ``down`` is idempotent
+  and kills what still runs inside the hosts;
+- a 100 Mbit/s link carries 5 MB at 100 Mbit/s within 15%;
+- the ssh shim runs a command inside the addressed host's namespace;
+- a 2-host training run per backend, each with its own multi-node launch (torchrun c10d rendezvous,
+  horovodrun -H through the ssh shim, deepspeed --no_ssh per node), reports world_size 2;
+- SIGTERM to ``run`` mid-job tears everything down; ``bench network`` on a tiny grid writes its files.
+
+They need root and iproute2 (CI runs as root); elsewhere they are skipped saying so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers.runs import REPO, TINY, child_env, describe, run_python
+
+from datkit.netemu import hosts as H
+from datkit.netemu.hosts import NEEDS, NetemuError, Topology, available, down, existing_namespaces, up
+from datkit.netemu.launch import write_ssh_shim
+from datkit.netemu.probe import measure_throughput
+
+REASON = available()
+needs_netns = pytest.mark.skipif(REASON is not None, reason=REASON or NEEDS)
+FEW = ["train.epochs=1", "train.max_steps=2", "log.progress=false"]
+
+
+def _prefix(tag: str) -> str:
+    """A namespace prefix of this test process (parallel runs and other users' namespaces do not collide)."""
+    return f"t{os.getpid() % 100000}{tag}"
+
+
+def _root_net() -> dict[str, str]:
+    return {what: subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+            for what, args in (("addr", ["-o", "addr"]), ("route", ["route", "show", "table", "all"]),
+                               ("link", ["-o", "link"]))}
+
+
+def _tiny() -> list[str]:
+    return [a for a in TINY if not a.startswith("backend=")]
+
+
+def test_rates_and_refusal_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert H.rate_bits("100mbit") == 100_000_000 and H.rate_bits("10Gbit") == 10_000_000_000
+    assert H.burst_bytes("10gbit") == 12_500_000 and H.burst_bytes("100mbit") == 125_000
+    with pytest.raises(NetemuError, match="bits per second"):
+        H.rate_bits("100mb")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert available() is not None and available().startswith(NEEDS)
+    # CLI errors exit 2 with a message and no traceback (as root: the bad rate; otherwise: not root)
+    proc = run_python(["-m", "datkit.netemu", "up", "--hosts", "2", "--rate", "100mb", "--prefix", _prefix("x")], cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
+    assert ("bits per second" if REASON is None else NEEDS) in proc.stderr, describe(proc)
+
+
+@needs_netns
+def test_up_down_touch_only_their_namespaces() -> None:
+    prefix = _prefix("a")
+    before = _root_net()
+    topo = up(Topology(3, "1gbit", prefix))
+    try:
+        assert sorted(existing_namespaces(prefix)) == sorted(topo.namespaces())
+        assert _root_net() == before, "the root namespace's addresses/routes/links changed while hosts were up"
+        for i in range(3):
+            addr = subprocess.run(["ip", "-n", topo.host_ns(i), "-o", "addr", "show", topo.iface], capture_output=True,
+                                  text=True, check=True).stdout
+            assert f"{topo.addr(i)}/24" in addr
+            for ns, dev in ((topo.host_ns(i), topo.iface), (topo.switch_ns, topo.port(i))):
+                qdisc = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
+                assert "tbf" in qdisc and "rate 1Gbit" in qdisc, qdisc
+        with pytest.raises(NetemuError, match="exist already"):
+            up(Topology(2, "1gbit", prefix))
+        sleeper = subprocess.Popen(["ip", "netns", "exec", topo.host_ns(1), "sleep", "300"])
+        time.sleep(0.3)
+    finally:
+        removed = down(prefix, grace=2.0)
+    assert sorted(removed) == sorted(topo.namespaces())
+    assert sleeper.wait(timeout=10) != 0, "down did not kill a process left in a host"
+    assert existing_namespaces(prefix) == [] and down(prefix) == []
+    assert not any(Path(H.NETNS_ETC).glob(f"{prefix}h*"))
+    assert _root_net() == before
+
+
+@needs_netns
+def test_100mbit_link_throughput_and_ssh_shim(tmp_path: Path) -> None:
+    topo = up(Topology(2, "100mbit", _prefix("b")))
+    try:
+        bps = measure_throughput(topo, src=1, dst=0, nbytes=5_000_000)
+        assert abs(bps / 100e6 - 1) <= 0.15, f"measured {bps / 1e6:.1f} Mbit/s on a 100mbit link"
+        shim = write_ssh_shim(topo, tmp_path / "bin")
+        out = subprocess.run([str(shim), "-o", "StrictHostKeyChecking=no", topo.addr(1), "-o", "ConnectTimeout=5",
+                              "ip -o addr show; getent hosts $(hostname)"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert f"{topo.addr(1)}/24" in out.stdout and f"{topo.addr(0)}/24" not in out.stdout
+        assert out.stdout.strip().splitlines()[-1].startswith(topo.addr(1)), "hostname does not resolve to the host"
+        bad = subprocess.run([str(shim), "192.0.2.1", "true"], capture_output=True, text=True)
+        assert bad.returncode == 255 and "not an emulated host" in bad.stderr
+    finally:
+        down(topo.prefix)
+
+
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = [pytest.param("torch", id="torch"),
+            pytest.param("horovod", id="horovod", marks=pytest.mark.skipif(
+                not _have("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")),
+            pytest.param("deepspeed", id="deepspeed", marks=pytest.mark.skipif(
+                not _have("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')"))]
+
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_host_run_per_backend(backend: str, tmp_path: Path) -> None:
+    prefix = _prefix("r")
+    out = tmp_path / "out"
+    proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--rate", "1gbit", "--backend", backend,
+                       "--prefix", prefix, "--timeout", "300", "--", *_tiny(), *FEW, f"train.output_dir={out}"],
+                      cwd=tmp_path, timeout=360)
+    assert proc.returncode == 0, describe(proc)
+    final = json.loads((out / "results.json").read_text())["final"]
+    assert final["world_size"] == 2 and final["backend"] == backend
+    assert existing_namespaces(prefix) == []
+
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_sigterm_mid_run_tears_down(tmp_path: Path) -> None:
+    prefix = _prefix("s")
+    before = _root_net()
+    proc = subprocess.Popen([sys.executable, "-m", "datkit.netemu", "run", "--hosts", "2", "--rate", "1gbit", "--backend",
+                             "torch", "--prefix", prefix, "--", *_tiny(), "train.epochs=50", "log.progress=false",
+                             f"train.output_dir={tmp_path / 'out'}"], cwd=tmp_path, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (tmp_path / "out" / "metrics.jsonl").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    assert len(existing_namespaces(prefix)) == 3, "the job did not start"
+    pids = [p for ns in existing_namespaces(prefix) for p in H.ns_pids(ns)]
+    assert pids, "no processes in the emulated hosts"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "torn down" in err, err[-3000:]
+    assert existing_namespaces(prefix) == []
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()], "processes of the job survived the teardown"
+    assert _root_net() == before
+
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_network_tiny_grid(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = run_python(["-m", "datkit.bench", "network", "--hosts", "2", "--rates", "100mbit", "--compressors", "none",
+                       "int8-2s", "--steps", "2", "--epochs", "2", "--prefix", _prefix("n"), "--out", str(out),
+                       "data.name=digits", "model.kwargs.channels=[8,16]", "model.kwargs.hidden=32", "attack.steps=1"],
+                      cwd=tmp_path, timeout=280)
+    assert proc.returncode == 0, describe(proc)
+    rows = json.loads((out / "bench_network.json").read_text())["rows"]
+    assert [(r["hosts"], r["rate"], r["compressor"]) for r in rows] == [(2, "100mbit", "none"), (2, "100mbit", "int8-2s")]
+    none, int8 = rows
+    assert none["world_size"] == 2 and none["C_ratio"] == 1.0
+    assert 0.2 < int8["bytes_ratio"] < 0.35, int8  # int8 two-sided: ~1/4 of float32 plus the scales
+    assert 80e6 < none["probe_bps"] < 115e6
+    table = (out / "bench_network.md").read_text()
+    assert "| 2 | 100mbit |" in table and "int8-2s" in table
+    assert (out / "bench_network.png").stat().st_size > 1000
