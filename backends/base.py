@@ -44,6 +44,7 @@ class Backend(ABC):
         self.bucket_cap_mb = 25.0
         self._buckets: GradientBuckets | None = None
         self._watch: Any = None  # peer_watch.PeerWatch while started
+        self._pre_nonfinite: torch.Tensor | None = None  # a NaN/Inf seen in local gradients before compression
         self._failed = False
 
     # --- identity -------------------------------------------------------------------------------
@@ -82,6 +83,36 @@ class Backend(ABC):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # --- non-finite steps (train.nonfinite; datkit/engine/nonfinite.py) ---------------------------
+    def note_gradients(self, flat: torch.Tensor) -> None:
+        """Record whether this worker's local gradients ``flat`` hold a NaN/Inf, before they are compressed
+        (no host synchronisation here; ``nonfinite_gradients`` reads the flag)."""
+        bad = ~torch.isfinite(flat).all()
+        self._pre_nonfinite = bad if self._pre_nonfinite is None else self._pre_nonfinite | bad
+
+    def nonfinite_gradients(self, model: nn.Module) -> tuple[bool, bool]:
+        """After backward, before the step: (this worker's local gradients before compression held a NaN/Inf
+        -- ``note_gradients``, on the compressed paths --, the gradients in ``.grad`` hold one -- averaged
+        where the backend averaged them, then the same on every worker). Resets the pre-compression flag."""
+        flags = [~torch.isfinite(p.grad).all() for p in self.unwrap(model).parameters() if p.grad is not None]
+        local = bool(self._pre_nonfinite) if self._pre_nonfinite is not None else False
+        self._pre_nonfinite = None
+        return local, bool(torch.stack(flags).any()) if flags else False
+
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's gradients without an optimizer step (``train.nonfinite=skip``)."""
+        optimizer.zero_grad(set_to_none=True)
+        self.drop_nonfinite_compression_state()
+
+    def drop_nonfinite_compression_state(self) -> None:
+        """Error-feedback residuals that absorbed a NaN/Inf restart from zero (else every later step would
+        carry it: the residual is added to the next gradient)."""
+        residuals = getattr(self.compressor, "residuals", None) or {}
+        for side in residuals.values():
+            for key, r in list(side.items()):
+                if not bool(torch.isfinite(r).all()):
+                    side[key] = torch.zeros_like(r)
+
     def comm_seconds(self) -> float:
         """Seconds of gradient communication since the last call (and reset the counter)."""
         return self.comm_timer.reset()
@@ -117,7 +148,11 @@ class Backend(ABC):
         if comp is None:
             self._buckets.reduce(lambda flat, key: coll.all_reduce(flat.div_(m)))
         else:
-            self._buckets.reduce(lambda flat, key: comp.reduce_mean(flat, coll, key))
+            def reduce(flat: torch.Tensor, key: str) -> torch.Tensor:
+                self.note_gradients(flat)  # a NaN would come back from the codes as finite garbage
+                return comp.reduce_mean(flat, coll, key)
+
+            self._buckets.reduce(reduce)
         self.comm_timer.record(start)
 
     def compression_state(self) -> dict[str, Any] | None:

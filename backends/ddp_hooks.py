@@ -76,6 +76,7 @@ class CompressedHook:
     def hook(self, state, bucket):  # registered as the bound method (DDP wants a __name__)
         fut: torch.futures.Future = torch.futures.Future()
         buf = bucket.buffer()
+        self.backend.note_gradients(buf)  # before compression: a NaN would come back from the codes as garbage
         key, slices = self.canonical(bucket)
 
         def work() -> None:

@@ -126,6 +126,7 @@ class DeepSpeedBackend(Backend):
     def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
         """ZeRO-0: drop the gradients; the engine's counters advance as its own skipped (overflow) steps do."""
         self.engine.zero_grad()
+        self.drop_nonfinite_compression_state()
         self.engine.micro_steps += 1
         self.engine.global_steps += 1
         self.engine.skipped_steps += 1

@@ -132,6 +132,17 @@ class HorovodBackend(Backend):
             self._sync.synchronize()  # clip the averaged gradients
         return super().clip_grad_norm(model, max_norm)
 
+    def nonfinite_gradients(self, model: nn.Module) -> tuple[bool, bool]:
+        if self._sync is not None:
+            self._sync.synchronize()  # the averaged gradients (Horovod averages in place, asynchronously)
+        return super().nonfinite_gradients(model)
+
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._sync is not None:
+            self._sync.drop()
+            return
+        super().skip_step(optimizer)
+
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._sync is not None:
             self._sync.step()

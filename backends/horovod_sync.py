@@ -79,6 +79,13 @@ class MeteredDistributedOptimizer:
         self.backend.comm_timer.record(self._first_start if self._first_start is not None else start)
         self._first_start, self._synchronized = None, True
 
+    def drop(self) -> None:
+        """Averaged gradients -> dropped without a step (a skipped non-finite step)."""
+        self.synchronize()
+        self._synchronized = False
+        opt = self.optimizer
+        super(type(opt), opt).zero_grad(set_to_none=True)
+
     def step(self) -> None:
         """Averaged gradients -> optimizer step -> gradients set to None."""
         self.synchronize()

@@ -199,6 +199,11 @@ class PeerWatch:
         found within ``max_wait_s``; otherwise return (the error was not a lost worker)."""
         cause = None if err is None else f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
         lost = self.diagnose(max_wait_s)
+        if lost and self._store_error is None:  # a peer that finished cleanly (done/<rank>) is not lost
+            try:
+                lost = [(r, why) for r, why in lost if r < 0 or not self.store.check([f"done/{r}"])]
+            except Exception:
+                pass
         if lost:
             self.report(lost, cause)
 

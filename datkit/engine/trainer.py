@@ -28,6 +28,7 @@ from datkit.semisup import semisup_training_set
 from .evaluate import evaluate_accuracy, ra_attack
 from .cpu_runtime import set_cpu_threads, tune_malloc
 from . import fault_injection
+from .nonfinite import NonFiniteGuard
 from .results import ResultsWriter
 from .transfer import freeze_all_but_head, init_from_checkpoint
 
@@ -71,6 +72,7 @@ class Trainer:
             model = convert_sync_batchnorm(model, backend.device)
         optimizer = build_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad], cfg.train.batch_size)
         self.model, self.optimizer = backend.setup(model, optimizer)
+        self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips, backend)
         self.raw = backend.unwrap(self.model)
         self.sampler = mixed_sampler or ShardedBatchSampler(len(self.data.train), cfg.train.batch_size, backend.rank,
                                                             backend.world_size, seed=cfg.train.seed)
@@ -88,7 +90,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
         """Train one epoch; returns (mean loss over workers, T seconds, C seconds).
 
-        ``self.bytes_per_iter`` is set to the bytes of gradient communication per step of this epoch.
+        ``self.bytes_per_iter`` is set to the bytes of gradient communication per step of this epoch,
+        ``self.nonfinite_skipped`` to the steps skipped for a NaN/Inf (``train.nonfinite=skip``).
         """
         cfg, be = self.cfg, self.backend
         torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1_009 + be.rank)
@@ -105,15 +108,18 @@ class Trainer:
                 break
             fault_injection.maybe_kill(be.rank, epoch, step)  # test-only (env DATKIT_TEST_KILL_AT_STEP)
             info = StepInfo(eps=self.method.train_eps(epoch - 1 + step / self.steps_per_epoch))
+            self.position = (epoch, step)
             step_loss = self.train_step(x, y, info)
-            loss_sum += step_loss
-            steps += 1
+            if not self.step_skipped:  # a skipped (non-finite) step's loss stays out of the epoch's mean
+                loss_sum += step_loss
+                steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", eps=f"{info.eps:.3f}")
         seconds = time.perf_counter() - start
         bar.close()
         comm = be.comm_seconds()
         self.bytes_per_iter = be.comm_bytes() / max(1, steps)
+        self.nonfinite_skipped = self.nonfinite.take_epoch_count()
         stats = be.all_reduce(torch.tensor([float(loss_sum), steps], dtype=torch.float64, device=be.device), op="sum")
         return float(stats[0] / max(1.0, float(stats[1]))), seconds, comm
 
@@ -131,8 +137,16 @@ class Trainer:
         for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
             with be.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
                 loss = self.method.loss(self.model, self.raw, xm, ym, info) / accum
+                if fault_injection.inject_nan(be.rank, *getattr(self, "position", (0, 0))):  # test-only
+                    loss = loss * float("nan")
                 be.backward(loss)
             step_loss += float(loss.detach())
+        epoch, step = getattr(self, "position", (0, 0))
+        self.step_skipped = self.nonfinite.check(step_loss, self.model, epoch, step)  # collective, before the step
+        if self.step_skipped:
+            be.skip_step(self.optimizer)
+            self.scheduler.step()
+            return step_loss
         if cfg.train.grad_clip > 0:
             be.clip_grad_norm(self.model, cfg.train.grad_clip)
         be.step(self.optimizer)
@@ -156,7 +170,7 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.train.epochs + 1):
             loss, seconds, comm = self.train_epoch(epoch)
             record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm, "T_s": seconds,
-                                      "bytes_per_iter": self.bytes_per_iter,
+                                      "bytes_per_iter": self.bytes_per_iter, "nonfinite_skipped": self.nonfinite_skipped,
                                       "lr": self.scheduler.get_last_lr()[0],
                                       "eps": self.method.train_eps(epoch)}
             if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
@@ -186,6 +200,7 @@ class Trainer:
                  "train_time_s": sum(r["T_s"] for r in self.records), "C_s": sum(r["C_s"] for r in self.records),
                  "bytes_per_iter": (sum(r.get("bytes_per_iter", 0.0) for r in self.records) / len(self.records)
                                     if self.records else 0.0),
+                 "nonfinite_skipped": sum(r.get("nonfinite_skipped", 0) for r in self.records),
                  "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs, **self.recipe_info,
                  **{k: v for k, v in ev.items() if k not in ("TA", "RA", "n")}}
         if self.writer is not None:

@@ -1,0 +1,74 @@
+"""``train.nonfinite``: a NaN/Inf loss or gradient on any worker, decided by all workers at the same step.
+
+After the backward pass(es) of a step and before gradient clipping and the optimizer step, every worker
+contributes one flag: its own loss is non-finite, or its gradients are
+(``Backend.nonfinite_gradients``: the local gradients *before* compression where the backend compresses
+-- a NaN that went through int8/onebit coding comes back as finite garbage -- and otherwise the averaged
+gradients, which are the same on every worker). The flags (local: loss or pre-compression gradients; averaged) are exchanged with one tiny
+all-gather (2 floats per worker), so every worker takes the same decision at the same step and names
+the ranks whose loss or local gradients were non-finite:
+
+- ``stop`` (default): every worker prints ``datkit: non-finite loss/gradient at epoch E step S on
+  rank(s) R; stopping (train.nonfinite=stop)`` and exits with code ``NONFINITE_EXIT`` = 4; the last
+  complete checkpoint is left as it was;
+- ``skip``: no optimizer step for that batch (gradients dropped, ``Backend.skip_step``); the lr schedule
+  still advances, so epochs stay aligned with the uninterrupted schedule; the skipped steps are counted
+  (``nonfinite_skipped`` per epoch and in ``final`` of results.json) and logged by rank 0; after
+  ``train.max_nonfinite_skips`` consecutive skips the run stops as with ``stop``;
+- ``off``: no check and no collective (a NaN then reaches the weights).
+
+Steps are numbered from 0 within an epoch; epochs from 1.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+NONFINITE_EXIT = 4
+
+
+class NonFiniteGuard:
+    """The per-step decision of ``train.nonfinite`` (see module docstring)."""
+
+    def __init__(self, mode: str, max_skips: int, backend) -> None:
+        self.mode, self.max_skips, self.backend = mode, int(max_skips), backend
+        self.consecutive = 0
+        self.skipped = 0  # in the current epoch (``take_epoch_count`` resets it)
+
+    def check(self, loss: float, model: nn.Module, epoch: int, step: int) -> bool:
+        """Collective: True when this step must be skipped; exits (code 4) when the run must stop."""
+        if self.mode == "off":
+            return False
+        be = self.backend
+        local, averaged = be.nonfinite_gradients(model)
+        local = local or not torch.isfinite(torch.tensor(loss)).item()
+        flags = be.all_gather(torch.tensor([float(local), float(averaged)], device=be.device)).view(-1, 2).tolist()
+        ranks = [r for r, (f_local, _) in enumerate(flags) if f_local > 0]
+        if not ranks and not any(f_avg > 0 for _, f_avg in flags):
+            self.consecutive = 0
+            return False
+        on = (f"on rank(s) {', '.join(map(str, ranks))}" if ranks else
+              "in the averaged gradients (some rank's local gradient; the backend averaged it before the check)")
+        where = f"non-finite loss/gradient at epoch {epoch} step {step} {on}"
+        if self.mode == "stop":
+            self._stop(f"{where}; stopping (train.nonfinite=stop)")
+        self.consecutive += 1
+        self.skipped += 1
+        if self.consecutive >= self.max_skips:
+            self._stop(f"{where}; stopping after {self.consecutive} consecutive skipped steps "
+                       f"(train.max_nonfinite_skips={self.max_skips})")
+        if be.is_main:
+            print(f"datkit: {where}; step skipped (train.nonfinite=skip, {self.consecutive} in a row, "
+                  f"{self.skipped} this epoch)", file=sys.stderr, flush=True)
+        return True
+
+    def take_epoch_count(self) -> int:
+        """Steps skipped since the last call (one epoch's count)."""
+        n, self.skipped = self.skipped, 0
+        return n
+
+    def _stop(self, message: str) -> None:
+        print(f"datkit: {message} [rank {self.backend.rank}]", file=sys.stderr, flush=True)
+        raise SystemExit(NONFINITE_EXIT)
