@@ -1,0 +1,160 @@
+"""Faults that lose nothing: a lost worker, a restart from the last checkpoint, a killed checkpoint write.
+
+- SIGKILL of rank 1 mid-epoch under each launcher (torchrun, horovodrun, deepspeed): every process of
+  the job is gone within 60 s, the launcher exits non-zero, and the survivor (rank 0) says
+  ``datkit: lost worker rank 1 (host ..., pid ...)`` and exits with code 3; a frozen rank 1 (SIGSTOP,
+  no error anywhere) is named within ``dist.peer_timeout_s`` instead of the 600 s collective timeout;
+- ``torchrun --max-restarts 1``: the job restarts from the last complete checkpoint and its final
+  weights equal an uninterrupted run's exactly;
+- SIGKILL inside a checkpoint write leaves the previous checkpoint loadable, and a resume works.
+
+Faults are injected with the test-only hooks of ``datkit.engine.fault_injection`` and
+``datkit.checkpoint`` (environment variables). Everything runs on loopback (gloo, CPU), no root needed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.launch_watch import watch_launch
+from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+RUN = ["train.epochs=2", "train.max_steps=4", "optim.name=sgd", "optim.lr=0.05", "schedule.name=constant"]
+KILL = {"DATKIT_TEST_KILL_AT_STEP": "1:1:2"}  # rank 1, epoch 1, step 2
+LOST = r"datkit: lost worker rank 1 \(host [^)]*\), pid \d+\): (.*); this worker \(rank 0, .*exit code 3"
+
+
+def _tiny() -> list[str]:
+    return [a for a in TINY if not a.startswith("backend=")]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _horovod() -> bool:
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+LAUNCHERS = {
+    "torch": (lambda: ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.train",
+                       "backend=torch"], None),
+    "horovod": (lambda: ["-m", "horovod.runner.launch", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
+                         "datkit.train", "backend=horovod"],
+                None if _horovod() else "needs Horovod (launchers/install_horovod.sh)"),
+    "deepspeed": (lambda: ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+                           str(REPO / "datkit" / "train.py"), "backend=deepspeed"],
+                  None if _deepspeed() else "needs DeepSpeed (pip install -e '.[deepspeed]')"),
+}
+
+
+def launch_cmd(backend: str) -> list[str]:
+    """The launcher command line of ``backend`` with 2 workers on this host (skips when it is not installed)."""
+    make, missing = LAUNCHERS[backend]
+    if missing:
+        pytest.skip(missing)
+    return make()
+
+
+@pytest.mark.parametrize("backend", ["torch", "horovod", "deepspeed"])
+def test_sigkill_of_a_worker_names_it_and_stops_the_job(backend: str, tmp_path: Path) -> None:
+    out = watch_launch([*launch_cmd(backend), *_tiny(), *RUN, f"train.output_dir={tmp_path / 'out'}"], tmp_path,
+                       timeout=300, **KILL)
+    killed = out.first(r"datkit-test: rank 1 \(pid (\d+)\) sends itself SIGKILL at epoch 1 step 2")
+    assert killed is not None, out.describe()
+    assert out.returncode not in (None, 0), out.describe()
+    assert out.exited_at - killed[0] < 60 and not out.left_over, out.describe()  # nothing hangs
+    lost = out.first(LOST)
+    assert lost is not None, out.describe()
+    assert f"pid {killed[1].group(1)}" in lost[1].group(0), out.describe()  # the killed process, by rank and pid
+    assert lost[1].group(1) == "its process is gone", out.describe()
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_frozen_worker_is_named_after_peer_timeout(tmp_path: Path) -> None:
+    """SIGSTOP: the peer's sockets stay open, no collective fails; only the silent heart-beat shows it."""
+    frozen: list[int] = []
+
+    def kill_frozen(t: float, line: str, pid: int) -> None:  # once rank 0 has reported, end the frozen process
+        if "datkit: lost worker rank 1" in line and frozen:
+            os.kill(frozen[0], signal.SIGKILL)
+        elif "sends itself SIGSTOP" in line:
+            frozen.append(int(line.split("(pid ")[1].split(")")[0]))
+
+    out = watch_launch([*launch_cmd("torch"), *_tiny(), *RUN, "dist.peer_timeout_s=4",
+                        f"train.output_dir={tmp_path / 'out'}"], tmp_path, timeout=200, on_line=kill_frozen,
+                       DATKIT_TEST_KILL_SIGNAL="STOP", **KILL)
+    stopped, lost = out.first("sends itself SIGSTOP"), out.first(LOST)
+    assert stopped is not None and lost is not None, out.describe()
+    assert lost[1].group(1).startswith("no heart-beat for"), out.describe()
+    assert 4 <= lost[0] - stopped[0] < 15, out.describe()  # dist.peer_timeout_s, not dist.timeout_s (600 s)
+    assert out.returncode not in (None, 0) and not out.left_over, out.describe()
+
+
+def test_torchrun_restart_resumes_from_the_last_checkpoint_exactly(tmp_path: Path) -> None:
+    args = [*_tiny(), "train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.name=cosine",
+            "train.checkpoint_every=1", "train.resume=true"]
+    full = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.train",
+                       "backend=torch", *args, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300)
+    assert full.returncode == 0, describe(full)
+    out = watch_launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m",
+                        "datkit.train", "backend=torch", *args, f"train.output_dir={tmp_path / 'restarted'}"], tmp_path,
+                       timeout=300, DATKIT_TEST_KILL_AT_STEP="1:2:1")  # mid-epoch 2, after epoch 1's checkpoint
+    assert out.returncode == 0, out.describe()
+    assert out.first("sends itself SIGKILL at epoch 2 step 1") and out.first(LOST), out.describe()
+    assert out.first(r"datkit: resumed from .*checkpoint_last.pt after epoch 1"), out.describe()
+    restarted, ref = load_checkpoint(tmp_path / "restarted"), load_checkpoint(tmp_path / "full")
+    assert restarted["epoch"] == ref["epoch"] == 2
+    assert_same_weights(restarted["model"], ref["model"], atol=0.0)
+    assert [r["epoch"] for r in restarted["records"]] == [1, 2]
+    assert [r["train_loss"] for r in restarted["records"]] == [r["train_loss"] for r in ref["records"]]
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    import torch
+
+    args = ["-m", "datkit.train", *TINY, "train.epochs=3", "train.max_steps=2", "train.checkpoint_every=1",
+            f"train.output_dir={tmp_path / 'run'}"]
+    writes: list[int] = []
+
+    def kill_in_second_write(t: float, line: str, pid: int) -> None:
+        if line.startswith("datkit-test: checkpoint temp file written"):
+            writes.append(1)
+            if len(writes) == 2:  # epoch 2's checkpoint is on disk under its temp name, not yet renamed
+                os.kill(pid, signal.SIGKILL)
+
+    out = watch_launch(args, tmp_path, timeout=200, on_line=kill_in_second_write,
+                       DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S="3")
+    assert out.returncode == -signal.SIGKILL and len(writes) == 2, out.describe()
+    run = tmp_path / "run"
+    assert list(run.glob(".tmp-*.pt")), sorted(p.name for p in run.iterdir())  # killed inside the write window
+    previous = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert previous["epoch"] == 1
+
+    resumed = run_python([*args, "train.resume=true"], cwd=tmp_path, timeout=200)
+    assert resumed.returncode == 0, describe(resumed)
+    assert "resumed from" in resumed.stdout and "after epoch 1" in resumed.stdout, describe(resumed)
+    assert not list(run.glob(".tmp-*.pt"))  # the leftover of the killed write is cleaned up by the next save
+    train_inprocess(["train.epochs=3", "train.max_steps=2", "train.checkpoint_every=1",
+                     f"train.output_dir={tmp_path / 'full'}"])  # the uninterrupted run
+    assert_same_weights(load_checkpoint(run)["model"], load_checkpoint(tmp_path / "full")["model"], atol=0.0)
