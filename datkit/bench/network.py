@@ -15,6 +15,10 @@ first (the first carries start-up: DDP's bucket rebuild, allocator warm-up) of
 - ``C_wire`` (s/epoch): the time those bytes need at the probed link throughput, ``steps * bytes/iter * 8 /
   throughput`` (each worker's bytes leave through its own link), which shows how much of C is the wire
   and how much is encode/decode, message count and waiting on other workers;
+- ``C_codec`` (s/epoch): ``steps`` times the CPU time of the compressor's own work in one exchange
+  (encode, decode, error feedback, averaging) for this model's gradient with M = hosts workers, measured
+  in this process on one thread with the network replaced by copies (``codec_seconds``); with C_wire it
+  accounts for C, the rest being waiting for the other workers (skew on a shared CPU) and hand-offs;
 - ``C min``: the smallest C of the counted epochs (the least disturbed by other processes on a shared
   machine), reported next to the median, never instead of it; ``C min ratio`` compares the minima.
 
@@ -39,14 +43,17 @@ from datkit.netemu.launch import LAUNCHES
 from datkit.netemu.probe import measure_throughput
 from datkit.netemu.runner import Interrupted, hosts_up, launch_on_hosts
 
-COMPRESSORS: dict[str, list[str]] = {
-    "none": ["compression.name=none"],
-    "fp16": ["compression.name=fp16"],
-    "bf16": ["compression.name=bf16"],
-    "int8": ["compression.name=int8"],
-    "int8-2s": ["compression.name=int8", "compression.two_sided=true"],
-    "onebit": ["compression.name=onebit"],
+# bench name -> (compression.name, compression options)
+COMPRESSORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "none": ("none", {}), "fp16": ("fp16", {}), "bf16": ("bf16", {}), "int8": ("int8", {}),
+    "int8-2s": ("int8", {"two_sided": True}), "onebit": ("onebit", {}),
 }
+
+
+def compression_overrides(comp: str) -> list[str]:
+    """The datkit overrides of bench compressor ``comp``, e.g. int8-2s -> compression.name=int8 two_sided=true."""
+    name, opts = COMPRESSORS[comp]
+    return [f"compression.name={name}", *(f"compression.{k}={str(v).lower()}" for k, v in opts.items())]
 # The short job: cnn_small (0.84M parameters, 3.4 MB of float32 gradients per step) on the embedded MNIST.
 JOB: list[str] = ["device=cpu", "data.name=mnist5k", "model.name=cnn_small", "method.name=pgd", "attack.steps=3",
                   "train.batch_size=64", "train.checkpoint_every=0", "eval.every=1000", "eval.num_samples=50",
@@ -69,6 +76,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is stopped (default 600)")
     p.add_argument("--prefix", default="dkb", help="namespace prefix (default dkb)")
     p.add_argument("--out", default="runs/bench_network", help="output folder (default runs/bench_network)")
+    p.add_argument("--rerender", action="store_true", help="no runs: re-measure C_codec and rewrite the table, "
+                   "JSON and PNG from --out's bench_network.json")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra datkit overrides for every run")
     args = p.parse_args(list(argv))
     bad = [c for c in args.compressors if c not in COMPRESSORS]
@@ -96,7 +105,7 @@ def one_run(topo: Topology, comp: str, args: argparse.Namespace, out: Path) -> d
     name = f"h{topo.hosts}_{topo.rate}_{comp}"
     run_dir, log_path = out / "runs" / name, out / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    overrides = [*JOB, *COMPRESSORS[comp], f"train.max_steps={args.steps}", f"train.epochs={args.epochs}",
+    overrides = [*JOB, *compression_overrides(comp), f"train.max_steps={args.steps}", f"train.epochs={args.epochs}",
                  f"train.output_dir={run_dir}", *args.overrides]
     start = time.monotonic()
     with open(log_path, "w") as log:
@@ -111,6 +120,78 @@ def one_run(topo: Topology, comp: str, args: argparse.Namespace, out: Path) -> d
     return row
 
 
+class _Copies:
+    """Collectives of ``world_size`` workers where every other worker sent the same data (no network)."""
+
+    rank = 0
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+    def all_reduce(self, t: Any, op: str = "sum") -> Any:
+        return t.mul_(self.world_size)
+
+    def all_gather(self, t: Any) -> Any:
+        import torch
+
+        return torch.stack([t] * self.world_size)
+
+    def all_to_all(self, t: Any) -> Any:
+        return t.clone()
+
+
+def model_numel(overrides: Sequence[str]) -> int:
+    """Trainable parameters of the bench job's model (the gradient every step exchanges)."""
+    import torch
+
+    from datkit.config import load_config
+    from datkit.data import DATASETS
+    from datkit.engine import build_model
+
+    cfg = load_config(None, [*JOB, *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg, DATASETS.get(cfg.data.name))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def codec_seconds(comp: str, numel: int, world_size: int, iters: int = 10) -> float:
+    """Median seconds of one ``reduce_mean`` of compressor ``comp`` on a ``numel`` gradient, one thread,
+    the collectives replaced by copies: the compressor's CPU work per step, without the wire."""
+    import torch
+
+    from datkit.compress import get_compressor
+
+    name, opts = COMPRESSORS[comp]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c, g, times = get_compressor(name, **opts), torch.randn(numel, generator=torch.Generator().manual_seed(0)), []
+        for i in range(iters + 2):
+            t0 = time.perf_counter()
+            c.reduce_mean(g.clone(), _Copies(world_size), "bench")
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def add_codec(rows: list[dict[str, Any]], steps: int, overrides: Sequence[str]) -> None:
+    """``codec_s`` (per step) and ``C_codec_s`` (per epoch) of every row (in place)."""
+    numel = model_numel(overrides)
+    cache: dict[tuple[str, int], float] = {}
+    for r in rows:
+        key = (r["compressor"], r["hosts"])
+        if COMPRESSORS[key[0]][0] == "none":  # the backend's own allreduce: no datkit codec work
+            r["codec_s"] = r["C_codec_s"] = None
+            continue
+        if key not in cache:
+            cache[key] = codec_seconds(key[0], numel, key[1])
+        r["codec_s"], r["C_codec_s"] = cache[key], steps * cache[key]
+    for r in rows:
+        r["numel"] = numel
+
+
 def add_ratios(rows: list[dict[str, Any]], steps: int) -> None:
     """C_wire and the ratios against ``none`` at the same hosts and rate (in place)."""
     for r in rows:
@@ -123,25 +204,27 @@ def add_ratios(rows: list[dict[str, Any]], steps: int) -> None:
             continue
         for k, src in (("C_ratio", "C_s"), ("T_ratio", "T_s"), ("bytes_ratio", "bytes_per_iter"),
                        ("C_min_ratio", "C_min_s")):
-            r[k] = r[src] / ref[src] if ref[src] else float("nan")
+            if src in r and src in ref:
+                r[k] = r[src] / ref[src] if ref[src] else float("nan")
 
 
 def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
     """The results table."""
     head = ("| hosts | rate | link (Mbit/s, probed) | compressor | bytes/iter | C/epoch (s) | C_wire/epoch (s) | "
-            "C min (s) | T/epoch (s) | C ratio | T ratio | bytes ratio | C min ratio |")
+            "C_codec/epoch (s) | C min (s) | T/epoch (s) | C ratio | T ratio | bytes ratio | C min ratio |")
     lines = [f"`python -m datkit.bench network` — backend {setup['backend']}, {setup['steps']} steps/epoch, median over "
              f"epochs 2..{setup['epochs']}, 1 worker per host, job: {' '.join(setup['job'])}", "", head,
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else spec.format(v)
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['hosts']} | {r['rate']} | {f(r.get('probe_bps', 0) / 1e6, '{:.0f}')} | {r['compressor']} | "
-                         f"failed: {r['error']} |||||||||")
+                         f"failed: {r['error']} ||||||||||")
             continue
         lines.append(f"| {r['hosts']} | {r['rate']} | {r['probe_bps'] / 1e6:.0f} | {r['compressor']} | "
-                     f"{r['bytes_per_iter']:,.0f} | {r['C_s']:.3f} | {f(r.get('C_wire_s'), '{:.3f}')} | {r['C_min_s']:.3f} | "
+                     f"{r['bytes_per_iter']:,.0f} | {r['C_s']:.3f} | {f(r.get('C_wire_s'), '{:.3f}')} | "
+                     f"{f(r.get('C_codec_s'), '{:.3f}')} | {f(r.get('C_min_s'), '{:.3f}')} | "
                      f"{r['T_s']:.3f} | {f(r.get('C_ratio'), '{:.3f}')} | {f(r.get('T_ratio'), '{:.3f}')} | "
                      f"{f(r.get('bytes_ratio'), '{:.3f}')} | {f(r.get('C_min_ratio'), '{:.3f}')} |")
     return "\n".join(lines) + "\n"
@@ -180,6 +263,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the grid; write the table, JSON and PNG. Exit 2 without root/iproute2, 1 when a run failed."""
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.rerender:
+        return write_outputs(Path(args.out).resolve(), **json.loads((Path(args.out) / "bench_network.json").read_text()))
     try:
         require_tools()
         for r in args.rates:
@@ -211,16 +296,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"datkit.bench network: {e}; hosts torn down; writing what was measured", file=sys.stderr)
     finally:
         bar.close()
-    add_ratios(rows, args.steps)
     setup = {"backend": args.backend, "steps": args.steps, "epochs": args.epochs, "job": JOB + args.overrides,
-             "cpu_count": os.cpu_count()}
+             "overrides": args.overrides, "cpu_count": os.cpu_count()}
+    rc = write_outputs(out, setup, rows)
+    return 1 if rc or len(rows) < total else 0
+
+
+def write_outputs(out: Path, setup: dict[str, Any], rows: list[dict[str, Any]]) -> int:
+    """Add C_codec, C_wire and the ratios; write ``bench_network.{md,json,png}``; 1 if a run failed, else 0."""
+    add_codec(rows, setup["steps"], setup.get("overrides", []))
+    add_ratios(rows, setup["steps"])
     (out / "bench_network.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
     table = markdown(rows, setup)
     (out / "bench_network.md").write_text(table)
     plot(rows, out / "bench_network.png")
     print(table)
     print(f"written: {out / 'bench_network.md'}, bench_network.json, bench_network.png")
-    return 1 if any("error" in r for r in rows) or len(rows) < total else 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
