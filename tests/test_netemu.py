@@ -183,3 +183,10 @@ def test_bench_network_tiny_grid(tmp_path: Path) -> None:
     table = (out / "bench_network.md").read_text()
     assert "| 2 | 100mbit |" in table and "int8-2s" in table
     assert (out / "bench_network.png").stat().st_size > 1000
+
+
+def test_launcher_script_help() -> None:
+    proc = run_python([str(REPO / "launchers" / "emulated_hosts.py"), "--help"], cwd=REPO)
+    assert proc.returncode == 0 and all(w in proc.stdout for w in ("up", "down", "run", "probe")), describe(proc)
+    proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--backend", "mpi"], cwd=REPO)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr, describe(proc)
