@@ -231,7 +231,8 @@ def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """C per epoch per compressor, grouped by rate, one panel per number of hosts (log scale)."""
+    """C per epoch per compressor, grouped by rate, one panel per number of hosts (log scale); a black dash
+    marks C_wire, the time the bytes alone need at the probed link rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,7 +250,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for j, c in enumerate(comps):
             vals = [next((r["C_s"] for r in ok if r["hosts"] == h and r["rate"] == rt and r["compressor"] == c), 0)
                     for rt in rates]
-            ax.bar([i + j * width for i in range(len(rates))], [max(v, 1e-4) for v in vals], width, label=c)
+            xs = [i + j * width for i in range(len(rates))]
+            ax.bar(xs, [max(v, 1e-4) for v in vals], width, label=c)
+            wire = [next((r.get("C_wire_s") for r in ok if r["hosts"] == h and r["rate"] == rt and r["compressor"] == c),
+                         None) for rt in rates]
+            ax.scatter([x for x, w in zip(xs, wire) if w], [w for w in wire if w], marker="_", s=200, color="black",
+                       label="C_wire (bytes at the probed rate)" if j == 0 else None, zorder=3)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rates))], rates)
         ax.set_yscale("log")
         ax.set_title(f"{h} emulated hosts")
