@@ -109,7 +109,7 @@ class TrainConfig:
     init_from: Optional[str] = None  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer is replaced when the number of classes differs); null = from scratch
     new_head: bool = False  # init_from: re-initialize the last Linear layer even when the number of classes matches
     freeze_backbone: bool = False  # init_from: train only the last Linear layer (every other parameter frozen)
-    nonfinite: str = "stop"  # a NaN/Inf loss or gradient on any worker, found on every worker at the same step (before compression): stop = exit with code 4; skip = drop that step (no optimizer step), counted in results.json; off = no check
+    nonfinite: str = "stop"  # a NaN/Inf loss or gradient on any worker, found on every worker at the same step (before compression): stop = exit with code 4; skip = drop that step (no optimizer step), counted in results.json; ignore = no check (a NaN reaches the weights)
     max_nonfinite_skips: int = 10  # nonfinite=skip: stop (exit code 4) after this many consecutive skipped steps
 
 

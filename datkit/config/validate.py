@@ -62,10 +62,10 @@ def _check_compression(cfg, errors: list[str]) -> None:
 
 
 def _check_faults(cfg, errors: list[str]) -> None:
-    """Lost workers and non-finite steps: dist.peer_timeout_s 0 (off) or >= 1; train.nonfinite stop | skip | off."""
+    """Lost workers and non-finite steps: dist.peer_timeout_s 0 (off) or >= 1; train.nonfinite stop | skip | ignore."""
     if cfg.dist.peer_timeout_s != 0:
         _at_least(errors, "dist.peer_timeout_s", cfg.dist.peer_timeout_s, 1.0)
-    _choices(errors, "train.nonfinite", cfg.train.nonfinite, ("stop", "skip", "off"))
+    _choices(errors, "train.nonfinite", cfg.train.nonfinite, ("stop", "skip", "ignore"))
     _at_least(errors, "train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, 1)
 
 

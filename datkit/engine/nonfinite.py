@@ -15,7 +15,7 @@ the ranks whose loss or local gradients were non-finite:
   still advances, so epochs stay aligned with the uninterrupted schedule; the skipped steps are counted
   (``nonfinite_skipped`` per epoch and in ``final`` of results.json) and logged by rank 0; after
   ``train.max_nonfinite_skips`` consecutive skips the run stops as with ``stop``;
-- ``off``: no check and no collective (a NaN then reaches the weights).
+- ``ignore``: no check and no collective (a NaN then reaches the weights).
 
 Steps are numbered from 0 within an epoch; epochs from 1.
 """
@@ -39,7 +39,7 @@ class NonFiniteGuard:
 
     def check(self, loss: float, model: nn.Module, epoch: int, step: int) -> bool:
         """Collective: True when this step must be skipped; exits (code 4) when the run must stop."""
-        if self.mode == "off":
+        if self.mode == "ignore":
             return False
         be = self.backend
         local, averaged = be.nonfinite_gradients(model)
