@@ -21,6 +21,12 @@ from datkit.compress import ByteCounter, Compressor, CountingCollectives, Gradie
 from .comm_timer import CommTimer
 
 
+def _sum64(t: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of ``t``: non-finite exactly when an element is NaN/Inf (float32/16 values cannot
+    overflow a float64 sum), in one pass without a temporary the size of ``t``."""
+    return t.sum(dtype=torch.float64)
+
+
 class Backend(ABC):
     """Rank/world size/device, joint set-up, gradient synchronisation, collectives, checkpoints.
 
@@ -87,17 +93,17 @@ class Backend(ABC):
     def note_gradients(self, flat: torch.Tensor) -> None:
         """Record whether this worker's local gradients ``flat`` hold a NaN/Inf, before they are compressed
         (no host synchronisation here; ``nonfinite_gradients`` reads the flag)."""
-        bad = ~torch.isfinite(flat).all()
+        bad = ~torch.isfinite(_sum64(flat))
         self._pre_nonfinite = bad if self._pre_nonfinite is None else self._pre_nonfinite | bad
 
     def nonfinite_gradients(self, model: nn.Module) -> tuple[bool, bool]:
         """After backward, before the step: (this worker's local gradients before compression held a NaN/Inf
         -- ``note_gradients``, on the compressed paths --, the gradients in ``.grad`` hold one -- averaged
         where the backend averaged them, then the same on every worker). Resets the pre-compression flag."""
-        flags = [~torch.isfinite(p.grad).all() for p in self.unwrap(model).parameters() if p.grad is not None]
+        sums = [_sum64(p.grad) for p in self.unwrap(model).parameters() if p.grad is not None]
         local = bool(self._pre_nonfinite) if self._pre_nonfinite is not None else False
         self._pre_nonfinite = None
-        return local, bool(torch.stack(flags).any()) if flags else False
+        return local, not bool(torch.isfinite(torch.stack(sums).sum())) if sums else False
 
     def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop this step's gradients without an optimizer step (``train.nonfinite=skip``)."""

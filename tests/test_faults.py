@@ -76,10 +76,22 @@ def launch_cmd(backend: str) -> list[str]:
     return make()
 
 
+def remove_deepspeed_shm(cmd: list[str]) -> None:
+    """DeepSpeed's CPU allreduce keeps a 69 MB ``/dev/shm`` buffer per worker, named by the master port,
+    that a killed (or exiting) worker leaves behind: remove those of the launch ``cmd``."""
+    if "--master_port" in cmd:
+        port = cmd[cmd.index("--master_port") + 1]
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("backend", ["torch", "horovod", "deepspeed"])
 def test_sigkill_of_a_worker_names_it_and_stops_the_job(backend: str, tmp_path: Path) -> None:
-    out = watch_launch([*launch_cmd(backend), *_tiny(), *RUN, f"train.output_dir={tmp_path / 'out'}"], tmp_path,
-                       timeout=300, **KILL)
+    cmd = launch_cmd(backend)
+    try:
+        out = watch_launch([*cmd, *_tiny(), *RUN, f"train.output_dir={tmp_path / 'out'}"], tmp_path, timeout=300, **KILL)
+    finally:
+        remove_deepspeed_shm(cmd)
     killed = out.first(r"datkit-test: rank 1 \(pid (\d+)\) sends itself SIGKILL at epoch 1 step 2")
     assert killed is not None, out.describe()
     assert out.returncode not in (None, 0), out.describe()

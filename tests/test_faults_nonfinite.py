@@ -87,11 +87,15 @@ STOP = r"datkit: non-finite loss/gradient at epoch 1 step 2 on rank\(s\) 1; stop
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("backend", ["torch", "horovod", "deepspeed"])
 def test_stop_on_two_workers_at_the_same_step(backend: str, tmp_path: Path) -> None:
-    from test_faults import launch_cmd
+    from test_faults import launch_cmd, remove_deepspeed_shm
 
     tiny = [a for a in TINY if not a.startswith("backend=")]
-    proc = run_python([*launch_cmd(backend), *tiny, *RUN, f"train.output_dir={tmp_path / 'out'}"], cwd=tmp_path,
-                      timeout=300, DATKIT_TEST_NAN_AT_STEP="1:1:2")
+    cmd = launch_cmd(backend)
+    try:
+        proc = run_python([*cmd, *tiny, *RUN, f"train.output_dir={tmp_path / 'out'}"], cwd=tmp_path, timeout=300,
+                          DATKIT_TEST_NAN_AT_STEP="1:1:2")
+    finally:
+        remove_deepspeed_shm(cmd)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, describe(proc)
     for rank in (0, 1):  # both ranks, the same epoch and step, naming rank 1
