@@ -28,7 +28,6 @@ from datkit.backends import create_backend
 from datkit.config import load_config, validate_config
 from datkit.data import DATASETS, build_data
 from datkit.engine import Trainer, build_model
-from datkit.engine.nonfinite import NonFiniteGuard
 from datkit.methods import StepInfo, create_method
 from datkit.optim import build_optimizer, build_scheduler, eps_at
 
@@ -73,7 +72,6 @@ def build_datkit(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.backend, trainer.model, trainer.optimizer = cfg, backend, model, optimizer
     trainer.raw, trainer.method, trainer.scheduler = backend.unwrap(model), create_method(cfg), scheduler
-    trainer.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips, backend)
     return dict(cfg=cfg, backend=backend, model=model, raw=trainer.raw, optimizer=optimizer, scheduler=scheduler,
                 method=trainer.method, trainer=trainer, progress=float(t.epochs))
 

@@ -72,7 +72,6 @@ class Trainer:
             model = convert_sync_batchnorm(model, backend.device)
         optimizer = build_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad], cfg.train.batch_size)
         self.model, self.optimizer = backend.setup(model, optimizer)
-        self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips, backend)
         self.raw = backend.unwrap(self.model)
         self.sampler = mixed_sampler or ShardedBatchSampler(len(self.data.train), cfg.train.batch_size, backend.rank,
                                                             backend.world_size, seed=cfg.train.seed)
@@ -85,6 +84,16 @@ class Trainer:
         self.writer = (ResultsWriter(self.out, OmegaConf.to_container(cfg, resolve=True), cfg.log.tensorboard, cfg.log.plot, records)
                        if backend.is_main else None)
         self.records = records
+
+    @property
+    def nonfinite(self) -> NonFiniteGuard:
+        """The per-step ``train.nonfinite`` decision (built on first use: the step benches assemble a Trainer
+        from its parts without ``__init__``)."""
+        guard = self.__dict__.get("_nonfinite")
+        if guard is None:
+            guard = self._nonfinite = NonFiniteGuard(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite_skips,
+                                                     self.backend)
+        return guard
 
     # --- one epoch ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
