@@ -91,6 +91,7 @@ class PeerWatch:
         self.store = connect()
         self.me = {"host": socket.gethostname(), "address": _local_address(*address), "pid": os.getpid(),
                    "machine": _machine_id()}
+        self.store.add(f"hb/{rank}", 0)  # exists before the peers look for it (registered before peer/<rank>)
         self.store.set(f"peer/{rank}", json.dumps(self.me))
         others = [r for r in range(world_size) if r != rank]
         self.store.wait([f"peer/{r}" for r in others], datetime.timedelta(seconds=startup_timeout_s))
