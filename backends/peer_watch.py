@@ -22,7 +22,9 @@ process group whose peer is gone can hang in its own tear-down).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import itertools
 import json
 import os
 import signal
@@ -33,6 +35,21 @@ import time
 from typing import Any, Callable
 
 LOST_WORKER_EXIT = 3
+_GENERATION = itertools.count()  # watches started in this process (every rank starts them in the same order)
+_ACTIVE: list["PeerWatch"] = []
+
+
+def next_generation() -> int:
+    """A number for the next watch of this process: its keys stay apart from an earlier watch's (a process
+    may build several backends one after the other, e.g. ``datkit.bench zero``)."""
+    return next(_GENERATION)
+
+
+@atexit.register
+def _stop_all() -> None:
+    """A normal interpreter exit is a clean finish: stop the threads before the store clients go away."""
+    for watch in list(_ACTIVE):
+        watch.stop()
 
 
 def _machine_id() -> str:
@@ -105,6 +122,7 @@ class PeerWatch:
         self._reported = False
         self._thread = threading.Thread(target=self._run, args=(connect(),), name="datkit-peer-watch", daemon=True)
         self._thread.start()
+        _ACTIVE.append(self)
 
     # --- description ---------------------------------------------------------------------------
     def host_of(self, rank: int) -> str:
@@ -232,7 +250,11 @@ class PeerWatch:
         """Stop watching; after a clean finish, tell the peers (``done/<rank>``) that this exit is not a loss."""
         with self._lock:
             self._stop.set()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         self._restore_sigterm()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.interval_s + 1.0)  # no store call in flight when the process exits
         if not clean:
             return
         try:
