@@ -119,7 +119,9 @@ def test_a_frozen_worker_is_named_after_peer_timeout(tmp_path: Path) -> None:
     stopped, lost = out.first("sends itself SIGSTOP"), out.first(LOST)
     assert stopped is not None and lost is not None, out.describe()
     assert lost[1].group(1).startswith("no heart-beat for"), out.describe()
-    assert 4 <= lost[0] - stopped[0] < 15, out.describe()  # dist.peer_timeout_s, not dist.timeout_s (600 s)
+    # dist.peer_timeout_s (4 s, counted from the last heart-beat seen, up to one 0.8 s interval before the freeze),
+    # not dist.timeout_s (600 s)
+    assert 3 <= lost[0] - stopped[0] < 15, out.describe()
     assert out.returncode not in (None, 0) and not out.left_over, out.describe()
 
 
