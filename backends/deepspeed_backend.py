@@ -26,7 +26,7 @@ from torch import nn
 from datkit.config import ConfigError
 
 from .base import Backend
-from .deepspeed_comm import CommMeter
+from .deepspeed_comm import CommMeter, unlink_shm_buffer
 from .deepspeed_config import build_ds_config
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
@@ -58,6 +58,7 @@ class DeepSpeedBackend(Backend):
         deepspeed.init_distributed(dist_backend="nccl" if want_cuda else "gloo", verbose=False,
                                    timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         self.rank, self.world_size = ds_comm.get_rank(), ds_comm.get_world_size()
+        unlink_shm_buffer(ds_comm, self.rank)
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.local_world_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if want_cuda:

@@ -11,6 +11,7 @@ payload, by the ring model of ``datkit.compress.accounting``, into its ``ByteCou
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -87,3 +88,21 @@ class CommMeter:
                 self.counter.add(_nbytes(payload) * factor(self.world_size))
 
         return wrapper
+
+
+def unlink_shm_buffer(ds_comm: Any, rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory allreduce buffer from ``/dev/shm``.
+
+    On CPU, ``deepspeed.init_distributed`` builds its shm op, and when all ranks are on one machine every rank
+    creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (69 MB) and maps the
+    others'. DeepSpeed 0.19 never unlinks them, so every run on a new port (each test, each launch with a free
+    port) left 69 MB per worker behind (7 GB after a day of runs here). After a barrier every rank has mapped every
+    buffer, so the names can go: the memory itself lives until the last process unmaps it, also when killed.
+    """
+    path = "/dev/shm/deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+    ds_comm.barrier()  # every rank, every time (whether a name exists may differ between ranks)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -27,8 +27,13 @@ def _port() -> int:
 
 
 def _deepspeed(args: list[str], cwd: Path, timeout: float = 400):
-    return run_python(["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+    port = _port()
+    proc = run_python(["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
                        str(REPO / "datkit" / "train.py"), "backend=deepspeed", *args], cwd=cwd, timeout=timeout)
+    # DeepSpeed's CPU shm allreduce buffers (69 MB per worker) are named by port; datkit unlinks them at start-up
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"DeepSpeed shared-memory buffers left in /dev/shm: {left}"
+    return proc
 
 
 def _torchrun(args: list[str], cwd: Path):
