@@ -23,11 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from datkit.config import ConfigError
-
 from .base import Backend
 from .deepspeed_comm import CommMeter, unlink_shm_buffer
-from .deepspeed_config import build_ds_config
+from .deepspeed_config import build_ds_config, refuse_at_zero_stage
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
@@ -66,30 +64,7 @@ class DeepSpeedBackend(Backend):
             self.device = torch.device("cuda", self.local_rank)
         self.ds_config = build_ds_config(cfg, self.world_size, on_gpu=want_cuda)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        if cfg.compression.name != "none" and self.zero_stage >= 1:
-            raise ConfigError(
-                f"compression.name={cfg.compression.name} needs ZeRO stage 0 (deepspeed.zero_stage, or the stage in "
-                f"deepspeed.config_file; got {self.zero_stage}): ZeRO >= 1 reduce-scatters gradients into "
-                "optimizer-state partitions inside DeepSpeed, where a compressor cannot take over (DeepSpeed's own "
-                "1-bit optimizers refused ZeRO >= 1 for the same reason). Choose deepspeed.zero_stage=0 with "
-                "compression, or compression.name=none with ZeRO.")
-        if cfg.optim.name == "lalr" and self.zero_stage >= 1:
-            raise ConfigError(
-                f"optim.name=lalr with ZeRO stage {self.zero_stage}: ZeRO >= 1 hands the client optimizer flattened "
-                "partitions of many layers, so LALR's per-layer trust ratio would be computed per partition; use "
-                "deepspeed.zero_stage=0 (or backend=torch)")
-        from datkit.methods import METHODS
-
-        if self.zero_stage >= 3 and getattr(METHODS.get(cfg.method.name), "reads_parameters", False):
-            raise ConfigError(
-                f"method.name={cfg.method.name} with ZeRO stage 3: its bounds read every layer's weights directly, "
-                "and ZeRO-3 keeps only this worker's partition of them outside forward(); use "
-                "deepspeed.zero_stage=0, 1 or 2 (or backend=torch)")
-        if cfg.train.nonfinite == "skip" and self.zero_stage >= 1:
-            raise ConfigError(
-                f"train.nonfinite=skip with ZeRO stage {self.zero_stage}: ZeRO >= 1 keeps gradients in its own "
-                "partitions, which datkit cannot drop (DeepSpeed's ZeRO optimizer already skips a step whose "
-                "partitioned gradients overflow); use train.nonfinite=stop, or deepspeed.zero_stage=0")
+        refuse_at_zero_stage(cfg, self.zero_stage)
         self.engine = None
         self.meter = CommMeter(self.comm_timer, self.byte_counter, self.world_size)
 

@@ -54,3 +54,32 @@ def build_ds_config(cfg, world_size: int, on_gpu: bool) -> dict[str, Any]:
             user.pop(k, None)
         ds = _merge(ds, user)
     return ds
+
+
+def refuse_at_zero_stage(cfg, stage: int) -> None:
+    """Raise ``ConfigError`` for the first option that ``stage`` cannot carry (each rule: minimum stage, test, why)."""
+    from datkit.methods import METHODS
+
+    rules = [
+        (1, cfg.compression.name != "none",
+         f"compression.name={cfg.compression.name} needs ZeRO stage 0 (deepspeed.zero_stage, or the stage in "
+         f"deepspeed.config_file; got {stage}): ZeRO >= 1 reduce-scatters gradients into "
+         "optimizer-state partitions inside DeepSpeed, where a compressor cannot take over (DeepSpeed's own "
+         "1-bit optimizers refused ZeRO >= 1 for the same reason). Choose deepspeed.zero_stage=0 with "
+         "compression, or compression.name=none with ZeRO."),
+        (1, cfg.optim.name == "lalr",
+         f"optim.name=lalr with ZeRO stage {stage}: ZeRO >= 1 hands the client optimizer flattened "
+         "partitions of many layers, so LALR's per-layer trust ratio would be computed per partition; use "
+         "deepspeed.zero_stage=0 (or backend=torch)"),
+        (3, getattr(METHODS.get(cfg.method.name), "reads_parameters", False),
+         f"method.name={cfg.method.name} with ZeRO stage 3: its bounds read every layer's weights directly, "
+         "and ZeRO-3 keeps only this worker's partition of them outside forward(); use "
+         "deepspeed.zero_stage=0, 1 or 2 (or backend=torch)"),
+        (1, cfg.train.nonfinite == "skip",
+         f"train.nonfinite=skip with ZeRO stage {stage}: ZeRO >= 1 keeps gradients in its own "
+         "partitions, which datkit cannot drop (DeepSpeed's ZeRO optimizer already skips a step whose "
+         "partitioned gradients overflow); use train.nonfinite=stop, or deepspeed.zero_stage=0"),
+    ]
+    for min_stage, applies, why in rules:
+        if stage >= min_stage and applies:
+            raise ConfigError(why)
