@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .base import Backend
+from .p2p_exchange import p2p_all_gather, p2p_all_to_all, use_p2p_exchange
 from .deepspeed_comm import CommMeter, unlink_shm_buffer
 from .deepspeed_config import build_ds_config, refuse_at_zero_stage
 
@@ -57,6 +58,7 @@ class DeepSpeedBackend(Backend):
                                    timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         self.rank, self.world_size = ds_comm.get_rank(), ds_comm.get_world_size()
         unlink_shm_buffer(ds_comm, self.rank)
+        self._p2p_exchange = self.world_size > 1 and use_p2p_exchange()  # deepspeed.comm runs on torch.distributed
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.local_world_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if want_cuda:
@@ -129,6 +131,8 @@ class DeepSpeedBackend(Backend):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor.unsqueeze(0)
+        if self._p2p_exchange:
+            return p2p_all_gather(tensor, self.rank, self.world_size)
         out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
         self._comm.all_gather_into_tensor(out, tensor.contiguous().reshape(-1))
         return out.view(self.world_size, *tensor.shape)
@@ -136,6 +140,8 @@ class DeepSpeedBackend(Backend):
     def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor
+        if self._p2p_exchange:
+            return p2p_all_to_all(tensor, self.rank, self.world_size)
         out = torch.empty_like(tensor)
         self._comm.all_to_all_single(out, tensor.contiguous())
         return out

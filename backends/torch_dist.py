@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .base import Backend
+from .p2p_exchange import p2p_all_gather, p2p_all_to_all, use_p2p_exchange
 from .ddp_hooks import CompressedHook, timed_allreduce_hook
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -41,6 +42,7 @@ class TorchBackend(Backend):
         self._owns_group = dist.is_initialized()
         if self._owns_group:
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._p2p_exchange = self._owns_group and use_p2p_exchange()
         if want_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
@@ -78,6 +80,8 @@ class TorchBackend(Backend):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor.unsqueeze(0)
+        if self._p2p_exchange:
+            return p2p_all_gather(tensor, self.rank, self.world_size)
         out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
         dist.all_gather_into_tensor(out, tensor.contiguous().reshape(-1))  # gloo wants a flat output
         return out.view(self.world_size, *tensor.shape)
@@ -85,6 +89,8 @@ class TorchBackend(Backend):
     def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor
+        if self._p2p_exchange:
+            return p2p_all_to_all(tensor, self.rank, self.world_size)
         out = torch.empty_like(tensor)
         dist.all_to_all_single(out, tensor.contiguous())
         return out

@@ -26,10 +26,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _deepspeed(args: list[str], cwd: Path, timeout: float = 400):
+def _deepspeed(args: list[str], cwd: Path, timeout: float = 400, script: Path = REPO / "datkit" / "train.py", **env: str):
     port = _port()
+    train = script.name == "train.py"  # datkit.train takes --local_rank; a plain script gets --no_local_rank
     proc = run_python(["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-                       str(REPO / "datkit" / "train.py"), "backend=deepspeed", *args], cwd=cwd, timeout=timeout)
+                       *([] if train else ["--no_local_rank"]), str(script), *(["backend=deepspeed"] if train else []),
+                       *args], cwd=cwd,
+                      timeout=timeout, **env)
     # DeepSpeed's CPU shm allreduce buffers (69 MB per worker) are named by port; datkit unlinks them at start-up
     left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"DeepSpeed shared-memory buffers left in /dev/shm: {left}"
@@ -87,6 +90,16 @@ def test_onebit_compression_at_stage_0(tmp_path: Path) -> None:
     assert proc.returncode == 0, describe(proc)
     rec = load_checkpoint(out)["records"][0]
     assert 0 < rec["bytes_per_iter"] < 2000, rec  # ~1/32 of the float32 gradient (18,440 bytes) plus scales
+
+
+def test_collectives(tmp_path: Path) -> None:
+    """``tests/helpers/collective_checks.py`` (shared with the torch and Horovod tests) on 2 DeepSpeed workers."""
+    proc = _deepspeed([str(tmp_path)], tmp_path, script=REPO / "tests" / "helpers" / "collective_checks.py",
+                      DATKIT_TEST_BACKEND="deepspeed")
+    assert proc.returncode == 0, describe(proc)
+    results = {r: (tmp_path / f"result{r}").read_text() if (tmp_path / f"result{r}").exists() else "no result file"
+               for r in range(2)}
+    assert results == {0: "ok", 1: "ok"}, f"collectives failed: {results}"
 
 
 def test_compression_with_zero_stage_1_fails_at_start_up(tmp_path: Path) -> None:

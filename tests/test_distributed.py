@@ -7,11 +7,10 @@
 """
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
-from helpers.runs import TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
+from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -79,87 +78,17 @@ def test_gradient_accumulation_matches_one_batch(tmp_path: Path) -> None:
     assert a["records"][0]["train_loss"] == pytest.approx(b["records"][0]["train_loss"], abs=1e-5)
 
 
-_COLLECTIVES_WORKER = textwrap.dedent('''
-    import sys
-    import traceback
-    from pathlib import Path
-
-    import torch
-
-    from datkit.backends.torch_dist import TorchBackend
-
-    out = Path(sys.argv[1])
-    be = TorchBackend(device="cpu")
-    r, w = be.rank, be.world_size
-    failures = []
-
-
-    def check(name, fn):
-        """Run one collective's checks; record (not raise) a failure so the others still run."""
-        try:
-            fn()
-        except Exception:
-            failures.append(f"{name}: {traceback.format_exc(limit=2).strip().splitlines()[-1]}")
-
-
-    def identity():
-        assert w == 2, f"world_size {w}"
-        assert be.device == torch.device("cpu")
-
-
-    def all_reduce():
-        t = torch.tensor([1.0, 2.0]) * (r + 1)
-        assert be.all_reduce(t, op="sum").tolist() == [3.0, 6.0], t
-        assert t.tolist() == [3.0, 6.0], "all_reduce is not in place"
-        t = torch.tensor([1.0, 2.0]) * (r + 1)
-        assert be.all_reduce(t, op="mean").tolist() == [1.5, 3.0], t
-        t = torch.tensor([float(r), 10.0 - r])
-        assert be.all_reduce(t, op="max").tolist() == [1.0, 10.0], t
-        t = torch.tensor([r + 5], dtype=torch.int64)
-        assert be.all_reduce(t, op="sum").tolist() == [11], t
-
-
-    def all_gather():
-        g = be.all_gather(torch.full((3, 2), float(r)))
-        assert g.shape == (w, 3, 2), g.shape
-        assert torch.equal(g[0], torch.zeros(3, 2)) and torch.equal(g[1], torch.ones(3, 2)), g
-        g = be.all_gather(torch.tensor([float(r), 5.0]))
-        assert g.tolist() == [[0.0, 5.0], [1.0, 5.0]], g
-
-
-    def all_to_all():
-        # chunk j of dim 0 goes to rank j: rank r receives chunk r of every rank, in rank order
-        send = torch.tensor([[10 * r + j, 100 + 10 * r + j] for j in range(w)], dtype=torch.float32)
-        recv = be.all_to_all(send)
-        assert recv.shape == send.shape, recv.shape
-        assert recv.tolist() == [[10 * j + r, 100 + 10 * j + r] for j in range(w)], recv
-
-
-    def broadcast():
-        b = torch.full((4,), float(r + 7))
-        assert be.broadcast(b, src=1).tolist() == [8.0] * 4, b
-        b = torch.full((4,), float(r + 7))
-        assert be.broadcast(b).tolist() == [7.0] * 4, b
-
-
-    for name, fn in [("identity", identity), ("all_reduce", all_reduce), ("all_gather", all_gather),
-                     ("all_to_all", all_to_all), ("broadcast", broadcast), ("barrier", be.barrier)]:
-        check(name, fn)
-    (out / f"result{r}").write_text("ok" if not failures else "\\n".join(failures))
-    be.barrier()
-    be.close()
-    be.close()  # idempotent
-''')
-
-
-def test_torch_backend_collectives(tmp_path: Path) -> None:
-    script = tmp_path / "collectives_worker.py"
-    script.write_text(_COLLECTIVES_WORKER)
-    proc = _torchrun(2, [str(script), str(tmp_path)], cwd=tmp_path, timeout=240)
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torch_backend_collectives(nproc: int, tmp_path: Path) -> None:
+    """``tests/helpers/collective_checks.py`` (shared with the Horovod and DeepSpeed tests) on 2 and 3 workers:
+    on gloo the compressed exchange's all_to_all / all_gather are receive-first p2p (``backends/p2p_exchange.py``)."""
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       str(REPO / "tests" / "helpers" / "collective_checks.py"), str(tmp_path)], cwd=tmp_path,
+                      timeout=240, DATKIT_TEST_BACKEND="torch", DATKIT_TEST_WORLD=str(nproc))
     assert proc.returncode == 0, describe(proc)
     results = {r: (tmp_path / f"result{r}").read_text() if (tmp_path / f"result{r}").exists() else "no result file"
-               for r in range(2)}
-    assert results == {0: "ok", 1: "ok"}, f"collectives failed: {results}"
+               for r in range(nproc)}
+    assert results == {r: "ok" for r in range(nproc)}, f"collectives failed: {results}"
 
 
 def test_torch_backend_single_process_collectives_are_noops() -> None:

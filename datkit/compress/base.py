@@ -105,34 +105,38 @@ class Compressor(ABC):
         chunk = math.ceil(n / (m * self.align)) * self.align
         padded = torch.zeros(m * chunk, dtype=torch.float32, device=flat.device)
         padded[:n] = flat.reshape(-1)
-        valid = torch.zeros(m * chunk, dtype=torch.bool, device=flat.device)
-        valid[:n] = True
-        rows, valid_rows = padded.view(m, chunk), valid.view(m, chunk)
+        rows = padded.view(m, chunk)
+        # elements of this rank's chunk that are real gradient (the rest is padding, kept at 0)
+        mine = min(chunk, max(0, n - coll.rank * chunk))
 
         # 1. worker: (error feedback +) compress, one row per destination, send with all_to_all
         if self.worker_feedback:
-            rows = rows + self._residual("worker", key, rows)
+            rows.add_(self._residual("worker", key, rows))
         payload = self.compress(rows)
         if self.worker_feedback:
-            self.residuals["worker"][key] = torch.where(valid_rows, rows - self.decompress(payload), 0.0)
+            error = rows - self.decompress(payload)
+            error.view(-1)[n:] = 0.0
+            self.residuals["worker"][key] = error
         received = self._exchange(payload, coll.all_to_all)
 
         # 2. server (this rank owns chunk `rank`): average the M decoded versions in float32, rank order
-        mine = valid_rows[coll.rank]
-        decoded = torch.where(mine, self.decompress(received), 0.0)
+        decoded = self.decompress(received)
         agg = decoded[0].clone()
         for i in range(1, m):
             agg += decoded[i]
         agg /= m
+        agg[mine:] = 0.0
 
         # 3. back to every worker: re-compressed (two-sided) or float32 (one-sided), all_gather
         if self.two_sided:
             one = agg.unsqueeze(0)
             if self.server_feedback:
-                one = one + self._residual("server", key, one)
+                one = one.add_(self._residual("server", key, one))
             back = self.compress(one)
             if self.server_feedback:
-                self.residuals["server"][key] = torch.where(mine, one - self.decompress(back), 0.0)
+                error = one - self.decompress(back)
+                error[:, mine:] = 0.0
+                self.residuals["server"][key] = error
             gathered = self._exchange(back, coll.all_gather, squeeze=True)
             out = self.decompress(gathered)
         else:

@@ -13,19 +13,26 @@ import torch
 
 from .base import Compressor, Payload
 
-_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+# Bit-packing with integer arithmetic (one int64 multiply per 8 signs instead of 8 shifts and a sum):
+# 8 bytes b_0..b_7 in {0, 1}, read as one little-endian int64 x = sum_i b_i 2^(8i), times
+# K = sum_i 2^(63 - 9i) puts b_i at bit 63 - i and every cross term outside bits 56..63 (no carries),
+# so (x * K) >> 56 is the byte b_0 b_1 ... b_7 (b_0 the most significant bit).
+_PACK_MAGIC = 0x8040201008040201 - (1 << 64)  # as a signed int64; the product wraps, only bits 56..63 matter
+# Unpacking by table: row b of _SIGNS holds the 8 signs (+1 / -1, most significant bit first) of byte b.
+_SIGNS = torch.tensor([[1.0 if (b >> (7 - i)) & 1 else -1.0 for i in range(8)] for b in range(256)])
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """(R, c) -> (R, c/8) uint8, bit 1 where ``x >= 0`` (c must be a multiple of 8)."""
-    bits = (x >= 0).to(torch.uint8).reshape(x.shape[0], -1, 8)
-    return (bits << _SHIFTS.to(x.device)).sum(dim=-1, dtype=torch.uint8)
+    """(R, c) -> (R, c/8) uint8, bit 1 where ``x >= 0``, first element in the most significant bit
+    (c must be a multiple of 8)."""
+    bits = (x >= 0).contiguous().view(torch.uint8).reshape(-1, 8).view(torch.int64)
+    return bits.mul_(_PACK_MAGIC).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8).reshape(x.shape[0], -1)
 
 
 def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
     """(R, c/8) uint8 -> (R, c) float32 of +1 / -1."""
-    bits = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(packed.shape[0], -1).float() * 2 - 1
+    table = _SIGNS if packed.device == _SIGNS.device else _SIGNS.to(packed.device)
+    return table.index_select(0, packed.reshape(-1).int()).reshape(packed.shape[0], -1)
 
 
 class OneBit(Compressor):
@@ -52,7 +59,7 @@ class OneBit(Compressor):
         packed, scale = payload
         r = packed.shape[0]
         signs = unpack_signs(packed).reshape(r, -1, self.block_size)
-        return (signs * scale.reshape(r, -1, 1)).reshape(r, -1)
+        return signs.mul_(scale.reshape(r, -1, 1)).reshape(r, -1)
 
     def describe(self) -> str:
         return f"onebit ({'error feedback' if self.error_feedback else 'no feedback'}, block {self.block_size})"
