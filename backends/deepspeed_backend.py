@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .base import Backend
+from .elastic_group import init_group_for_attempt, restart_attempt
 from .p2p_exchange import p2p_all_gather, p2p_all_to_all, use_p2p_exchange
 from .deepspeed_comm import CommMeter, unlink_shm_buffer
 from .deepspeed_config import build_ds_config, refuse_at_zero_stage
@@ -54,8 +55,12 @@ class DeepSpeedBackend(Backend):
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(k, v)  # a plain `python -m datkit.train backend=deepspeed` is one worker
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(dist_backend="nccl" if want_cuda else "gloo", verbose=False,
-                                   timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+        timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
+        if restart_attempt() > 0 and not torch.distributed.is_initialized():
+            # restarted by torchrun --max-restarts: the dead attempt's gloo keys are still in torchrun's store;
+            # start the group under this attempt's own prefix, DeepSpeed adopts an initialized group
+            init_group_for_attempt("nccl" if want_cuda else "gloo", timeout)
+        deepspeed.init_distributed(dist_backend="nccl" if want_cuda else "gloo", verbose=False, timeout=timeout)
         self.rank, self.world_size = ds_comm.get_rank(), ds_comm.get_world_size()
         unlink_shm_buffer(ds_comm, self.rank)
         self._p2p_exchange = self.world_size > 1 and use_p2p_exchange()  # deepspeed.comm runs on torch.distributed

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .base import Backend
+from .elastic_group import init_group_for_attempt
 from .p2p_exchange import p2p_all_gather, p2p_all_to_all, use_p2p_exchange
 from .ddp_hooks import CompressedHook, timed_allreduce_hook
 
@@ -38,7 +39,7 @@ class TorchBackend(Backend):
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            _init_group("nccl" if want_cuda else "gloo", datetime.timedelta(seconds=timeout_s))
+            init_group_for_attempt("nccl" if want_cuda else "gloo", datetime.timedelta(seconds=timeout_s))
         self._owns_group = dist.is_initialized()
         if self._owns_group:
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -109,22 +110,3 @@ class TorchBackend(Backend):
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False
-
-
-def _init_group(backend: str, timeout: datetime.timedelta) -> None:
-    """``init_process_group`` from torchrun's environment; after a restart (``--max-restarts``) under a fresh key prefix.
-
-    torchrun keeps its agent's TCPStore across restarts, and gloo publishes each rank's listening address under the
-    same keys in every attempt: a restarted rank 0 could read the dead attempt's address of rank 1 and fail with
-    "Connection refused" (seen in CI). Attempt n > 0 therefore keeps its keys under ``datkit/attempt_n/``.
-    """
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0:
-        dist.init_process_group(backend, timeout=timeout)
-        return
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"datkit/attempt_{attempt}", store), rank=rank,
-                            world_size=world_size, timeout=timeout)

@@ -4,8 +4,8 @@
   the job is gone within 60 s, the launcher exits non-zero, and the survivor (rank 0) says
   ``datkit: lost worker rank 1 (host ..., pid ...)`` and exits with code 3; a frozen rank 1 (SIGSTOP,
   no error anywhere) is named within ``dist.peer_timeout_s`` instead of the 600 s collective timeout;
-- ``torchrun --max-restarts 1``: the job restarts from the last complete checkpoint and its final
-  weights equal an uninterrupted run's exactly;
+- ``torchrun --max-restarts 1`` (torch and DeepSpeed backends): the job restarts from the last complete
+  checkpoint and its final weights equal an uninterrupted run's exactly;
 - SIGKILL inside a checkpoint write leaves the previous checkpoint loadable, and a resume works.
 
 Faults are injected with the test-only hooks of ``datkit.engine.fault_injection`` and
@@ -125,14 +125,19 @@ def test_a_frozen_worker_is_named_after_peer_timeout(tmp_path: Path) -> None:
     assert out.returncode not in (None, 0) and not out.left_over, out.describe()
 
 
-def test_torchrun_restart_resumes_from_the_last_checkpoint_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_torchrun_restart_resumes_from_the_last_checkpoint_exactly(backend: str, tmp_path: Path) -> None:
+    """torchrun restarts the job; the DeepSpeed backend runs under torchrun as well (its own launcher has no restarts)."""
+    if LAUNCHERS[backend][1]:
+        pytest.skip(LAUNCHERS[backend][1])
     args = [*_tiny(), "train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.name=cosine",
             "train.checkpoint_every=1", "train.resume=true"]
-    full = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.train",
-                       "backend=torch", *args, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    full = run_python([*torchrun, "-m", "datkit.train", f"backend={backend}", *args,
+                       f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300)
     assert full.returncode == 0, describe(full)
-    out = watch_launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m",
-                        "datkit.train", "backend=torch", *args, f"train.output_dir={tmp_path / 'restarted'}"], tmp_path,
+    out = watch_launch([*torchrun, "--max-restarts=1", "-m", "datkit.train", f"backend={backend}", *args,
+                        f"train.output_dir={tmp_path / 'restarted'}"], tmp_path,
                        timeout=300, DATKIT_TEST_KILL_AT_STEP="1:2:1")  # mid-epoch 2, after epoch 1's checkpoint
     assert out.returncode == 0, out.describe()
     assert out.first("sends itself SIGKILL at epoch 2 step 1") and out.first(LOST), out.describe()
@@ -142,6 +147,33 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint_exactly(tmp_path: Pat
     assert_same_weights(restarted["model"], ref["model"], atol=0.0)
     assert [r["epoch"] for r in restarted["records"]] == [1, 2]
     assert [r["train_loss"] for r in restarted["records"]] == [r["train_loss"] for r in ref["records"]]
+
+
+@pytest.mark.parametrize("backend", ["horovod", "deepspeed"])
+def test_relaunch_with_resume_after_a_lost_worker_is_exact(backend: str, tmp_path: Path) -> None:
+    """The recovery for launchers without restarts (horovodrun without elastic, deepspeed): the job stops with
+    the lost worker named; the same command again with ``train.resume=true`` ends with the uninterrupted run's weights."""
+    cmd = launch_cmd(backend)
+    args = [*_tiny(), "train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.name=cosine",
+            "train.checkpoint_every=1", "train.resume=true"]
+    try:
+        full = run_python([*cmd, *args, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300)
+        assert full.returncode == 0, describe(full)
+        cmd = launch_cmd(backend)  # a fresh master port
+        killed = watch_launch([*cmd, *args, f"train.output_dir={tmp_path / 'again'}"], tmp_path, timeout=300,
+                              DATKIT_TEST_KILL_AT_STEP="1:2:1")
+        assert killed.returncode not in (None, 0) and killed.first(LOST), killed.describe()
+        remove_deepspeed_shm(cmd)
+        cmd = launch_cmd(backend)
+        again = run_python([*cmd, *args, f"train.output_dir={tmp_path / 'again'}"], cwd=tmp_path, timeout=300)
+    finally:
+        remove_deepspeed_shm(cmd)
+    assert again.returncode == 0, describe(again)
+    assert "resumed from" in again.stdout + again.stderr and "after epoch 1" in again.stdout + again.stderr, describe(again)
+    resumed, ref = load_checkpoint(tmp_path / "again"), load_checkpoint(tmp_path / "full")
+    assert resumed["epoch"] == ref["epoch"] == 2
+    assert_same_weights(resumed["model"], ref["model"], atol=0.0)
+    assert [r["train_loss"] for r in resumed["records"]] == [r["train_loss"] for r in ref["records"]]
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
