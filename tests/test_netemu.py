@@ -185,6 +185,24 @@ def test_bench_network_tiny_grid(tmp_path: Path) -> None:
     assert (out / "bench_network.png").stat().st_size > 1000
 
 
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_bench_network_compressed_c_follows_the_bytes_at_100mbit(tmp_path: Path) -> None:
+    """Issue 9's goal on the bench's own job (cnn_small, 2 hosts, 100 Mbit/s): C(int8 two-sided)/C(none) <= 0.3 and
+    C(onebit)/C(none) <= 0.06, on the least-disturbed epoch (``C min``; the test machine may be shared), and the
+    int8-2s exchange within 25% of its wire time (gloo's own collectives took 1.4-1.7x, see backends/p2p_exchange.py)."""
+    out = tmp_path / "bench"
+    proc = run_python(["-m", "datkit.bench", "network", "--hosts", "2", "--rates", "100mbit", "--compressors", "none",
+                       "int8-2s", "onebit", "--epochs", "3", "--prefix", _prefix("g"), "--out", str(out)],
+                      cwd=tmp_path, timeout=380)
+    assert proc.returncode == 0, describe(proc)
+    rows = {r["compressor"]: r for r in json.loads((out / "bench_network.json").read_text())["rows"]}
+    int8, onebit = rows["int8-2s"], rows["onebit"]
+    assert int8["C_min_ratio"] <= 0.3 and onebit["C_min_ratio"] <= 0.06, (int8, onebit)
+    assert int8["C_min_s"] <= 1.25 * int8["C_wire_s"], int8
+
+
 def test_launcher_script_help() -> None:
     proc = run_python([str(REPO / "launchers" / "emulated_hosts.py"), "--help"], cwd=REPO)
     assert proc.returncode == 0 and all(w in proc.stdout for w in ("up", "down", "run", "probe")), describe(proc)
