@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.launch_watch import watch_launch
+from helpers.launch_watch import process_tree, session_pids, watch_launch
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -176,32 +176,47 @@ def test_relaunch_with_resume_after_a_lost_worker_is_exact(backend: str, tmp_pat
     assert [r["train_loss"] for r in resumed["records"]] == [r["train_loss"] for r in ref["records"]]
 
 
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", [None, "torch", "horovod", "deepspeed"], ids=["one_process", "torch", "horovod",
+                                                                             "deepspeed"])
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str | None, tmp_path: Path) -> None:
+    """The whole job (launcher and every worker) is SIGKILLed while rank 0 writes epoch 2's checkpoint; the previous
+    one loads, and a resume from it ends with the uninterrupted run's weights."""
     import torch
 
-    args = ["-m", "datkit.train", *TINY, "train.epochs=3", "train.max_steps=2", "train.checkpoint_every=1",
-            f"train.output_dir={tmp_path / 'run'}"]
+    def cmd() -> list[str]:  # a fresh command (master port) per launch
+        return ["-m", "datkit.train", *TINY] if backend is None else [*launch_cmd(backend), *_tiny()]
+
+    args = ["train.epochs=3", "train.max_steps=2", "train.checkpoint_every=1"]
+    run = tmp_path / "run"
     writes: list[int] = []
 
     def kill_in_second_write(t: float, line: str, pid: int) -> None:
-        if line.startswith("datkit-test: checkpoint temp file written"):
+        if "datkit-test: checkpoint temp file written" in line:  # horovodrun prefixes lines with [1,0]<stderr>:
             writes.append(1)
             if len(writes) == 2:  # epoch 2's checkpoint is on disk under its temp name, not yet renamed
-                os.kill(pid, signal.SIGKILL)
+                for p in {*process_tree(pid), *session_pids(pid)}:
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
 
-    out = watch_launch(args, tmp_path, timeout=200, on_line=kill_in_second_write,
-                       DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S="3")
+    launch = cmd()
+    try:
+        out = watch_launch([*launch, *args, f"train.output_dir={run}"], tmp_path, timeout=240,
+                           on_line=kill_in_second_write, DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S="3")
+    finally:
+        remove_deepspeed_shm(launch)
     assert out.returncode == -signal.SIGKILL and len(writes) == 2, out.describe()
-    run = tmp_path / "run"
     assert list(run.glob(".tmp-*.pt")), sorted(p.name for p in run.iterdir())  # killed inside the write window
     previous = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert previous["epoch"] == 1
 
-    resumed = run_python([*args, "train.resume=true"], cwd=tmp_path, timeout=200)
+    resumed = run_python([*cmd(), *args, f"train.output_dir={run}", "train.resume=true"], cwd=tmp_path, timeout=240)
     assert resumed.returncode == 0, describe(resumed)
-    assert "resumed from" in resumed.stdout and "after epoch 1" in resumed.stdout, describe(resumed)
+    said = resumed.stdout + resumed.stderr
+    assert "resumed from" in said and "after epoch 1" in said, describe(resumed)
     assert not list(run.glob(".tmp-*.pt"))  # the leftover of the killed write is cleaned up by the next save
     # the uninterrupted run, started like the others (a subprocess: same thread count, so bit-equal weights)
-    full = run_python([*args[:-1], f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=200)
+    full = run_python([*cmd(), *args, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=240)
     assert full.returncode == 0, describe(full)
     assert_same_weights(load_checkpoint(run)["model"], load_checkpoint(tmp_path / "full")["model"], atol=0.0)

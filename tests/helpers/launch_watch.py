@@ -45,7 +45,7 @@ class Launch:
         return f"exit {self.returncode} at {self.exited_at:.1f} s, left over {self.left_over}\n{tail}"
 
 
-def _session_pids(sid: int) -> list[int]:
+def session_pids(sid: int) -> list[int]:
     pids = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -57,6 +57,26 @@ def _session_pids(sid: int) -> list[int]:
             except (OSError, IndexError):
                 pass
     return pids
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its living descendants (by parent pid; torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[0] not in ("Z", "X"):
+                    children.setdefault(int(fields[1]), []).append(int(name))
+            except (OSError, IndexError):
+                pass
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
 
 
 def watch_launch(args: Sequence[str], cwd: str | os.PathLike, timeout: float,
@@ -82,9 +102,9 @@ def watch_launch(args: Sequence[str], cwd: str | os.PathLike, timeout: float,
         out.returncode = None
     out.exited_at = time.monotonic() - start
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _session_pids(proc.pid):
+    while time.monotonic() < deadline and session_pids(proc.pid):
         time.sleep(0.2)
-    out.left_over = _session_pids(proc.pid)
+    out.left_over = session_pids(proc.pid)
     for pid in [proc.pid, *out.left_over]:
         try:
             os.kill(pid, signal.SIGKILL)
