@@ -145,12 +145,16 @@ class Compressor(ABC):
 
     @staticmethod
     def _exchange(payload: Payload, op, squeeze: bool = False) -> Payload:
-        """Send each payload tensor as bytes with ``op`` (all_to_all or all_gather) and view it back."""
-        out = []
-        for t in payload:
-            sent = _to_bytes(t[0] if squeeze else t)
-            got = op(sent)
-            out.append(_from_bytes(got.reshape(got.shape[0], -1) if squeeze else got, t.dtype))
+        """Send the payload with ONE ``op`` (all_to_all or all_gather) per phase: its tensors' bytes side by side
+        in one (R, total bytes) uint8 tensor (codes and scales in one message), viewed back after."""
+        views = [_to_bytes(t) for t in payload]  # (R, bytes_i) each
+        packed = views[0] if len(views) == 1 else torch.cat(views, dim=1)
+        got = op(packed[0] if squeeze else packed)
+        got = got.reshape(got.shape[0], -1)
+        out, start = [], 0
+        for t, v in zip(payload, views):
+            out.append(_from_bytes(got[:, start:start + v.shape[1]], t.dtype))
+            start += v.shape[1]
         return tuple(out)
 
     def _residual(self, side: str, key: str, like: torch.Tensor) -> torch.Tensor:
