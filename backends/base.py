@@ -244,10 +244,11 @@ class Backend(ABC):
         where = self.peer_store_address() if peer_timeout_s > 0 and self.world_size > 1 else None
         if where is None:
             return
+        from .elastic_group import restart_attempt
         from .peer_watch import PeerWatch, next_generation, store_client
 
         host, port, host_rank = where
-        prefix = f"datkit/watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next_generation()}"
+        prefix = f"datkit/watch/{restart_attempt()}/{next_generation()}"
         self._watch = PeerWatch(lambda: store_client(host, port, prefix, max(peer_timeout_s, 5.0)), (host, port),
                                 self.rank, self.world_size, peer_timeout_s, startup_timeout_s, host_rank)
         self._watch.install_sigterm_handler()

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from helpers.collective_checks import read_results
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]'; the dev extra has it)")
@@ -97,8 +98,7 @@ def test_collectives(tmp_path: Path) -> None:
     proc = _deepspeed([str(tmp_path)], tmp_path, script=REPO / "tests" / "helpers" / "collective_checks.py",
                       DATKIT_TEST_BACKEND="deepspeed")
     assert proc.returncode == 0, describe(proc)
-    results = {r: (tmp_path / f"result{r}").read_text() if (tmp_path / f"result{r}").exists() else "no result file"
-               for r in range(2)}
+    results = read_results(tmp_path, 2)
     assert results == {0: "ok", 1: "ok"}, f"collectives failed: {results}"
 
 

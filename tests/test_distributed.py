@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers.collective_checks import read_results
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -86,8 +87,7 @@ def test_torch_backend_collectives(nproc: int, tmp_path: Path) -> None:
                        str(REPO / "tests" / "helpers" / "collective_checks.py"), str(tmp_path)], cwd=tmp_path,
                       timeout=240, DATKIT_TEST_BACKEND="torch", DATKIT_TEST_WORLD=str(nproc))
     assert proc.returncode == 0, describe(proc)
-    results = {r: (tmp_path / f"result{r}").read_text() if (tmp_path / f"result{r}").exists() else "no result file"
-               for r in range(nproc)}
+    results = read_results(tmp_path, nproc)
     assert results == {r: "ok" for r in range(nproc)}, f"collectives failed: {results}"
 
 

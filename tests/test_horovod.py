@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.collective_checks import read_results
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 
 # The same assertions as for the torch backend, collected here on this module's ``checks`` fixture.
@@ -209,8 +210,7 @@ def checks_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @needs_horovod
 def test_collectives(checks_run: Path) -> None:
-    results = {r: (checks_run / f"result{r}").read_text() if (checks_run / f"result{r}").exists() else "no result file"
-               for r in range(2)}
+    results = read_results(checks_run, 2)
     assert results == {0: "ok", 1: "ok"}, f"collectives failed: {results}"
     assert "controller=gloo" in json.loads((checks_run / "describe0").read_text())
 

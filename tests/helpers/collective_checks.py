@@ -20,6 +20,12 @@ from datkit.backends import create_backend
 from datkit.config import load_config
 
 
+def read_results(out: Path, world_size: int) -> dict[int, str]:
+    """rank -> what that rank wrote into ``out/result<rank>`` (``ok``, its failures, or ``no result file``)."""
+    return {r: (out / f"result{r}").read_text() if (out / f"result{r}").exists() else "no result file"
+            for r in range(world_size)}
+
+
 def main(out: Path) -> None:
     cfg = load_config(None, [f"backend={os.environ.get('DATKIT_TEST_BACKEND', 'torch')}", "device=cpu"])
     be = create_backend(cfg)

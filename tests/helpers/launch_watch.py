@@ -45,32 +45,38 @@ class Launch:
         return f"exit {self.returncode} at {self.exited_at:.1f} s, left over {self.left_over}\n{tail}"
 
 
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.getsid(int(name)) == sid and int(name) != os.getpid():
-                    with open(f"/proc/{name}/stat") as f:
-                        if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                            pids.append(int(name))
-            except (OSError, IndexError):
-                pass
-    return pids
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its living descendants (by parent pid; torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
+def _living_processes() -> dict[int, int]:
+    """pid -> parent pid of every process that is not a zombie."""
+    parents = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 if fields[0] not in ("Z", "X"):
-                    children.setdefault(int(fields[1]), []).append(int(name))
+                    parents[int(name)] = int(fields[1])
             except (OSError, IndexError):
                 pass
+    return parents
+
+
+def session_pids(sid: int) -> list[int]:
+    """Living processes of session ``sid`` (this process excluded)."""
+    pids = []
+    for pid in _living_processes():
+        try:
+            if os.getsid(pid) == sid and pid != os.getpid():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its living descendants (by parent pid; torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in _living_processes().items():
+        children.setdefault(parent, []).append(pid)
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
