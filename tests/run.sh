@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Quickstart 2: set up .venv with the test extras and run the whole test suite (CPU, a few minutes).
+# Quickstart 2: set up .venv with the test extras and run the whole test suite (CPU; on a fresh 2-core machine about
+# 25 minutes in all: ~9 for the set-up with Horovod's build, the rest pytest; see README "Tests").
+# pytest runs on DATKIT_TEST_WORKERS pytest-xdist workers (default 2; 0 = no xdist), one test file per worker at a
+# time. Extra arguments go to pytest, e.g. `bash tests/run.sh tests/test_config.py -k cli`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launchers/setup_env.sh" dev
@@ -7,4 +10,8 @@ source "$ROOT/launchers/setup_env.sh" dev
 # then installed from the cached wheel. A failed build stops here (set -e): the tests are not run without it.
 PYTHON="$ROOT/.venv/bin/python" bash "$ROOT/launchers/install_horovod.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
+WORKERS="${DATKIT_TEST_WORKERS:-2}"
+if [ "$WORKERS" = 0 ]; then
+  exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
+fi
+exec "$ROOT/.venv/bin/python" -m pytest -q -n "$WORKERS" --dist loadfile "$@"

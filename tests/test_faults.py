@@ -1,7 +1,7 @@
 """Faults that lose nothing: a lost worker, a restart from the last checkpoint, a killed checkpoint write.
 
 - SIGKILL of rank 1 mid-epoch under each launcher (torchrun, horovodrun, deepspeed): every process of
-  the job is gone within 60 s, the launcher exits non-zero, and the survivor (rank 0) says
+  the job is gone within 120 s (far below the 600 s collective timeout), the launcher exits non-zero, and the survivor (rank 0) says
   ``datkit: lost worker rank 1 (host ..., pid ...)`` and exits with code 3; a frozen rank 1 (SIGSTOP,
   no error anywhere) is named within ``dist.peer_timeout_s`` instead of the 600 s collective timeout;
 - ``torchrun --max-restarts 1`` (torch and DeepSpeed backends): the job restarts from the last complete
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from helpers.launch_watch import process_tree, session_pids, watch_launch
+from helpers.ports import reserve_port
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -32,12 +33,6 @@ LOST = r"datkit: lost worker rank 1 \(host [^)]*\), pid \d+\): (.*); this worker
 
 def _tiny() -> list[str]:
     return [a for a in TINY if not a.startswith("backend=")]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _horovod() -> bool:
@@ -62,7 +57,7 @@ LAUNCHERS = {
     "horovod": (lambda: ["-m", "horovod.runner.launch", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
                          "datkit.train", "backend=horovod"],
                 None if _horovod() else "needs Horovod (launchers/install_horovod.sh)"),
-    "deepspeed": (lambda: ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+    "deepspeed": (lambda: ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(reserve_port()),
                            str(REPO / "datkit" / "train.py"), "backend=deepspeed"],
                   None if _deepspeed() else "needs DeepSpeed (pip install -e '.[deepspeed]')"),
 }
@@ -74,6 +69,46 @@ def launch_cmd(backend: str) -> list[str]:
     if missing:
         pytest.skip(missing)
     return make()
+
+
+# The recovery tests (restart, relaunch, killed checkpoint write) all train this run and compare with the same
+# uninterrupted run per backend, launched once for the module (``reference``).
+EXACT = ["train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.name=cosine", "train.checkpoint_every=1",
+         "train.resume=true"]
+
+
+def exact_cmd(backend: str | None) -> list[str]:
+    """The command (fresh master port) of the recovery tests' run: one process, or 2 workers under ``backend``'s launcher."""
+    return ["-m", "datkit.train", *TINY, *EXACT] if backend is None else [*launch_cmd(backend), *_tiny(), *EXACT]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str | None], dict]:
+    """``reference(backend)``: the final checkpoint of the uninterrupted run, launched on first use (then cached)."""
+    cache: dict[str | None, dict] = {}
+
+    def get(backend: str | None) -> dict:
+        if backend not in cache:
+            tmp = tmp_path_factory.mktemp(f"reference-{backend or 'one_process'}")
+            cmd = exact_cmd(backend)
+            try:
+                proc = run_python([*cmd, f"train.output_dir={tmp / 'full'}"], cwd=tmp, timeout=300)
+            finally:
+                remove_deepspeed_shm(cmd)
+            assert proc.returncode == 0, describe(proc)
+            cache[backend] = load_checkpoint(tmp / "full")
+            assert cache[backend]["epoch"] == 2
+        return cache[backend]
+
+    return get
+
+
+def assert_equals_reference(run: dict, ref: dict) -> None:
+    """Same epoch, bit-equal weights and the same per-epoch training losses as the uninterrupted run."""
+    assert run["epoch"] == ref["epoch"] == 2
+    assert_same_weights(run["model"], ref["model"], atol=0.0)
+    assert [r["epoch"] for r in run["records"]] == [1, 2]
+    assert [r["train_loss"] for r in run["records"]] == [r["train_loss"] for r in ref["records"]]
 
 
 def remove_deepspeed_shm(cmd: list[str]) -> None:
@@ -95,7 +130,9 @@ def test_sigkill_of_a_worker_names_it_and_stops_the_job(backend: str, tmp_path: 
     killed = out.first(r"datkit-test: rank 1 \(pid (\d+)\) sends itself SIGKILL at epoch 1 step 2")
     assert killed is not None, out.describe()
     assert out.returncode not in (None, 0), out.describe()
-    assert out.exited_at - killed[0] < 60 and not out.left_over, out.describe()  # nothing hangs
+    # nothing hangs: far below the 600 s collective timeout that would end the job without the watch (generous:
+    # a loaded 2-core machine takes seconds per process to tear down)
+    assert out.exited_at - killed[0] < 120 and not out.left_over, out.describe()
     lost = out.first(LOST)
     assert lost is not None, out.describe()
     assert f"pid {killed[1].group(1)}" in lost[1].group(0), out.describe()  # the killed process, by rank and pid
@@ -119,74 +156,54 @@ def test_a_frozen_worker_is_named_after_peer_timeout(tmp_path: Path) -> None:
     stopped, lost = out.first("sends itself SIGSTOP"), out.first(LOST)
     assert stopped is not None and lost is not None, out.describe()
     assert lost[1].group(1).startswith("no heart-beat for"), out.describe()
-    # dist.peer_timeout_s (4 s, counted from the last heart-beat seen, up to one 0.8 s interval before the freeze),
-    # not dist.timeout_s (600 s)
-    assert 3 <= lost[0] - stopped[0] < 15, out.describe()
+    # dist.peer_timeout_s (4 s, counted from the last heart-beat seen, up to one 0.8 s interval before the freeze:
+    # never sooner than 3.2 s), not dist.timeout_s (600 s); the upper bound leaves a loaded machine 10x the timeout
+    assert 3 <= lost[0] - stopped[0] < 40, out.describe()
     assert out.returncode not in (None, 0) and not out.left_over, out.describe()
 
 
 @pytest.mark.parametrize("backend", ["torch", "deepspeed"])
-def test_torchrun_restart_resumes_from_the_last_checkpoint_exactly(backend: str, tmp_path: Path) -> None:
-    """torchrun restarts the job; the DeepSpeed backend runs under torchrun as well (its own launcher has no restarts)."""
+def test_torchrun_restart_resumes_from_the_last_checkpoint_exactly(backend: str, reference, tmp_path: Path) -> None:
+    """torchrun restarts the job; the DeepSpeed backend runs under torchrun as well (its own launcher has no restarts).
+    The reference is the uninterrupted run under the backend's own launcher (for DeepSpeed: ``deepspeed``)."""
     if LAUNCHERS[backend][1]:
         pytest.skip(LAUNCHERS[backend][1])
-    args = [*_tiny(), "train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.name=cosine",
-            "train.checkpoint_every=1", "train.resume=true"]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    full = run_python([*torchrun, "-m", "datkit.train", f"backend={backend}", *args,
-                       f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300)
-    assert full.returncode == 0, describe(full)
-    out = watch_launch([*torchrun, "--max-restarts=1", "-m", "datkit.train", f"backend={backend}", *args,
+    out = watch_launch([*torchrun, "--max-restarts=1", "-m", "datkit.train", f"backend={backend}", *_tiny(), *EXACT,
                         f"train.output_dir={tmp_path / 'restarted'}"], tmp_path,
                        timeout=300, DATKIT_TEST_KILL_AT_STEP="1:2:1")  # mid-epoch 2, after epoch 1's checkpoint
     assert out.returncode == 0, out.describe()
     assert out.first("sends itself SIGKILL at epoch 2 step 1") and out.first(LOST), out.describe()
     assert out.first(r"datkit: resumed from .*checkpoint_last.pt after epoch 1"), out.describe()
-    restarted, ref = load_checkpoint(tmp_path / "restarted"), load_checkpoint(tmp_path / "full")
-    assert restarted["epoch"] == ref["epoch"] == 2
-    assert_same_weights(restarted["model"], ref["model"], atol=0.0)
-    assert [r["epoch"] for r in restarted["records"]] == [1, 2]
-    assert [r["train_loss"] for r in restarted["records"]] == [r["train_loss"] for r in ref["records"]]
+    assert_equals_reference(load_checkpoint(tmp_path / "restarted"), reference(backend))
 
 
 @pytest.mark.parametrize("backend", ["horovod", "deepspeed"])
-def test_relaunch_with_resume_after_a_lost_worker_is_exact(backend: str, tmp_path: Path) -> None:
+def test_relaunch_with_resume_after_a_lost_worker_is_exact(backend: str, reference, tmp_path: Path) -> None:
     """The recovery for launchers without restarts (horovodrun without elastic, deepspeed): the job stops with
     the lost worker named; the same command again with ``train.resume=true`` ends with the uninterrupted run's weights."""
-    cmd = launch_cmd(backend)
-    args = [*_tiny(), "train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.name=cosine",
-            "train.checkpoint_every=1", "train.resume=true"]
+    cmd = exact_cmd(backend)
     try:
-        full = run_python([*cmd, *args, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300)
-        assert full.returncode == 0, describe(full)
-        cmd = launch_cmd(backend)  # a fresh master port
-        killed = watch_launch([*cmd, *args, f"train.output_dir={tmp_path / 'again'}"], tmp_path, timeout=300,
+        killed = watch_launch([*cmd, f"train.output_dir={tmp_path / 'again'}"], tmp_path, timeout=300,
                               DATKIT_TEST_KILL_AT_STEP="1:2:1")
         assert killed.returncode not in (None, 0) and killed.first(LOST), killed.describe()
         remove_deepspeed_shm(cmd)
-        cmd = launch_cmd(backend)
-        again = run_python([*cmd, *args, f"train.output_dir={tmp_path / 'again'}"], cwd=tmp_path, timeout=300)
+        cmd = exact_cmd(backend)  # a fresh master port
+        again = run_python([*cmd, f"train.output_dir={tmp_path / 'again'}"], cwd=tmp_path, timeout=300)
     finally:
         remove_deepspeed_shm(cmd)
     assert again.returncode == 0, describe(again)
     assert "resumed from" in again.stdout + again.stderr and "after epoch 1" in again.stdout + again.stderr, describe(again)
-    resumed, ref = load_checkpoint(tmp_path / "again"), load_checkpoint(tmp_path / "full")
-    assert resumed["epoch"] == ref["epoch"] == 2
-    assert_same_weights(resumed["model"], ref["model"], atol=0.0)
-    assert [r["train_loss"] for r in resumed["records"]] == [r["train_loss"] for r in ref["records"]]
+    assert_equals_reference(load_checkpoint(tmp_path / "again"), reference(backend))
 
 
 @pytest.mark.parametrize("backend", [None, "torch", "horovod", "deepspeed"], ids=["one_process", "torch", "horovod",
                                                                              "deepspeed"])
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str | None, tmp_path: Path) -> None:
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str | None, reference, tmp_path: Path) -> None:
     """The whole job (launcher and every worker) is SIGKILLed while rank 0 writes epoch 2's checkpoint; the previous
     one loads, and a resume from it ends with the uninterrupted run's weights."""
     import torch
 
-    def cmd() -> list[str]:  # a fresh command (master port) per launch
-        return ["-m", "datkit.train", *TINY] if backend is None else [*launch_cmd(backend), *_tiny()]
-
-    args = ["train.epochs=3", "train.max_steps=2", "train.checkpoint_every=1"]
     run = tmp_path / "run"
     writes: list[int] = []
 
@@ -200,9 +217,9 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str |
                     except ProcessLookupError:
                         pass
 
-    launch = cmd()
+    launch = exact_cmd(backend)
     try:
-        out = watch_launch([*launch, *args, f"train.output_dir={run}"], tmp_path, timeout=240,
+        out = watch_launch([*launch, f"train.output_dir={run}"], tmp_path, timeout=240,
                            on_line=kill_in_second_write, DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S="3")
     finally:
         remove_deepspeed_shm(launch)
@@ -211,12 +228,14 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str |
     previous = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert previous["epoch"] == 1
 
-    resumed = run_python([*cmd(), *args, f"train.output_dir={run}", "train.resume=true"], cwd=tmp_path, timeout=240)
+    launch = exact_cmd(backend)
+    try:
+        resumed = run_python([*launch, f"train.output_dir={run}"], cwd=tmp_path, timeout=240)
+    finally:
+        remove_deepspeed_shm(launch)
     assert resumed.returncode == 0, describe(resumed)
     said = resumed.stdout + resumed.stderr
     assert "resumed from" in said and "after epoch 1" in said, describe(resumed)
     assert not list(run.glob(".tmp-*.pt"))  # the leftover of the killed write is cleaned up by the next save
-    # the uninterrupted run, started like the others (a subprocess: same thread count, so bit-equal weights)
-    full = run_python([*cmd(), *args, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=240)
-    assert full.returncode == 0, describe(full)
-    assert_same_weights(load_checkpoint(run)["model"], load_checkpoint(tmp_path / "full")["model"], atol=0.0)
+    # the uninterrupted run was started like these (a subprocess: same thread count, so bit-equal weights)
+    assert_equals_reference(load_checkpoint(run), reference(backend))

@@ -10,12 +10,26 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import pytest
 import torch.distributed as dist
 
 from datkit.backends import peer_watch
 from datkit.backends.peer_watch import LOST_WORKER_EXIT, PeerWatch, store_client
+
+
+LONG = 3600.0  # a staleness no test run reaches
+
+
+def _until(cond: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    """Poll ``cond`` every 50 ms until it holds (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _register(store, rank: int, pid: int, machine: str) -> None:
@@ -38,21 +52,24 @@ def test_dead_silent_and_finished_peers(monkeypatch: pytest.MonkeyPatch) -> None
     watch = PeerWatch(connect, ("127.0.0.1", master.port), 0, 4, peer_timeout_s=2.0, startup_timeout_s=5.0,
                       store_host_rank=None)
     monkeypatch.setattr(watch, "report", lambda lost, cause: reports.append(lost))  # no os._exit in the test
+    # No fixed sleeps: every wait polls for its condition (a loaded machine may delay the watch's thread by
+    # seconds); "not yet lost" is asked with a staleness (LONG) that no scheduling delay reaches.
     try:
-        assert watch.lost_peers(2.0) == []
+        assert watch.lost_peers(LONG) == []
         assert watch.host_of(2) == "host h2 (198.18.0.3), pid 1"
         store.set("done/3", "1")
-        time.sleep(1.5 * watch.interval_s)  # the thread reads done/3
+        assert _until(lambda: 3 in watch._done), "the watch's thread never read done/3"
         for p in (dead, done):
             p.kill()
             p.wait()
-        lost = dict(watch.lost_peers(2.0))
-        assert lost == {1: "its process is gone"}  # at once; not rank 3 (done), not yet rank 2
-        time.sleep(2.5)
+        lost = dict(watch.lost_peers(LONG))
+        assert lost == {1: "its process is gone"}  # at once; not rank 3 (done), not rank 2 (silent < LONG)
+        assert _until(lambda: 2 in dict(watch.lost_peers(2.0))), "the silent rank 2 was never reported"
         lost = dict(watch.lost_peers(2.0))
         assert set(lost) == {1, 2} and lost[2].startswith("no heart-beat for")
-        assert reports and {r for r, _ in reports[0]} <= {1, 2}  # the thread reported them on its own
-        assert int(store.get("hb/0")) >= 2  # and heart-beat meanwhile
+        assert _until(lambda: bool(reports)), "the thread reported nothing"
+        assert {r for r, _ in reports[0]} <= {1, 2}  # the thread reported them on its own
+        assert _until(lambda: int(store.get("hb/0")) >= 2)  # and heart-beat meanwhile
     finally:
         watch.stop()
     assert store.check(["done/0"])  # a clean stop tells the peers

@@ -310,13 +310,10 @@ def test_lalr_refused_under_zero_partitioning(tmp_path) -> None:
 def test_lalr_as_deepspeed_client_optimizer_matches_torch(lalr_one_worker: dict, tmp_path) -> None:
     # ZeRO-0: DeepSpeed steps datkit's LALR on whole tensors, so 2 DeepSpeed workers = 1 torch worker
     pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]'; the dev extra has it)")
-    import socket
-
+    from helpers.ports import reserve_port
     from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = reserve_port()
     tiny = [a for a in TINY if not a.startswith("backend=")]
     proc = run_python(["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
                        str(REPO / "datkit" / "train.py"), "backend=deepspeed", "deepspeed.zero_stage=0", *tiny, *_DIST_STEPS,

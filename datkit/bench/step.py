@@ -156,6 +156,31 @@ def run(args: argparse.Namespace, d: dict[str, Any]) -> dict[str, Any]:
     return {"setup": setup, **stats, "ratio": ratio, "paired_ratio_median": paired, "target": TARGET, "reached": ratio <= TARGET}
 
 
+def plain_step_seconds(iters: int = 8, warmup: int = 2, batch: int = 128, steps: int = 7) -> float:
+    """This machine's speed, in the unit every published time sits next to: the median seconds of a hand-written
+    PGD-7 training step of ``cnn_small`` (batch 128 of random MNIST-shaped data, Adam, one thread) -- the
+    ``plain`` column of ``bench step --threads 1``. Takes about (iters + warmup) x 0.5 s on a 2-core CI machine."""
+    cfg = load_config(None, ["model.name=cnn_small", "data.name=mnist5k", "device=cpu"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(cfg, DATASETS.get(cfg.data.name))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        eps = cfg.attack.eps
+        times = []
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            plain_step(model, opt, x, y, eps, 2.5 * eps / steps, steps, cfg.method.lam)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
 def report(res: dict[str, Any]) -> str:
     """A small Markdown table of the two sides and the ratio line."""
     s = res["setup"]

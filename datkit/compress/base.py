@@ -86,6 +86,23 @@ class Compressor(ABC):
     def decompress(self, payload: Payload) -> torch.Tensor:
         """Decode a payload back to a (R, c) float32 tensor."""
 
+    def encode(self, rows: torch.Tensor, keep_error: bool) -> tuple[Payload, torch.Tensor | None]:
+        """``compress(rows)`` and, when ``keep_error``, what it dropped: ``rows - decompress(payload)``.
+
+        A subclass may fuse the two (one pass instead of a full decode) and may overwrite ``rows`` with the
+        error; the result must equal this default exactly."""
+        payload = self.compress(rows)
+        return payload, (rows - self.decompress(payload) if keep_error else None)
+
+    def decode_sum(self, payload: Payload) -> torch.Tensor:
+        """Sum over the payload's rows of their decoded values, in row (= rank) order: ``(R, c) -> (c,)`` float32.
+        A subclass may fuse decoding and summing; the result must equal this default exactly."""
+        decoded = self.decompress(payload)
+        agg = decoded[0].clone()
+        for i in range(1, decoded.shape[0]):
+            agg += decoded[i]
+        return agg
+
     # --- the exchange ------------------------------------------------------------------------------
     def reduce_mean(self, flat: torch.Tensor, coll: Collectives, key: str = "0") -> torch.Tensor:
         """Mean of ``flat`` (1-D float32, same length on every worker) over all workers.
@@ -112,18 +129,14 @@ class Compressor(ABC):
         # 1. worker: (error feedback +) compress, one row per destination, send with all_to_all
         if self.worker_feedback:
             rows.add_(self._residual("worker", key, rows))
-        payload = self.compress(rows)
-        if self.worker_feedback:
-            error = rows - self.decompress(payload)
+        payload, error = self.encode(rows, keep_error=self.worker_feedback)
+        if error is not None:
             error.view(-1)[n:] = 0.0
             self.residuals["worker"][key] = error
         received = self._exchange(payload, coll.all_to_all)
 
         # 2. server (this rank owns chunk `rank`): average the M decoded versions in float32, rank order
-        decoded = self.decompress(received)
-        agg = decoded[0].clone()
-        for i in range(1, m):
-            agg += decoded[i]
+        agg = self.decode_sum(received)
         agg /= m
         agg[mine:] = 0.0
 
@@ -132,9 +145,8 @@ class Compressor(ABC):
             one = agg.unsqueeze(0)
             if self.server_feedback:
                 one = one.add_(self._residual("server", key, one))
-            back = self.compress(one)
-            if self.server_feedback:
-                error = one - self.decompress(back)
+            back, error = self.encode(one, keep_error=self.server_feedback)
+            if error is not None:
                 error[:, mine:] = 0.0
                 self.residuals["server"][key] = error
             gathered = self._exchange(back, coll.all_gather, squeeze=True)

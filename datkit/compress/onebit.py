@@ -25,8 +25,14 @@ _SIGNS = torch.tensor([[1.0 if (b >> (7 - i)) & 1 else -1.0 for i in range(8)] f
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """(R, c) -> (R, c/8) uint8, bit 1 where ``x >= 0``, first element in the most significant bit
     (c must be a multiple of 8)."""
-    bits = (x >= 0).contiguous().view(torch.uint8).reshape(-1, 8).view(torch.int64)
-    return bits.mul_(_PACK_MAGIC).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8).reshape(x.shape[0], -1)
+    return pack_mask(x >= 0)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(R, c) bool -> (R, c/8) uint8, first element in the most significant bit (c a multiple of 8).
+    Works in place in ``mask``'s memory (which is garbage afterwards)."""
+    bits = mask.contiguous().view(torch.uint8).reshape(-1, 8).view(torch.int64)
+    return bits.mul_(_PACK_MAGIC).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8).reshape(mask.shape[0], -1)
 
 
 def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
@@ -60,6 +66,21 @@ class OneBit(Compressor):
         r = packed.shape[0]
         signs = unpack_signs(packed).reshape(r, -1, self.block_size)
         return signs.mul_(scale.reshape(r, -1, 1)).reshape(r, -1)
+
+    def encode(self, rows: torch.Tensor, keep_error: bool) -> tuple[Payload, torch.Tensor | None]:
+        """``compress`` and the error ``v - s * sign(v)`` computed in place in ``rows`` (no new buffer);
+        equal to the default bit for bit. (``torch.where(v >= 0, s, -s)`` with a broadcast scale was 7x
+        slower than decoding the packed signs through the table.)"""
+        payload = self.compress(rows)
+        return payload, (rows.sub_(self.decompress(payload)) if keep_error else None)
+
+    def decode_sum(self, payload: Payload) -> torch.Tensor:
+        """The decoded rows summed in rank order, without the default's copy of the first row."""
+        decoded = self.decompress(payload)
+        agg = decoded[0]
+        for i in range(1, decoded.shape[0]):
+            agg += decoded[i]
+        return agg
 
     def describe(self) -> str:
         return f"onebit ({'error feedback' if self.error_feedback else 'no feedback'}, block {self.block_size})"
