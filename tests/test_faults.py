@@ -82,6 +82,15 @@ def exact_cmd(backend: str | None) -> list[str]:
     return ["-m", "datkit.train", *TINY, *EXACT] if backend is None else [*launch_cmd(backend), *_tiny(), *EXACT]
 
 
+def run_exact(backend: str | None, out: Path, cwd: Path, timeout: float = 300):
+    """Run the recovery tests' run to completion (or resume it) in ``out``; the finished process."""
+    cmd = exact_cmd(backend)
+    try:
+        return run_python([*cmd, f"train.output_dir={out}"], cwd=cwd, timeout=timeout)
+    finally:
+        remove_deepspeed_shm(cmd)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str | None], dict]:
     """``reference(backend)``: the final checkpoint of the uninterrupted run, launched on first use (then cached)."""
@@ -90,11 +99,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str | None]
     def get(backend: str | None) -> dict:
         if backend not in cache:
             tmp = tmp_path_factory.mktemp(f"reference-{backend or 'one_process'}")
-            cmd = exact_cmd(backend)
-            try:
-                proc = run_python([*cmd, f"train.output_dir={tmp / 'full'}"], cwd=tmp, timeout=300)
-            finally:
-                remove_deepspeed_shm(cmd)
+            proc = run_exact(backend, tmp / "full", tmp)
             assert proc.returncode == 0, describe(proc)
             cache[backend] = load_checkpoint(tmp / "full")
             assert cache[backend]["epoch"] == 2
@@ -186,12 +191,10 @@ def test_relaunch_with_resume_after_a_lost_worker_is_exact(backend: str, referen
     try:
         killed = watch_launch([*cmd, f"train.output_dir={tmp_path / 'again'}"], tmp_path, timeout=300,
                               DATKIT_TEST_KILL_AT_STEP="1:2:1")
-        assert killed.returncode not in (None, 0) and killed.first(LOST), killed.describe()
-        remove_deepspeed_shm(cmd)
-        cmd = exact_cmd(backend)  # a fresh master port
-        again = run_python([*cmd, f"train.output_dir={tmp_path / 'again'}"], cwd=tmp_path, timeout=300)
     finally:
         remove_deepspeed_shm(cmd)
+    assert killed.returncode not in (None, 0) and killed.first(LOST), killed.describe()
+    again = run_exact(backend, tmp_path / "again", tmp_path)  # the same command (a fresh master port)
     assert again.returncode == 0, describe(again)
     assert "resumed from" in again.stdout + again.stderr and "after epoch 1" in again.stdout + again.stderr, describe(again)
     assert_equals_reference(load_checkpoint(tmp_path / "again"), reference(backend))
@@ -228,11 +231,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str |
     previous = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert previous["epoch"] == 1
 
-    launch = exact_cmd(backend)
-    try:
-        resumed = run_python([*launch, f"train.output_dir={run}"], cwd=tmp_path, timeout=240)
-    finally:
-        remove_deepspeed_shm(launch)
+    resumed = run_exact(backend, run, tmp_path, timeout=240)
     assert resumed.returncode == 0, describe(resumed)
     said = resumed.stdout + resumed.stderr
     assert "resumed from" in said and "after epoch 1" in said, describe(resumed)
