@@ -65,6 +65,18 @@ def resolve_backend_name(name: str, argv: Sequence[str] = ()) -> str:
     return detect_backend(argv=argv) if name == "auto" else name
 
 
+def backend_config_errors(cfg) -> list[str]:
+    """Errors in ``backend`` and the backends' own sections (``deepspeed.*``); what depends on the number of workers or
+    on the ZeRO stage is checked when the backend is built."""
+    from datkit.config import choices
+
+    from .deepspeed_config import deepspeed_config_errors
+
+    errors: list[str] = []
+    choices(errors, "backend", cfg.backend, BACKEND_CHOICES)
+    return errors + deepspeed_config_errors(cfg)
+
+
 def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:
     """Build the backend for ``cfg`` (``cfg.backend``, ``cfg.device``, ``cfg.dist``, ``cfg.compression``)."""
     from datkit.compress import compressor_from_config
@@ -75,5 +87,5 @@ def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:
     return backend
 
 
-__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "BackendUnavailable", "CommTimer", "create_backend",
+__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "backend_config_errors", "BackendUnavailable", "CommTimer", "create_backend",
            "detect_backend", "resolve_backend_name"]

@@ -56,9 +56,29 @@ def build_ds_config(cfg, world_size: int, on_gpu: bool) -> dict[str, Any]:
     return ds
 
 
+def deepspeed_config_errors(cfg) -> list[str]:
+    """Errors in ``deepspeed.*``: stage 0-3, offload devices and the stages they need, one precision at a time."""
+    from datkit.config import choices
+
+    d, errors = cfg.deepspeed, []
+    choices(errors, "deepspeed.zero_stage", d.zero_stage, (0, 1, 2, 3))
+    choices(errors, "deepspeed.offload_optimizer", d.offload_optimizer, ("none", "cpu"))
+    choices(errors, "deepspeed.offload_param", d.offload_param, ("none", "cpu"))
+    if d.offload_optimizer != "none" and d.zero_stage < 1:
+        errors.append("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage >= 1")
+    if d.offload_param != "none" and d.zero_stage != 3:
+        errors.append("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3")
+    if d.fp16 and d.bf16:
+        errors.append("deepspeed.fp16 and deepspeed.bf16 are both true; choose one")
+    return errors
+
+
 def refuse_at_zero_stage(cfg, stage: int) -> None:
-    """Raise ``ConfigError`` for the first option that ``stage`` cannot carry (each rule: minimum stage, test, why)."""
+    """Raise ``ConfigError`` for the first option that ``stage`` cannot carry (each rule: minimum stage, test, why).
+    Plug-ins state what they need as attributes (``reads_parameters`` of a method, ``needs_whole_layers`` of an
+    optimizer factory); no rule tests a plug-in's name."""
     from datkit.methods import METHODS
+    from datkit.optim import OPTIMIZERS
 
     rules = [
         (1, cfg.compression.name != "none",
@@ -67,9 +87,9 @@ def refuse_at_zero_stage(cfg, stage: int) -> None:
          "optimizer-state partitions inside DeepSpeed, where a compressor cannot take over (DeepSpeed's own "
          "1-bit optimizers refused ZeRO >= 1 for the same reason). Choose deepspeed.zero_stage=0 with "
          "compression, or compression.name=none with ZeRO."),
-        (1, cfg.optim.name == "lalr",
-         f"optim.name=lalr with ZeRO stage {stage}: ZeRO >= 1 hands the client optimizer flattened "
-         "partitions of many layers, so LALR's per-layer trust ratio would be computed per partition; use "
+        (1, getattr(OPTIMIZERS.get(cfg.optim.name), "needs_whole_layers", False),
+         f"optim.name={cfg.optim.name} with ZeRO stage {stage}: ZeRO >= 1 hands the client optimizer flattened "
+         "partitions of many layers, so a per-layer trust ratio (LALR's) would be computed per partition; use "
          "deepspeed.zero_stage=0 (or backend=torch)"),
         (3, getattr(METHODS.get(cfg.method.name), "reads_parameters", False),
          f"method.name={cfg.method.name} with ZeRO stage 3: its bounds read every layer's weights directly, "

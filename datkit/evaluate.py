@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datkit.cli import fail, parse_args
-from datkit.config import Config, ConfigError, validate_config
+from datkit.config import Config, ConfigError
+from datkit.preflight import validate_config
 
 # Evaluation options and their defaults. eps, pgd_alpha, pgd_steps, pgd_restarts, batch_size and
 # num_samples are written into the run's config as eval.eps, eval.pgd_alpha, eval.pgd_steps,

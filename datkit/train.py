@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 
 if __package__ in (None, ""):  # run as a script: make `datkit` importable, not its sub-folders
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,8 +15,9 @@ if __package__ in (None, ""):  # run as a script: make `datkit` importable, not 
     sys.path.insert(0, _root)
 
 from datkit.backends import BackendUnavailable, create_backend  # noqa: E402
-from datkit.cli import fail, parse_args  # noqa: E402
-from datkit.config import ConfigError, load_config, validate_config, validate_for_training, validate_for_world  # noqa: E402
+from datkit.cli import fail as cli_fail, parse_args  # noqa: E402
+from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world  # noqa: E402
+from datkit.preflight import validate_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,7 +26,23 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path, overrides)
-        validate_config(cfg)
+    except ConfigError as err:
+        cli_fail(err)
+    return train(cfg, argv)
+
+
+def train(cfg, argv: Sequence[str] = (), *, model=None, train_set=None, test_set=None, exit_on_error: bool = True) -> dict:
+    """Check ``cfg``, build the backend and the run, train; returns the final results record (``datkit.train`` and
+    ``datkit.fit`` share this function). A bad configuration or plug-in is found before any worker trains: with
+    ``exit_on_error`` the process ends with exit code 2 and one line naming the key (rank 0 prints it), otherwise the
+    ``ConfigError`` is raised. A lost worker ends the process with code 3."""
+    def fail(err: BaseException) -> None:
+        if not exit_on_error:
+            raise err
+        cli_fail(err)
+
+    try:
+        validate_config(cfg, data=train_set is None)
         validate_for_training(cfg)
         backend = create_backend(cfg, argv)
     except (ConfigError, BackendUnavailable) as err:
@@ -34,12 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
             validate_for_world(cfg, backend.world_size)
         except ConfigError as err:
             fail(err)
-        from datkit.engine import Trainer
+        from datkit.engine import Trainer, build_run
 
         with backend.fault_guard():  # a lost worker: "datkit: lost worker rank R ...", exit code 3
             try:
-                trainer = Trainer(cfg, backend)
-            except ConfigError as err:  # found while building the run (e.g. init_from weights that do not fit the model)
+                run = build_run(cfg, backend, model=model, train_set=train_set, test_set=test_set)
+                trainer = Trainer(run)
+            except ConfigError as err:  # found while building the run: a plug-in's own check, a bad user model / data
                 fail(err)
             return trainer.train()
     finally:

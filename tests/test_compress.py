@@ -10,7 +10,8 @@ import torch
 from datkit.compress import (COMPRESSORS, ByteCounter, CountingCollectives, GradientBuckets, allreduce_bytes,
                              compressor_from_config, get_compressor)
 from datkit.compress.onebit import pack_signs, unpack_signs
-from datkit.config import ConfigError, load_config, validate_config
+from datkit.config import ConfigError, load_config
+from datkit.preflight import validate_config
 
 
 class OneWorker:

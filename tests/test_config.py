@@ -13,7 +13,8 @@ from helpers.runs import REPO, describe, run_python
 from omegaconf import OmegaConf
 
 from datkit.backends import BACKEND_CHOICES
-from datkit.config import ConfigError, load_config, validate_config, validate_for_world
+from datkit.config import ConfigError, load_config, validate_for_world
+from datkit.preflight import validate_config
 from datkit.data import DATASETS
 from datkit.methods import METHODS
 from datkit.models import MODELS

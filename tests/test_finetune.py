@@ -9,7 +9,8 @@ import torch
 from helpers.runs import load_checkpoint, train_inprocess
 
 from datkit.checkpoint import atomic_save
-from datkit.config import ConfigError, load_config, validate_config, validate_for_training
+from datkit.config import ConfigError, load_config, validate_for_training
+from datkit.preflight import validate_config
 from datkit.data import build_data, resize_images
 from datkit.engine.transfer import init_from_checkpoint, last_linear
 from datkit.models import create_model

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from datkit.config import ConfigError, load_config, validate_config
+from datkit.config import ConfigError, load_config
+from datkit.preflight import validate_config
 from datkit.optim import LALR, build_optimizer
 
 

@@ -10,7 +10,8 @@ import torch
 from helpers.runs import TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
 from datkit.backends.base import Backend
-from datkit.config import ConfigError, load_config, validate_config, validate_for_training, validate_for_world
+from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world
+from datkit.preflight import validate_config
 from datkit.data import MixedBatchSampler, balanced_split
 from datkit.semisup import pseudo_label
 

@@ -1,7 +1,7 @@
 """``python -m datkit.bench ibp``: the time of a certified training step relative to a clean training step.
 
-Three (or more) trainers are built as ``Trainer.__init__`` builds them (config from ``load_config``,
-model from ``build_model``, the method's ``prepare_model``, backend ``setup``, optimizer, scheduler), all
+Three (or more) trainers are built through ``build_run``, the builder of every training run (config from
+``load_config``, model, the method's ``prepare_model``, backend ``setup``, optimizer, scheduler), all
 from the same initial weights, one per method: ``clean``, ``ibp`` and ``crown-ibp``. Each timed iteration
 is ``Trainer.train_step`` itself (the method's loss, backward, optimizer step) on the same batch; the
 steps of one round are run back to back in a rotating order so that machine noise hits all alike.
@@ -26,12 +26,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from datkit.backends import create_backend
-from datkit.config import load_config, validate_config
+from datkit.config import load_config
 from datkit.data import DATASETS
-from datkit.engine import Trainer, build_model
-from datkit.engine.cpu_runtime import tune_malloc
-from datkit.methods import StepInfo, create_method
-from datkit.optim import build_optimizer, build_scheduler
+from datkit.engine import Trainer
+from datkit.methods import StepInfo
+from datkit.preflight import validate_config
+
+from .assemble import bench_run
 
 TARGET = 2.5
 # (row label, method, eps as a fraction of eps_max)
@@ -58,29 +59,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def build_trainer(method: str, args: argparse.Namespace, init_state: dict | None) -> Trainer:
-    """A ``Trainer`` holding exactly what a training step needs (no data loading, no results files)."""
+    """A ``Trainer`` over a run built by ``build_run`` (random data of the dataset's shape; no results files)."""
     cfg = load_config(None, [f"model.name={args.model}", f"data.name={args.data}", f"train.batch_size={args.batch}",
                              f"attack.eps={args.eps}", f"method.name={method}", "backend=torch", f"device={args.device}",
-                             "train.grad_clip=10", *(["model.kwargs={width: 16, linear_size: 128}"]
-                                                     if args.model == "cnn_7layer_bn" else []), *args.overrides])
+                             "train.grad_clip=10", f"train.threads={args.threads or torch.get_num_threads()}",
+                             *(["model.kwargs={width: 16, linear_size: 128}"] if args.model == "cnn_7layer_bn" else []),
+                             *args.overrides])
     validate_config(cfg)
-    if cfg.train.malloc_tuning:  # as Trainer.__init__ does
-        tune_malloc()
-    backend = create_backend(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, DATASETS.get(cfg.data.name))
-    method_obj = create_method(cfg)
-    if init_state is None:
-        method_obj.prepare_model(model)
-    else:  # every trainer starts from the same weights
-        model.load_state_dict(init_state)
-    optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.train.batch_size)
-    model, optimizer = backend.setup(model, optimizer)
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.backend, trainer.model, trainer.optimizer = cfg, backend, model, optimizer
-    trainer.raw, trainer.method = backend.unwrap(model), method_obj
-    trainer.scheduler = build_scheduler(cfg.schedule, optimizer, 1000, cfg.train.epochs)
-    return trainer
+    run = bench_run(cfg, create_backend(cfg))  # the method's prepare_model (IBP initialization) included
+    if init_state is not None:  # every trainer starts from the same weights
+        run.raw.load_state_dict(init_state)
+    return Trainer(run)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

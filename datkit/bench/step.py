@@ -1,10 +1,10 @@
 """``python -m datkit.bench step``: one PGD-AT training step of datkit vs a hand-written PyTorch loop.
 
 The datkit side goes through the real code path of a training step: config from
-``load_config(None, overrides)``, model from ``build_model``, backend from ``create_backend`` +
-``setup``, method from ``create_method``, optimizer and scheduler as ``Trainer.__init__`` builds
-them, then per step ``StepInfo(eps)`` and ``Trainer.train_step`` itself (``method.loss``,
-``backend.backward``, ``backend.step``, ``scheduler.step``). The plain side is a
+``load_config(None, overrides)``, backend from ``create_backend``, the run (model, method, optimizer,
+scheduler, the backend's ``setup``) from ``build_run`` -- the builder of every training run -- then per step
+``StepInfo(eps)`` and ``Trainer.train_step`` itself (``method.loss``, ``backend.backward``, ``backend.step``,
+``scheduler.step``). The plain side is a
 self-contained PGD (sign gradient, projection, clamp to [0, 1]) and training step on a deep copy of
 the same model with the same optimizer settings. Both see the same batches; their iterations
 alternate (datkit first on even rounds, plain first on odd ones) so that machine noise and
@@ -25,11 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from datkit.backends import create_backend
-from datkit.config import load_config, validate_config
+from datkit.config import load_config
 from datkit.data import DATASETS, build_data
 from datkit.engine import Trainer, build_model
-from datkit.methods import StepInfo, create_method
-from datkit.optim import build_optimizer, build_scheduler, eps_at
+from datkit.methods import StepInfo
+from datkit.optim import eps_at
+from datkit.preflight import validate_config
+
+from .assemble import bench_run
 
 TARGET = 1.05
 
@@ -52,9 +55,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def build_datkit(args: argparse.Namespace) -> dict[str, Any]:
-    """Config, backend, model, optimizer, scheduler and method, built as ``Trainer.__init__`` does."""
+    """Config, backend and the run (model, optimizer, scheduler, method), built as every training run is."""
     cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}", f"attack.steps={args.steps}",
-                             "backend=torch", f"device={args.device}", "data.name=mnist5k", *args.overrides])
+                             "backend=torch", f"device={args.device}", "data.name=mnist5k",
+                             f"train.threads={args.threads or torch.get_num_threads()}", *args.overrides])
     validate_config(cfg)
     a, t = cfg.attack, cfg.train
     if (cfg.method.name != "pgd" or a.norm != "linf" or not a.random_start or t.grad_accum != 1 or t.grad_clip > 0
@@ -62,18 +66,10 @@ def build_datkit(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("bench step compares PGD-AT only: method.name=pgd, attack.norm=linf, attack.random_start=true, "
                          "train.grad_accum=1, train.grad_clip=0, data.augment_shift=0")
     backend = create_backend(cfg)
-    torch.manual_seed(t.seed)
-    model = build_model(cfg, DATASETS.get(cfg.data.name))
-    optimizer = build_optimizer(cfg.optim, model.parameters(), t.batch_size)
-    model, optimizer = backend.setup(model, optimizer)
-    scheduler = build_scheduler(cfg.schedule, optimizer, max(1, args.iters + args.warmup), t.epochs)
-    # A Trainer holding exactly these pieces (its __init__ would also load data and open results files),
-    # so that the timed step is the trainer's own ``train_step``, not a copy of it.
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.backend, trainer.model, trainer.optimizer = cfg, backend, model, optimizer
-    trainer.raw, trainer.method, trainer.scheduler = backend.unwrap(model), create_method(cfg), scheduler
-    return dict(cfg=cfg, backend=backend, model=model, raw=trainer.raw, optimizer=optimizer, scheduler=scheduler,
-                method=trainer.method, trainer=trainer, progress=float(t.epochs))
+    run = bench_run(cfg, backend)
+    trainer = Trainer(run)  # the timed step is the trainer's own ``train_step``, not a copy of it
+    return dict(cfg=cfg, backend=backend, model=run.model, raw=run.raw, optimizer=run.optimizer, scheduler=run.scheduler,
+                method=run.method, trainer=trainer, progress=float(t.epochs))
 
 
 def datkit_step(d: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:

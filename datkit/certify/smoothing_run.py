@@ -25,7 +25,8 @@ import torch
 from omegaconf import OmegaConf
 
 from datkit.cli import fail, parse_args
-from datkit.config import ConfigError, validate_config
+from datkit.config import ConfigError
+from datkit.preflight import validate_config
 
 from . import smoothing_report as report
 from .smoothing import Smooth, example_generator

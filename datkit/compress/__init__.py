@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from datkit.registry import Registry
+from datkit.registry import PluginError, Registry
 
 from .accounting import ByteCounter, CountingCollectives, allreduce_bytes
 from .base import Collectives, Compressor
@@ -30,14 +30,31 @@ def compressor_options(name: str) -> tuple[str, ...]:
 
 
 def get_compressor(name: str, **options: Any) -> Compressor:
-    """Build compressor ``name``; unknown names list the known ones, options that do not apply are refused."""
-    cls = COMPRESSORS.get(name)
+    """Build compressor ``name`` (registered, or ``MODULE:CLASS`` of a ``Compressor`` subclass); unknown names list the
+    known ones (``KeyError``); an import path that does not resolve and options that do not apply are refused
+    (``ValueError``)."""
+    try:
+        cls = COMPRESSORS.get(name)  # an unknown name: KeyError listing the known ones
+    except PluginError as err:
+        raise ValueError(err.args[0]) from None
+    if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+        raise ValueError(f"'{name}' is a {getattr(cls, '__name__', type(cls).__name__)}, not a datkit.compress.Compressor "
+                         f"subclass")
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     wrong = sorted(set(options) - accepted)
     if wrong:
-        allowed = ", ".join(cls.options) or "none"
+        allowed = ", ".join(getattr(cls, "options", ())) or "none"
         raise ValueError(f"option(s) {', '.join(wrong)} do not apply to compressor '{name}' (its options: {allowed})")
     return cls(**options)
+
+
+def compression_config_errors(cfg) -> list[str]:
+    """Errors in ``cfg.compression``: the compressor resolves and every option set applies to it (built once)."""
+    try:
+        compressor_from_config(cfg.compression)
+    except (KeyError, ValueError) as err:
+        return [f"compression.name={cfg.compression.name!r}: {err.args[0]}"]
+    return []
 
 
 def compressor_from_config(ccfg, seed: int = 0) -> Compressor | None:
@@ -67,5 +84,5 @@ def _changed_options(ccfg) -> dict[str, Any]:
     return out
 
 
-__all__ = ["compressor_from_config", "COMPRESSORS", "ByteCounter", "Collectives", "Compressor", "CountingCollectives", "GradientBuckets",
+__all__ = ["compression_config_errors", "compressor_from_config", "COMPRESSORS", "ByteCounter", "Collectives", "Compressor", "CountingCollectives", "GradientBuckets",
            "allreduce_bytes", "compressor_options", "gather_state", "get_compressor", "pick_state"]

@@ -197,6 +197,12 @@ class Compressor(ABC):
         self.residuals = {"worker": dict(state.get("worker", {})), "server": dict(state.get("server", {}))}
         self._generator, self._pending_generator_state = None, state.get("generator")
 
+    def reset(self) -> None:
+        """Back to the state of a fresh compressor (no residuals, the rounding generator re-seeded): a new run on
+        the same backend (the semi-supervised teacher, then the student) starts like a separate job."""
+        self.residuals = {"worker": {}, "server": {}}
+        self._generator, self._pending_generator_state = None, None
+
     def describe(self) -> str:
         """One line for logs and tables, e.g. ``int8 (two-sided, nearest, block 256)``."""
         return self.name

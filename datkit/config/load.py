@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -50,10 +50,17 @@ def _parse_overrides(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def load_config(config_path: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Return the merged, type-checked config (not yet value-validated: see ``validate_config``)."""
+def load_config(config_path: str | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Return the merged, type-checked config (not yet value-validated: see ``datkit.preflight.validate_config``).
+
+    ``config_path``: a YAML file, or a mapping of the same nested form (``{"train": {"epochs": 3}}``), or None."""
     cfg = OmegaConf.structured(Config)
-    if config_path:
+    if isinstance(config_path, Mapping):
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(config_path)))
+        except OmegaConfBaseException as err:
+            raise _translate(err, "the config mapping") from None
+    elif config_path:
         if not os.path.isfile(config_path):
             raise ConfigError(f"config file '{config_path}' does not exist")
         try:

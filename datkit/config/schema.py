@@ -20,7 +20,10 @@ from typing import Any, Dict, List, Optional
 class DataConfig:
     """What to train and evaluate on. Inputs are always tensors in [0, 1]."""
 
-    name: str = "mnist5k"  # training set: mnist5k | digits | mnist | cifar10 | cifar100 | svhn | imagenet | tinyimagenet
+    name: str = "mnist5k"  # training set: mnist5k | digits | mnist | cifar10 | cifar100 | svhn | imagenet | tinyimagenet | your own: MODULE:CALLABLE returning (train_set, test_set)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # MODULE:CALLABLE data only: keyword arguments of the call, e.g. {n: 1000}
+    mean: Optional[List[float]] = None  # per-channel mean the model normalizes with; null = the registered dataset's (MODULE:CALLABLE data: none, i.e. 0)
+    std: Optional[List[float]] = None  # per-channel std the model normalizes with; null = the registered dataset's (MODULE:CALLABLE data: none, i.e. 1)
     root: str = "data"  # folder of torchvision / ImageFolder datasets (not used by mnist5k, digits)
     download: bool = False  # let torchvision download `name` into `root` (needs internet)
     test: str = "auto"  # evaluation set: auto (official MNIST test set if found for MNIST data, else the held-out split) | split | mnist
@@ -35,7 +38,7 @@ class DataConfig:
 class ModelConfig:
     """Which network; normalization to the dataset's mean/std is built into the model."""
 
-    name: str = "cnn_small"  # cnn_small | cnn_4layer | cnn_madry | cnn_7layer_bn | preact_resnet18 | wide_resnet | resnet50 | certified training: wide_resnet_8 | resnext | 64x64: cnn_7layer_bn_imagenet64 | wide_resnet_imagenet64 | resnext_imagenet64 (see datkit.models)
+    name: str = "cnn_small"  # cnn_small | cnn_4layer | cnn_madry | cnn_7layer_bn | preact_resnet18 | wide_resnet | resnet50 | certified training: wide_resnet_8 | resnext | 64x64: cnn_7layer_bn_imagenet64 | wide_resnet_imagenet64 | resnext_imagenet64 (see datkit.models) | torchvision:NAME | timm:NAME | your own: MODULE:CALLABLE(num_classes=, in_channels=, image_size=, **kwargs)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm across workers (batch statistics over the global batch)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. {depth: 28, widen_factor: 10} for wide_resnet
 
@@ -57,7 +60,7 @@ class AttackConfig:
 class MethodConfig:
     """What one training step minimizes."""
 
-    name: str = "pgd"  # clean | pgd | fgsm | trades | smoothing (Gaussian noise, see smoothing.*) | ibp | crown-ibp (certified training, see bounds.*)
+    name: str = "pgd"  # clean | pgd | fgsm | trades | smoothing (Gaussian noise, see smoothing.*) | ibp | crown-ibp (certified training, see bounds.*) | your own: MODULE:CALLABLE(cfg) -> datkit.methods.Method
     lam: float = 0.25  # DAT objective lam*loss(clean) + loss(adversarial); 0 = Madry AT
     beta: float = 6.0  # trades only: weight of the KL robustness term
 
@@ -66,7 +69,7 @@ class MethodConfig:
 class OptimConfig:
     """Optimizer and the linear scaling rule."""
 
-    name: str = "adam"  # sgd | adam | lalr (DAT's layer-wise adaptive learning rate, see lalr_base, c_l, c_u)
+    name: str = "adam"  # sgd | adam | lalr (DAT's layer-wise adaptive learning rate, see lalr_base, c_l, c_u) | your own: MODULE:CALLABLE(params, lr, optim_cfg) -> torch.optim.Optimizer
     lr: float = 1e-3  # learning rate at `base_batch_size` (before linear scaling, if enabled)
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
@@ -125,6 +128,7 @@ class EvalConfig:
     pgd_steps: int = 20  # PGD iterations of the RA attack
     pgd_alpha: Optional[float] = None  # RA step size; null = 2.5*eps/pgd_steps
     pgd_restarts: int = 1  # random restarts of the RA attack
+    robust: bool = True  # evaluate RA (PGD) next to TA; false = TA only (the semi-supervised teacher's runs)
 
 
 @dataclass
@@ -153,7 +157,7 @@ class DeepSpeedConfig:
 class CompressionConfig:
     """Gradient compression (datkit.compress), on every backend; the DAT paper's Table 4 and 1-bit Adam."""
 
-    name: str = "none"  # none (the backend's float32 allreduce) | fp16 | bf16 | int8 | onebit
+    name: str = "none"  # none (the backend's float32 allreduce) | fp16 | bf16 | int8 | onebit | your own: MODULE:CLASS (a datkit.compress.Compressor subclass)
     two_sided: bool = False  # int8 only: quantize the server's average on the way back too ("8-bit 2-sided")
     rounding: str = "nearest"  # int8 only: nearest | stochastic (unbiased)
     block_size: int = 0  # int8 / onebit: elements per float32 scale; 0 = the compressor's default (int8 256, onebit 1024)

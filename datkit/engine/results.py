@@ -35,8 +35,9 @@ def markdown_table(records: list[dict[str, Any]], final: dict[str, Any] | None =
         lines.append("| " + " | ".join(_fmt(r.get(k), s) for k, _, s in cols) + " |")
     if final:
         lines += ["", f"Final evaluation on {final.get('test_set', '?')} (n={final.get('n')}): "
-                  f"**TA {final['TA']:.4f}**, **RA {final['RA']:.4f}** "
-                  f"(PGD-{final.get('pgd_steps')}, eps={final.get('eps')}, restarts={final.get('pgd_restarts')}); "
+                  f"**TA {final['TA']:.4f}**, "
+                  + (f"**RA {final['RA']:.4f}** (PGD-{final.get('pgd_steps')}, eps={final.get('eps')}, "
+                     f"restarts={final.get('pgd_restarts')}); " if final.get("RA") is not None else "RA not evaluated; ")
                   + "".join(f"**{h} {final[k]:.4f}**; " for k, h, _ in OPTIONAL_COLUMNS if final.get(k) is not None) +
                   f"training time {final.get('train_time_s', 0):.1f} s, communication {final.get('C_s', 0):.2f} s, "
                   f"{final.get('world_size')} worker(s), backend {final.get('backend')}."]

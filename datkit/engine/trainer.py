@@ -1,4 +1,4 @@
-"""The training core: one loop, written against the Backend interface only.
+"""The training core: one loop over a :class:`~datkit.engine.run.Run`, written against the Backend interface only.
 
 Per step: the method builds its loss (attacks on the unwrapped model, forward passes through the
 backend's model), the backend back-propagates and synchronises gradients, the optimizer steps.
@@ -9,7 +9,6 @@ epoch's checkpoint reproduces the uninterrupted run exactly.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 from typing import Any
@@ -18,82 +17,37 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from datkit.data import ShardedBatchSampler, random_shift, build_data, eval_subset, iterate_batches
-from datkit.methods import StepInfo, create_method
-from datkit.models import create_model
-from datkit.models.sync_batchnorm import convert_sync_batchnorm
-from datkit.optim import build_optimizer, build_scheduler
-from datkit.semisup import semisup_training_set
+from datkit.config import CHECKPOINT
+from datkit.data import eval_subset, iterate_batches, random_shift
+from datkit.methods import StepInfo
 
-from .evaluate import evaluate_accuracy, ra_attack
-from .cpu_runtime import set_cpu_threads, tune_malloc
 from . import fault_injection
+from .evaluate import evaluate_accuracy, ra_attack
 from .nonfinite import NonFiniteGuard
 from .results import ResultsWriter
-from .transfer import freeze_all_but_head, init_from_checkpoint
-
-CHECKPOINT = "checkpoint_last.pt"
-
-
-def build_model(cfg, spec) -> torch.nn.Module:
-    """The model of ``cfg.model`` for dataset ``spec`` (normalization built in)."""
-    kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    return create_model(cfg.model.name, spec.num_classes, in_channels=spec.in_channels, image_size=spec.image_size,
-                         mean=spec.mean, std=spec.std, **kwargs)
-
+from .run import Run
 
 class Trainer:
-    """Builds data, model, optimizer and method from ``cfg`` and trains on ``backend``."""
+    """Trains a :class:`~datkit.engine.run.Run` (built by ``build_run``): epochs, evaluation, checkpoints, results.
 
-    def __init__(self, cfg, backend) -> None:
-        self.cfg, self.backend = cfg, backend
-        if cfg.train.malloc_tuning:
-            tune_malloc()
-        set_cpu_threads(cfg.train.threads, backend.local_world_size)
-        torch.manual_seed(cfg.train.seed)
-        self.data = build_data(cfg.data)
-        # semi-supervised AT: teacher + pseudo-labels (data.num_labeled, semisup.*); otherwise the data as is
-        train_set, mixed_sampler, self.recipe_info = semisup_training_set(cfg, backend, self.data, build_model)
-        self.data = dataclasses.replace(self.data, train=train_set)
-        model = build_model(cfg, self.data.spec)
-        self.method = create_method(cfg)
-        self.method.prepare_model(model)  # e.g. the IBP initialization of certified training
-        resuming = cfg.train.resume and os.path.isfile(os.path.join(cfg.train.output_dir, CHECKPOINT))
-        if cfg.train.init_from and not resuming:  # fine-tuning (a resumed run gets its weights from its checkpoint)
-            note = init_from_checkpoint(model, cfg.train.init_from, cfg.train.new_head, cfg.train.freeze_backbone,
-                                        run_model=f"{cfg.model.name} (kwargs {OmegaConf.to_container(cfg.model.kwargs)}) for "
-                                                  f"{cfg.data.name} at {self.data.spec.image_size}x{self.data.spec.image_size}")
-            self.recipe_info["init_from"] = cfg.train.init_from
-            if backend.is_main:
-                print(f"datkit: {note}", flush=True)
-        elif cfg.train.freeze_backbone:
-            freeze_all_but_head(model)
-        if cfg.model.sync_bn and backend.world_size > 1:  # torch's SyncBatchNorm on CUDA, datkit's GlobalBatchNorm elsewhere
-            model = convert_sync_batchnorm(model, backend.device)
-        optimizer = build_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad], cfg.train.batch_size)
-        self.model, self.optimizer = backend.setup(model, optimizer)
-        self.raw = backend.unwrap(self.model)
-        self.sampler = mixed_sampler or ShardedBatchSampler(len(self.data.train), cfg.train.batch_size, backend.rank,
-                                                            backend.world_size, seed=cfg.train.seed)
-        self.steps_per_epoch = len(self.sampler) if cfg.train.max_steps <= 0 else min(len(self.sampler), cfg.train.max_steps)
-        self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.steps_per_epoch, cfg.train.epochs)
-        self.out = cfg.train.output_dir
-        self.start_epoch, records = 1, []
-        if cfg.train.resume and os.path.isfile(os.path.join(self.out, CHECKPOINT)):
-            records = self._load(os.path.join(self.out, CHECKPOINT))
-        self.writer = (ResultsWriter(self.out, OmegaConf.to_container(cfg, resolve=True), cfg.log.tensorboard, cfg.log.plot, records)
-                       if backend.is_main else None)
-        self.records = records
+    Restores ``run.resume_from`` (a resumed run) when it is created; opens the results files (rank 0) when
+    ``train()`` starts, so a Trainer made only to time ``train_step`` (``datkit.bench``) writes nothing.
+    """
 
-    @property
-    def nonfinite(self) -> NonFiniteGuard:
-        """The per-step ``train.nonfinite`` decision (built on first use: the step benches assemble a Trainer
-        from its parts without ``__init__``)."""
-        guard = self.__dict__.get("_nonfinite")
-        if guard is None:
-            guard = self._nonfinite = NonFiniteGuard(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite_skips,
-                                                     self.backend)
-        return guard
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.cfg, self.backend, self.data = run.cfg, run.backend, run.data
+        self.model, self.raw, self.optimizer, self.scheduler = run.model, run.raw, run.optimizer, run.scheduler
+        self.method, self.sampler, self.steps_per_epoch = run.method, run.sampler, run.steps_per_epoch
+        self.recipe_info = run.recipe_info
+        self.out = self.cfg.train.output_dir
+        self.nonfinite = NonFiniteGuard(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite_skips, self.backend)
+        self.position = (0, 0)  # (epoch, step) of the step being trained
+        self.step_skipped = False
+        self.start_epoch, self.records = 1, []
+        if run.resume_from is not None:
+            self.records = self._load(run.resume_from)
+        self.writer: ResultsWriter | None = None
 
     # --- one epoch ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
@@ -146,11 +100,11 @@ class Trainer:
         for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
             with be.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
                 loss = self.method.loss(self.model, self.raw, xm, ym, info) / accum
-                if fault_injection.inject_nan(be.rank, *getattr(self, "position", (0, 0))):  # test-only
+                if fault_injection.inject_nan(be.rank, *self.position):  # test-only
                     loss = loss * float("nan")
                 be.backward(loss)
             step_loss += float(loss.detach())
-        epoch, step = getattr(self, "position", (0, 0))
+        epoch, step = self.position
         self.step_skipped = self.nonfinite.check(step_loss, self.model, epoch, step)  # collective, before the step
         if self.step_skipped:
             be.skip_step(self.optimizer)
@@ -165,14 +119,17 @@ class Trainer:
     def evaluate(self, num_samples: int) -> dict[str, float]:
         """TA, RA and the method's own columns (e.g. verified accuracy) on a fixed test subset of ``num_samples`` (0 = all)."""
         idx = eval_subset(len(self.data.test), num_samples, seed=self.cfg.train.seed)
-        atk = ra_attack(self.cfg.eval, self.cfg.attack.eps, self.cfg.attack.norm)
-        columns = {"TA": None, "RA": atk, **self.method.eval_metrics()}
+        atk = ra_attack(self.cfg.eval, self.cfg.attack.eps, self.cfg.attack.norm) if self.cfg.eval.robust else None
+        columns = {"TA": None, **({"RA": atk} if atk is not None else {}), **self.method.eval_metrics()}
         return evaluate_accuracy(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size, columns)
 
     # --- the run -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Train all remaining epochs, then evaluate on the final test set; returns the ``final`` record."""
         cfg, be = self.cfg, self.backend
+        if be.is_main and self.writer is None:
+            self.writer = ResultsWriter(self.out, OmegaConf.to_container(cfg, resolve=True), cfg.log.tensorboard, cfg.log.plot,
+                                        self.records)
         if be.is_main:
             print(f"datkit: {be.describe()} | {cfg.method.name} on {cfg.data.name} ({len(self.data.train)} train), "
                   f"model {cfg.model.name}, eval on {self.data.test_name} | output {self.out}", flush=True)
@@ -185,7 +142,7 @@ class Trainer:
             if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
                 t0 = time.perf_counter()
                 ev = self.evaluate(cfg.eval.num_samples)
-                record.update(TA=ev["TA"], RA=ev["RA"], n_eval=ev["n"], eval_s=time.perf_counter() - t0)
+                record.update(TA=ev["TA"], RA=ev.get("RA"), n_eval=ev["n"], eval_s=time.perf_counter() - t0)
                 record.update({k: v for k, v in ev.items() if k not in ("TA", "RA", "n")})  # the method's columns (VA, VE)
             self.records.append(record)
             if self.writer is not None:
@@ -204,7 +161,7 @@ class Trainer:
         t0 = time.perf_counter()
         ev = self.evaluate(cfg.eval.final_num_samples)
         atk = ra_attack(cfg.eval, cfg.attack.eps, cfg.attack.norm)
-        final = {"TA": ev["TA"], "RA": ev["RA"], "n": ev["n"], "test_set": self.data.test_name, "eps": atk.eps,
+        final = {"TA": ev["TA"], "RA": ev.get("RA"), "n": ev["n"], "test_set": self.data.test_name, "eps": atk.eps,
                  "pgd_steps": atk.steps, "pgd_restarts": atk.restarts, "eval_s": time.perf_counter() - t0,
                  "train_time_s": sum(r["T_s"] for r in self.records), "C_s": sum(r["C_s"] for r in self.records),
                  "bytes_per_iter": (sum(r.get("bytes_per_iter", 0.0) for r in self.records) / len(self.records)

@@ -45,6 +45,10 @@ class PGDTraining(_DATObjective):
 class FGSMTraining(_DATObjective):
     """DAT with FGSM + random start ("fast AT"); step size ``attack.alpha`` or ``1.25*eps``."""
 
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        return [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} supports only linf"]
+
     def make_attack(self, eps: float) -> Attack:
         a = self.cfg.attack
         alpha = a.alpha if a.alpha is not None else 1.25 * eps

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..registry import Registry
+from ..config import ConfigError, at_least, raise_errors
+from ..registry import PluginError, Registry
 
 
 @dataclass
@@ -33,6 +34,11 @@ class Method(ABC):
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        """Errors in the config sections this method owns (e.g. ``bounds.*``); checked before any worker trains."""
+        return []
 
     @abstractmethod
     def loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> torch.Tensor:
@@ -58,6 +64,34 @@ class Method(ABC):
 METHODS: Registry[Callable[..., Method]] = Registry("method")
 
 
+def method_config_errors(cfg) -> list[str]:
+    """Errors in ``cfg.method`` and in the sections the chosen method owns: ``method.name`` is registered or an
+    importable ``MODULE:CALLABLE`` (a ``Method`` subclass, or a function ``f(cfg) -> Method``)."""
+    try:
+        factory = METHODS.get(cfg.method.name)
+    except (KeyError, PluginError) as err:
+        return [f"method.name={cfg.method.name!r}: {err.args[0]}"]
+    errors: list[str] = []
+    at_least(errors, "method.lam", cfg.method.lam, 0.0)
+    at_least(errors, "method.beta", cfg.method.beta, 0.0)
+    own = getattr(factory, "config_errors", None)
+    if callable(own):
+        errors += own(cfg)
+    return errors
+
+
 def create_method(cfg) -> Method:
-    """The method named by ``cfg.method.name``."""
-    return METHODS.get(cfg.method.name)(cfg)
+    """The method named by ``cfg.method.name``, after its own config check (``ConfigError`` naming the key)."""
+    raise_errors(method_config_errors(cfg))
+    name = cfg.method.name
+    try:
+        method = METHODS.get(name)(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- a plug-in's own error, in one line
+        if ":" not in name:
+            raise
+        raise ConfigError(f"method.name={name!r}: building it failed: {type(err).__name__}: {err}") from None
+    if not isinstance(method, Method):
+        raise ConfigError(f"method.name={name!r} returned a {type(method).__name__}, not a datkit.methods.Method")
+    return method

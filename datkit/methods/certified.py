@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..certify.bounds import record_batch_stats, verified
+from ..certify.config_checks import certified_method_errors
 from ..certify.bounds.engines import certified_margins, require_engine
 from ..certify.ibp_init import ibp_init
 from ..certify.regularizers import warmup_regularizer
@@ -71,6 +72,11 @@ class CertifiedTraining(Method):
 
         require_engine(cfg.bounds.engine)
         self.num_classes = DATASETS.get(cfg.data.name).num_classes if cfg.data.name in DATASETS else None
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        """l_inf balls only, and the bound engine must be importable (``bounds.*`` values: ``bounds_config_errors``)."""
+        return certified_method_errors(cfg)
 
     def train_eps(self, progress: float) -> float:
         b = self.cfg.bounds

@@ -37,6 +37,10 @@ def trades_attack(raw: nn.Module, x: torch.Tensor, eps: float, alpha: float, ste
 class TRADESTraining(Method):
     """TRADES with ``method.beta`` (default 6.0)."""
 
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        return [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} supports only linf"]
+
     def loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> torch.Tensor:
         a = self.cfg.attack
         alpha = a.alpha if a.alpha is not None else 2.5 * info.eps / a.steps

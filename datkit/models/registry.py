@@ -13,13 +13,36 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from datkit.models.normalize import Normalize, NormalizedModel
-from datkit.registry import Registry
+from datkit.registry import PluginError, Registry, is_import_path
 
 ModelFactory = Callable[..., nn.Module]
 
 MODELS: Registry[ModelFactory] = Registry("model")
 
 _FIXED_ARGS = ("num_classes", "in_channels", "image_size")
+
+
+def _external(prefix: str) -> Callable[[str], ModelFactory]:
+    def resolve(name: str) -> ModelFactory:
+        from datkit.models.external import external_factory  # torchvision's model zoo / timm, imported on use
+
+        return external_factory(prefix, name)
+
+    return resolve
+
+
+for _prefix in ("torchvision", "timm"):  # model.name=torchvision:resnet18, timm:resnet18
+    MODELS.register_prefix(_prefix, _external(_prefix))
+
+
+def model_config_errors(cfg) -> list[str]:
+    """Errors in ``cfg.model``: ``model.name`` is registered, ``torchvision:NAME`` / ``timm:NAME``, or an importable
+    ``MODULE:CALLABLE`` (called when the model is built)."""
+    try:
+        MODELS.get(cfg.model.name)
+    except (KeyError, PluginError) as err:
+        return [f"model.name={cfg.model.name!r}: {err.args[0]}"]
+    return []
 
 
 def list_models() -> list[str]:
@@ -58,6 +81,19 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, image_size: 
     if image_size < 1:
         raise ValueError(f"model '{name}': image_size must be >= 1, got {image_size}")
     _check_kwargs(name, factory, kwargs)
-    normalize = Normalize(mean, std, in_channels=in_channels)
-    net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
-    return NormalizedModel(normalize, net)
+    try:
+        net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    except Exception as err:  # noqa: BLE001 -- a plug-in's own error, in one line
+        if not is_import_path(name):
+            raise
+        raise ValueError(f"model '{name}': calling it (num_classes={num_classes}, in_channels={in_channels}, "
+                         f"image_size={image_size}, kwargs {kwargs}) failed: {type(err).__name__}: {err}") from None
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model '{name}' returned a {type(net).__name__}, not a torch.nn.Module")
+    return wrap_model(net, mean, std, in_channels)
+
+
+def wrap_model(net: nn.Module, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+               in_channels: int = 1) -> NormalizedModel:
+    """``NormalizedModel(Normalize(mean, std), net)``: the form every datkit model has (inputs in [0, 1])."""
+    return NormalizedModel(Normalize(mean, std, in_channels=in_channels), net)

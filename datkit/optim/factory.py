@@ -9,8 +9,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..registry import Registry
-from .lalr import LALR
+from ..config import ConfigError, at_least, choices, raise_errors
+from ..registry import PluginError, Registry, is_import_path
+from .lalr import BASES, EXCLUDE_CHOICES, LALR
+from .schedules import SCHEDULES
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
@@ -39,6 +41,55 @@ def _lalr(params: Iterable, lr: float, cfg) -> torch.optim.Optimizer:
                 exclude=cfg.lalr_exclude)
 
 
+_lalr.needs_whole_layers = True  # type: ignore[attr-defined]  # its trust ratio is per layer: not on ZeRO >= 1 partitions
+
+
+def optim_config_errors(cfg) -> list[str]:
+    """Errors in ``cfg.optim`` (a registered optimizer or an importable ``MODULE:CALLABLE(params, lr, optim_cfg)``, its
+    hyper-parameters, LALR's options) and ``cfg.schedule``."""
+    o, e = cfg.optim, []
+    try:
+        OPTIMIZERS.get(o.name)
+    except (KeyError, PluginError) as err:
+        e.append(f"optim.name={o.name!r}: {err.args[0]}")
+    at_least(e, "optim.lr", o.lr, 0.0, strict=True)
+    at_least(e, "optim.weight_decay", o.weight_decay, 0.0)
+    if not 0.0 <= o.momentum < 1.0:
+        e.append(f"optim.momentum={o.momentum!r} must be in [0, 1)")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        e.append(f"optim.betas={list(o.betas)!r} must be two numbers in [0, 1)")
+    at_least(e, "optim.base_batch_size", o.base_batch_size, 1)
+    choices(e, "optim.lalr_base", o.lalr_base, BASES)
+    choices(e, "optim.lalr_exclude", o.lalr_exclude, EXCLUDE_CHOICES)
+    at_least(e, "optim.c_l", o.c_l, 0.0)
+    if o.c_u < o.c_l:
+        e.append(f"optim.c_u={o.c_u!r} must be >= optim.c_l={o.c_l!r} (tau = min(max(||theta||, c_l), c_u))")
+    s = cfg.schedule
+    choices(e, "schedule.name", s.name, SCHEDULES)
+    at_least(e, "schedule.warmup_epochs", s.warmup_epochs, 0.0)
+    if not 0.0 < s.gamma <= 1.0:
+        e.append(f"schedule.gamma={s.gamma!r} must be in (0, 1]")
+    if list(s.milestones) != sorted(s.milestones) or any(m < 0 for m in s.milestones):
+        e.append(f"schedule.milestones={list(s.milestones)!r} must be non-negative and increasing")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        e.append(f"schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1]")
+    return e
+
+
 def build_optimizer(optim_cfg, params: Iterable, global_batch: int) -> torch.optim.Optimizer:
-    """The optimizer named by ``optim_cfg.name`` at the (scaled) peak learning rate."""
-    return OPTIMIZERS.get(optim_cfg.name)(params, scaled_lr(optim_cfg, global_batch), optim_cfg)
+    """The optimizer named by ``optim_cfg.name`` at the (scaled) peak learning rate; a plug-in's failure or a result
+    that is not a ``torch.optim.Optimizer`` raises ``ConfigError`` naming ``optim.name``."""
+    name = optim_cfg.name
+    try:
+        factory = OPTIMIZERS.get(name)
+    except (KeyError, PluginError) as err:
+        raise ConfigError(f"optim.name={name!r}: {err.args[0]}") from None
+    try:
+        opt = factory(params, scaled_lr(optim_cfg, global_batch), optim_cfg)
+    except Exception as err:  # noqa: BLE001 -- a plug-in's own error, in one line
+        if not is_import_path(name):
+            raise
+        raise ConfigError(f"optim.name={name!r}: calling it (params, lr, optim_cfg) failed: {type(err).__name__}: {err}") from None
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(f"optim.name={name!r} returned a {type(opt).__name__}, not a torch.optim.Optimizer")
+    return opt

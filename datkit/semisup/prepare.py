@@ -6,8 +6,9 @@ rest (``datkit.data.labeled``); ``semisup.num_unlabeled`` keeps a seeded subset 
 ``semisup.enabled``:
 
 1. the teacher: ``semisup.teacher=train`` trains the run's architecture cleanly on the L labeled examples
-   (``datkit.semisup.teacher``) and rank 0 saves it as ``output_dir/teacher.pt`` (a resumed run loads it
-   instead of training again); any other value is a datkit checkpoint loaded into that architecture;
+   (a run of method ``clean`` through the ``Trainer``, its files in ``output_dir/teacher/``) and rank 0 saves it
+   as ``output_dir/teacher.pt`` (a resumed run loads it instead of training again); any other value is a datkit
+   checkpoint loaded into that architecture;
 2. pseudo-labels: the teacher's argmax on every unlabeled example, the same on every worker;
 3. the training set ``[labeled; pseudo-labeled]`` with ``MixedBatchSampler``: ``semisup.unlabeled_fraction``
    of every global batch is pseudo-labeled. The method (pgd, trades, ...) then trains on it as on any data.
@@ -19,7 +20,7 @@ part keeps for this report only) are returned for ``results.json``.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
@@ -28,9 +29,10 @@ from datkit.checkpoint import atomic_save
 from datkit.config.errors import ConfigError
 from datkit.data import DataBundle, MixedBatchSampler, dataset_labels, eval_subset
 
-from .teacher import load_teacher, pseudo_label, teacher_state, train_teacher
+from .teacher import load_teacher, pseudo_label, teacher_state
 
 TEACHER = "teacher.pt"
+TrainTeacher = Callable[..., "tuple[torch.nn.Module, list[dict[str, Any]]]"]
 
 
 class Relabeled(Dataset):
@@ -64,27 +66,30 @@ def _combined(labeled: Dataset, unlabeled: Dataset, pseudo: torch.Tensor) -> Dat
     return ConcatDataset([labeled, Relabeled(unlabeled, pseudo)])
 
 
-def _teacher(cfg, backend, data: DataBundle, model: torch.nn.Module) -> dict[str, Any]:
-    """Train (or load) the teacher into ``model``; returns what was done, for the report."""
+def _teacher(cfg, backend, data: DataBundle, model: torch.nn.Module, train_teacher: TrainTeacher
+             ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train (or load) the teacher, starting from ``model``; returns the teacher and what was done, for the report."""
     ss = cfg.semisup
     saved = os.path.join(cfg.train.output_dir, TEACHER)
     if ss.teacher != "train":
         load_teacher(ss.teacher, model)
-        return {"teacher": ss.teacher}
+        return model, {"teacher": ss.teacher}
     if cfg.train.resume and os.path.isfile(saved):
         load_teacher(saved, model)
-        return {"teacher": saved, "teacher_resumed": True}
-    records = train_teacher(cfg, backend, model, data.train)
+        return model, {"teacher": saved, "teacher_resumed": True}
+    model, records = train_teacher(cfg, backend, model, data.train, data.test)
     if backend.is_main:
         atomic_save(teacher_state(model, cfg, records), saved)
     backend.barrier()
-    return {"teacher": saved, "teacher_epochs": len(records), "teacher_final_loss": records[-1]["train_loss"]}
+    return model, {"teacher": saved, "teacher_epochs": len(records), "teacher_final_loss": records[-1]["train_loss"]}
 
 
-def semisup_training_set(cfg, backend, data: DataBundle, build_model) -> tuple[Dataset, MixedBatchSampler | None, dict[str, Any]]:
+def semisup_training_set(cfg, backend, data: DataBundle, build_model: Callable[..., torch.nn.Module],
+                         train_teacher: TrainTeacher) -> tuple[Dataset, MixedBatchSampler | None, dict[str, Any]]:
     """(training set, its batch sampler or None for the default one, report) of this run.
 
-    ``build_model(cfg, spec)`` builds the teacher. Runs under ``torch.random.fork_rng``: the caller's random
+    ``build_model(cfg, spec)`` builds the teacher, ``train_teacher(cfg, backend, model, labeled, test) -> (trained
+    model, per-epoch records)`` trains it (``datkit.engine.run``: a ``Trainer`` run of method ``clean``). Runs under ``torch.random.fork_rng``: the caller's random
     state (the student's initialization) is the same as in a run without a teacher.
     """
     ss = cfg.semisup
@@ -104,7 +109,7 @@ def semisup_training_set(cfg, backend, data: DataBundle, build_model) -> tuple[D
     with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed + 7919)
         teacher = build_model(cfg, data.spec).to(backend.device)
-        report = _teacher(cfg, backend, data, teacher)
+        teacher, report = _teacher(cfg, backend, data, teacher, train_teacher)
         pseudo = pseudo_label(backend, teacher, unlabeled, cfg.eval.batch_size)
         idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
         report["teacher_TA"] = evaluate_accuracy(backend, teacher, data.test, idx, cfg.eval.batch_size, {"TA": None})["TA"]

@@ -1,12 +1,11 @@
 """The clean teacher of semi-supervised AT and its pseudo-labels (Carmon et al., "Unlabeled Data Improves
 Adversarial Robustness", NeurIPS 2019: robust self-training; DAT paper Table 3).
 
-``train_teacher`` trains the run's model architecture with plain cross-entropy on the labeled examples,
-data-parallel over the backend's workers: each worker takes its slice of every global batch (the same
-sampler as the main run) and the gradients are averaged with ``backend.all_reduce`` on one flat tensor, so
-every worker ends with the same teacher on any backend (no DDP wrapper, no compression: the teacher's
-training is a short prelude). ``pseudo_label`` gives every worker the same labels: each predicts a
-contiguous shard and the shards are ``all_gather``-ed.
+The teacher is trained by the same ``Trainer`` as every run (``datkit.engine.run.teacher_config``: method
+``clean`` on the labeled examples), so it runs on every backend with every feature (DDP / ZeRO / Horovod,
+compression, checkpoints, the non-finite check). This module loads a saved teacher and pseudo-labels:
+``pseudo_label`` gives every worker the same labels: each predicts a contiguous shard and the shards are
+``all_gather``-ed.
 """
 from __future__ import annotations
 
@@ -14,64 +13,12 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from datkit.config.errors import ConfigError
-from datkit.data import ShardedBatchSampler, iterate_batches, random_shift
-from datkit.optim import build_optimizer, build_scheduler
-
-
-def _average_gradients(backend, params: list[nn.Parameter]) -> None:
-    """Mean of every worker's gradients, in place (one flat all_reduce)."""
-    if backend.world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = backend.all_reduce(torch.cat([g.reshape(-1) for g in grads]), op="mean")
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
-def train_teacher(cfg, backend, model: nn.Module, labeled: Dataset) -> list[dict[str, Any]]:
-    """Train ``model`` (already on ``backend.device``) with clean cross-entropy on ``labeled`` for
-    ``semisup.teacher_epochs`` epochs (``optim.*``, ``schedule.*``, global batch ``train.batch_size``,
-    ``data.augment_shift``); returns one ``{epoch, train_loss}`` record per epoch."""
-    g = cfg.train.batch_size
-    try:
-        sampler = ShardedBatchSampler(len(labeled), g, backend.rank, backend.world_size, seed=cfg.train.seed)
-    except ValueError as err:
-        raise ConfigError(f"semisup.teacher=train: {err} (lower train.batch_size or raise data.num_labeled)") from None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optim, params, g)
-    epochs = cfg.semisup.teacher_epochs
-    scheduler = build_scheduler(cfg.schedule, optimizer, len(sampler), epochs)
-    model.train()
-    records = []
-    bar = tqdm(total=len(sampler) * epochs, desc="teacher", leave=False, dynamic_ncols=True,
-               disable=not (backend.is_main and cfg.log.progress))
-    for epoch in range(1, epochs + 1):
-        sampler.set_epoch(epoch)
-        total = torch.zeros(2, dtype=torch.float64)
-        for x, y in iterate_batches(labeled, sampler, cfg.data.num_workers):
-            x = random_shift(x, cfg.data.augment_shift).to(backend.device)
-            loss = F.cross_entropy(model(x), y.to(backend.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _average_gradients(backend, params)
-            optimizer.step()
-            scheduler.step()
-            total += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        total = backend.all_reduce(total.to(backend.device), op="sum").cpu()
-        records.append({"epoch": epoch, "train_loss": float(total[0] / max(1.0, float(total[1])))})
-    bar.close()
-    return records
+from datkit.data import iterate_batches
 
 
 def load_teacher(path: str, model: nn.Module) -> None:
