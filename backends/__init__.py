@@ -10,16 +10,12 @@ from typing import Callable, Sequence
 
 from datkit.registry import Registry
 
-from .base import Backend
+from .base import Backend, BackendUnavailable
 from .comm_timer import CommTimer
 from .select import detect_backend
 
 BACKENDS: Registry[Callable[..., Backend]] = Registry("backend")
 BACKEND_CHOICES = ("auto", "torch", "horovod", "deepspeed")
-
-
-class BackendUnavailable(RuntimeError):
-    """The chosen backend cannot run here (not implemented yet, or its library is not installed)."""
 
 
 @BACKENDS.register("torch")

@@ -27,6 +27,10 @@ def _sum64(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dtype=torch.float64)
 
 
+class BackendUnavailable(RuntimeError):
+    """The chosen backend cannot run here (not implemented yet, or its library is not installed)."""
+
+
 class Backend(ABC):
     """Rank/world size/device, joint set-up, gradient synchronisation, collectives, checkpoints.
 

@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .base import Backend
+from .base import Backend, BackendUnavailable
 from .horovod_sync import MeteredDistributedOptimizer
 
 _OPS = {"sum": "Sum", "max": "Max", "min": "Min"}
@@ -65,8 +65,6 @@ class HorovodBackend(Backend):
     def __init__(self, cfg, env: Mapping[str, str] | None = None) -> None:
         super().__init__()
         import horovod.torch as hvd
-
-        from . import BackendUnavailable
 
         problem = launch_problem(os.environ if env is None else env, hvd.mpi_built())
         if problem is not None:

@@ -30,6 +30,7 @@ from datkit.registry import PluginError
 from datkit.semisup import semisup_training_set
 
 from .cpu_runtime import set_cpu_threads, tune_malloc
+from .trainer import Trainer
 from .transfer import freeze_all_but_head, init_from_checkpoint
 
 
@@ -144,8 +145,6 @@ def _train_teacher(cfg, backend, model: nn.Module, labeled: Dataset, test: Datas
     """Train ``model`` cleanly on ``labeled`` through a ``Trainer`` (every backend feature: DDP / ZeRO / Horovod,
     compression, checkpoints and resume, the non-finite check); returns the trained module (``model``, or its
     SyncBatchNorm conversion) and the per-epoch records."""
-    from .trainer import Trainer
-
     tcfg = teacher_config(cfg)
     run = build_run(tcfg, backend, model=model, train_set=labeled, test_set=test)
     trainer = Trainer(run)

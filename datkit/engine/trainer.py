@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
@@ -25,7 +25,9 @@ from . import fault_injection
 from .evaluate import evaluate_accuracy, ra_attack
 from .nonfinite import NonFiniteGuard
 from .results import ResultsWriter
-from .run import Run
+
+if TYPE_CHECKING:  # only an annotation: run.py builds runs and hands them to this loop
+    from .run import Run
 
 class Trainer:
     """Trains a :class:`~datkit.engine.run.Run` (built by ``build_run``): epochs, evaluation, checkpoints, results.
@@ -34,7 +36,7 @@ class Trainer:
     ``train()`` starts, so a Trainer made only to time ``train_step`` (``datkit.bench``) writes nothing.
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: "Run") -> None:
         self.run = run
         self.cfg, self.backend, self.data = run.cfg, run.backend, run.data
         self.model, self.raw, self.optimizer, self.scheduler = run.model, run.raw, run.optimizer, run.scheduler

@@ -31,6 +31,16 @@ from .propagate import BoundState, backward_pass, ibp_pass
 METHODS = ("ibp", "crown-ibp")
 
 
+@dataclass
+class Margins:
+    """Lower bounds of the margins ``(B, classes - 1)``, ReLU pre-activation intervals, normalized input box
+    (what a bound engine gives certified training, ``datkit.certify.bounds.engines``)."""
+
+    lower: torch.Tensor
+    relu_inputs: list[Interval]
+    network_input: Interval
+
+
 def input_box(x: torch.Tensor, eps: float) -> Interval:
     """``[max(x - eps, 0), min(x + eps, 1)]``: the l_inf ball of radius ``eps`` within the pixel range."""
     return Interval((x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0))

@@ -10,24 +10,13 @@ regularizers, the intervals of every ReLU's pre-activation and of the normalized
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .api import margin_bounds
-from .core import Interval
+from .api import Margins, margin_bounds  # noqa: F401  (Margins: re-exported)
+from .lirpa import lirpa_margins, require_auto_lirpa
 
 ENGINES = ("native", "auto_lirpa")
-
-
-@dataclass
-class Margins:
-    """Lower bounds of the margins ``(B, classes - 1)``, ReLU pre-activation intervals, normalized input box."""
-
-    lower: torch.Tensor
-    relu_inputs: list[Interval]
-    network_input: Interval
 
 
 def require_engine(engine: str) -> None:
@@ -35,8 +24,6 @@ def require_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise ValueError(f"bounds.engine={engine!r} is not one of: {', '.join(ENGINES)}")
     if engine == "auto_lirpa":
-        from .lirpa import require_auto_lirpa
-
         require_auto_lirpa()
 
 
@@ -47,6 +34,4 @@ def certified_margins(engine: str, model: nn.Module, x: torch.Tensor, y: torch.T
         res = margin_bounds(model, x, y, eps, method, beta=beta, batch_stats=batch_stats, num_classes=num_classes)
         return Margins(res.lower, res.state.relu_inputs(), res.state.network_input())
     require_engine(engine)
-    from .lirpa import lirpa_margins
-
     return lirpa_margins(model, x, y, eps, method, beta=beta, num_classes=num_classes)

@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch import nn
 
-from .api import input_box, num_classes_of, spec_matrix
+from .api import Margins, input_box, num_classes_of, spec_matrix
 from .core import Interval
 
 INSTALL_HINT = ("auto_LiRPA is not importable. Its PyPI release (0.3) does not work with current torch; install it "
@@ -56,7 +56,6 @@ def lirpa_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     """Like the native engine's ``certified_margins``, computed by auto_LiRPA (see the module docstring)."""
     from auto_LiRPA import BoundedTensor, PerturbationLpNorm
 
-    from .engines import Margins
 
     bounded = _bounded_module(model, x)
     box = input_box(x, eps)

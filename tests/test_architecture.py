@@ -1,0 +1,115 @@
+"""The structure the code promises, checked on the source: one builder of runs, a leaf config package, no import
+cycles (function-level imports included; ``if TYPE_CHECKING:`` blocks are annotations only, not imports)."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = sorted([*(REPO / "datkit").rglob("*.py"), *(REPO / "backends").rglob("*.py")])
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "backends":  # installed as datkit.backends
+        parts = ["datkit", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+MODULES = {_module(p): p for p in SOURCES}
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imports(name: str) -> set[str]:
+    """Modules of datkit that module ``name`` imports anywhere (top level or inside functions)."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for t in ast.walk(tree) if _is_type_checking(t) for n in ast.walk(t)}
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base_parts = package[: len(package) - node.level + 1] if node.level else []
+            base = ".".join([*base_parts, *([node.module] if node.module else [])])
+            targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+        for t in targets:
+            if t in MODULES and t != name and not name.startswith(t + "."):  # a package's own parents are not edges
+                out.add(t)
+    return out
+
+
+GRAPH = {m: _imports(m) for m in MODULES}
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle() -> None:
+    assert _cycles() == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    GRAPH["datkit.config.validate"].add("datkit.data.checks")  # data.checks imports datkit.config: a cycle
+    try:
+        assert any({"datkit.config.validate", "datkit.data.checks"} <= set(c) for c in _cycles())
+    finally:
+        GRAPH["datkit.config.validate"].discard("datkit.data.checks")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("datkit.config")))
+def test_config_is_a_leaf(module: str) -> None:
+    outside = sorted(t for t in GRAPH[module] if not t.startswith("datkit.config"))
+    assert not outside, f"{module} imports {outside}: datkit.config must import no other part of datkit"
+
+
+@pytest.mark.parametrize("pattern", [r"Trainer\.__new__", r"_average_gradients", r"getattr\(self, \"position\""])
+def test_no_assembly_outside_the_builder(pattern: str) -> None:
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in SOURCES for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(pattern, line)]
+    assert not hits, hits
