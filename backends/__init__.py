@@ -76,7 +76,9 @@ def backend_config_errors(cfg) -> list[str]:
 def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:
     """Build the backend for ``cfg`` (``cfg.backend``, ``cfg.device``, ``cfg.dist``, ``cfg.compression``)."""
     from datkit.compress import compressor_from_config
+    from datkit.config import raise_errors
 
+    raise_errors(backend_config_errors(cfg))  # the backends check their own sections when one is built
     backend = BACKENDS.get(resolve_backend_name(cfg.backend, argv))(cfg)
     backend.set_compressor(compressor_from_config(cfg.compression, seed=cfg.train.seed))
     backend.start_peer_watch(cfg.dist.peer_timeout_s, cfg.dist.timeout_s)

@@ -12,7 +12,7 @@ import torch
 from ..config import ConfigError, at_least, choices, raise_errors
 from ..registry import PluginError, Registry, is_import_path
 from .lalr import BASES, EXCLUDE_CHOICES, LALR
-from .schedules import SCHEDULES
+from .schedules import schedule_errors
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
@@ -45,9 +45,14 @@ _lalr.needs_whole_layers = True  # type: ignore[attr-defined]  # its trust ratio
 
 
 def optim_config_errors(cfg) -> list[str]:
-    """Errors in ``cfg.optim`` (a registered optimizer or an importable ``MODULE:CALLABLE(params, lr, optim_cfg)``, its
-    hyper-parameters, LALR's options) and ``cfg.schedule``."""
-    o, e = cfg.optim, []
+    """Errors in ``cfg.optim`` and ``cfg.schedule``."""
+    return optimizer_errors(cfg.optim) + schedule_errors(cfg.schedule)
+
+
+def optimizer_errors(o) -> list[str]:
+    """Errors in an ``optim`` section: a registered optimizer or an importable ``MODULE:CALLABLE(params, lr,
+    optim_cfg)``, its hyper-parameters, LALR's options."""
+    e: list[str] = []
     try:
         OPTIMIZERS.get(o.name)
     except (KeyError, PluginError) as err:
@@ -64,26 +69,15 @@ def optim_config_errors(cfg) -> list[str]:
     at_least(e, "optim.c_l", o.c_l, 0.0)
     if o.c_u < o.c_l:
         e.append(f"optim.c_u={o.c_u!r} must be >= optim.c_l={o.c_l!r} (tau = min(max(||theta||, c_l), c_u))")
-    s = cfg.schedule
-    choices(e, "schedule.name", s.name, SCHEDULES)
-    at_least(e, "schedule.warmup_epochs", s.warmup_epochs, 0.0)
-    if not 0.0 < s.gamma <= 1.0:
-        e.append(f"schedule.gamma={s.gamma!r} must be in (0, 1]")
-    if list(s.milestones) != sorted(s.milestones) or any(m < 0 for m in s.milestones):
-        e.append(f"schedule.milestones={list(s.milestones)!r} must be non-negative and increasing")
-    if not 0.0 <= s.min_lr_ratio <= 1.0:
-        e.append(f"schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1]")
     return e
 
 
 def build_optimizer(optim_cfg, params: Iterable, global_batch: int) -> torch.optim.Optimizer:
     """The optimizer named by ``optim_cfg.name`` at the (scaled) peak learning rate; a plug-in's failure or a result
     that is not a ``torch.optim.Optimizer`` raises ``ConfigError`` naming ``optim.name``."""
+    raise_errors(optimizer_errors(optim_cfg))  # the plug-in checks its own section when it is built
     name = optim_cfg.name
-    try:
-        factory = OPTIMIZERS.get(name)
-    except (KeyError, PluginError) as err:
-        raise ConfigError(f"optim.name={name!r}: {err.args[0]}") from None
+    factory = OPTIMIZERS.get(name)
     try:
         opt = factory(params, scaled_lr(optim_cfg, global_batch), optim_cfg)
     except Exception as err:  # noqa: BLE001 -- a plug-in's own error, in one line

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from datkit.config import at_least, choices, raise_errors
+
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -33,8 +35,23 @@ def lr_multiplier(sched_cfg, steps_per_epoch: int, epochs: int) -> Callable[[int
     return f
 
 
+def schedule_errors(s) -> list[str]:
+    """Errors in a ``schedule`` section: a known schedule, warm-up, step milestones and decay, cosine's floor."""
+    e: list[str] = []
+    choices(e, "schedule.name", s.name, SCHEDULES)
+    at_least(e, "schedule.warmup_epochs", s.warmup_epochs, 0.0)
+    if not 0.0 < s.gamma <= 1.0:
+        e.append(f"schedule.gamma={s.gamma!r} must be in (0, 1]")
+    if list(s.milestones) != sorted(s.milestones) or any(m < 0 for m in s.milestones):
+        e.append(f"schedule.milestones={list(s.milestones)!r} must be non-negative and increasing")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        e.append(f"schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1]")
+    return e
+
+
 def build_scheduler(sched_cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over ``lr_multiplier``."""
+    """A LambdaLR over ``lr_multiplier`` (the ``schedule`` section is checked first: ``ConfigError`` naming the key)."""
+    raise_errors(schedule_errors(sched_cfg))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(sched_cfg, steps_per_epoch, epochs))
 
 
