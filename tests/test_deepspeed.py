@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,13 +97,17 @@ def test_resume_from_a_zero2_checkpoint_is_exact(zero_run, tmp_path: Path) -> No
     assert sorted(p.name for p in (part / "checkpoint_last.pt.deepspeed").iterdir() if p.is_dir()) == ["epoch2"]
 
 
-def test_onebit_compression_at_stage_0(tmp_path: Path) -> None:
+def test_onebit_compression_at_stage_0_teacher_included(tmp_path: Path) -> None:
+    # semi-supervised: the teacher trains through the same Trainer, on DeepSpeed with onebit compression too
     out = tmp_path / "ob"
-    proc = _deepspeed([*_tiny(), *STEPS, "deepspeed.zero_stage=0", "compression.name=onebit", f"train.output_dir={out}"],
-                      tmp_path)
+    proc = _deepspeed([*_tiny(), *STEPS, "deepspeed.zero_stage=0", "compression.name=onebit", "data.num_labeled=100",
+                       "semisup.enabled=true", "semisup.teacher_epochs=2", f"train.output_dir={out}"], tmp_path)
     assert proc.returncode == 0, describe(proc)
     rec = load_checkpoint(out)["records"][0]
     assert 0 < rec["bytes_per_iter"] < 2000, rec  # ~1/32 of the float32 gradient (18,440 bytes) plus scales
+    teacher = json.loads((out / "teacher" / "results.json").read_text())
+    assert teacher["final"]["backend"] == "deepspeed" and len(teacher["epochs"]) == 2 and (out / "teacher.pt").is_file()
+    assert all(0 < r["bytes_per_iter"] < 2000 for r in teacher["epochs"]), teacher["epochs"]
 
 
 def test_collectives(tmp_path: Path) -> None:

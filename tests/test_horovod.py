@@ -70,6 +70,8 @@ RUNS: dict[str, list[str]] = {
     "fp16": ["compression.name=fp16"],
     "int8_two_sided": ["compression.name=int8", "compression.two_sided=true"],
     "onebit": ["compression.name=onebit"],
+    # the semi-supervised teacher trains through the same Trainer: Horovod's hooks, int8 compression and all
+    "semisup_int8": ["compression.name=int8", "data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2"],
 }
 _RUNNER = """
 import json, os, sys
@@ -125,6 +127,20 @@ def test_matches_the_torch_backend(name: str, torch_run: dict, hvd_runs: tuple[P
     # every gradient once, in float32, by the ring model: the bytes of DDP's buckets; and C was measured
     assert rec["bytes_per_iter"] == pytest.approx(ref["bytes_per_iter"], rel=1e-9) and rec["bytes_per_iter"] > 0
     assert rec["C_s"] > 0
+
+
+@needs_horovod
+def test_the_semisup_teacher_trains_on_horovod_with_compression(hvd_runs: tuple[Path, str]) -> None:
+    out = hvd_runs[0] / "semisup_int8"
+    teacher = json.loads((out / "teacher" / "results.json").read_text())
+    final = json.loads((out / "results.json").read_text())["final"]
+    fp32 = load_checkpoint(hvd_runs[0] / "none")["records"][0]["bytes_per_iter"]
+    assert teacher["final"]["backend"] == "horovod" and teacher["final"]["world_size"] == 2
+    assert len(teacher["epochs"]) == 2 and final["teacher_epochs"] == 2 and (out / "teacher.pt").is_file()
+    # the same model and compressor as the student: int8's bytes, well under the float32 allreduce's
+    bytes_t = [r["bytes_per_iter"] for r in teacher["epochs"]]
+    assert all(0 < b < 0.7 * fp32 for b in bytes_t), (bytes_t, fp32)
+    assert bytes_t[0] == pytest.approx(load_checkpoint(out)["records"][0]["bytes_per_iter"], rel=1e-9)
 
 
 @needs_horovod
