@@ -44,9 +44,18 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
+def launcher_rank() -> str:
+    """This process's rank as its launcher set it (torchrun / deepspeed: ``RANK``; horovodrun: ``HOROVOD_RANK``;
+    mpirun: ``OMPI_COMM_WORLD_RANK`` / ``PMI_RANK``); "0" when none is set (one process)."""
+    for key in ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if key in os.environ:
+            return os.environ[key]
+    return "0"
+
+
 def fail(err: BaseException, code: int = 2) -> None:
-    """Print a start-up error once (rank 0, or every rank if the rank is unknown) and exit."""
-    if os.environ.get("RANK", "0") == "0":
+    """Print a start-up error once (rank 0 as the launcher numbers them) and exit with ``code``."""
+    if launcher_rank() == "0":
         print(f"datkit: error: {err}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 

@@ -3,6 +3,7 @@
 ``none`` (float32), ``fp16``, ``bf16``, ``int8`` (per-block scale; nearest or stochastic rounding;
 ``two_sided``) and ``onebit`` (sign + scale, error feedback on worker and server), all on the sharded
 parameter-server exchange of ``datkit.compress.base``; byte accounting in ``accounting``.
+``register_ddp_hook(ddp_model, "int8", two_sided=True)`` (``ddp_hook``) runs them in a user's own DDP loop.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .accounting import ByteCounter, CountingCollectives, allreduce_bytes
 from .base import Collectives, Compressor
 from .buckets import GradientBuckets
 from .cast import BF16, FP16, NoCompression
+from .ddp_hook import DDPCompressionHook, register_ddp_hook
 from .int8 import Int8
 from .onebit import OneBit
 from .state import gather_state, pick_state
@@ -84,5 +86,6 @@ def _changed_options(ccfg) -> dict[str, Any]:
     return out
 
 
-__all__ = ["compression_config_errors", "compressor_from_config", "COMPRESSORS", "ByteCounter", "Collectives", "Compressor", "CountingCollectives", "GradientBuckets",
-           "allreduce_bytes", "compressor_options", "gather_state", "get_compressor", "pick_state"]
+__all__ = ["compression_config_errors", "compressor_from_config", "COMPRESSORS", "ByteCounter", "Collectives", "Compressor", "CountingCollectives", "DDPCompressionHook",
+           "GradientBuckets", "allreduce_bytes", "compressor_options", "gather_state", "get_compressor", "pick_state",
+           "register_ddp_hook"]
