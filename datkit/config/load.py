@@ -9,6 +9,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+import omegaconf
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -48,6 +49,19 @@ def _parse_overrides(overrides: Sequence[str]) -> list[str]:
             raise ConfigError(f"command-line override '{item}' is not of the form key=value (e.g. train.epochs=3)")
         out.append(item)
     return out
+
+
+def path_safe(name: str) -> str:
+    """``name`` usable as a folder name everywhere: an import path's ``:`` becomes ``-``
+    (``examples.nets:make`` -> ``examples.nets-make``); registered names are unchanged."""
+    return str(name).replace(":", "-").replace("/", "-")
+
+
+# omegaconf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver is the legacy one)
+if tuple(int(p) for p in omegaconf.__version__.split(".")[:2]) >= (2, 4):
+    OmegaConf.register_resolver("path_safe", path_safe, replace=True)
+else:  # pragma: no cover -- omegaconf 2.3
+    OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 
 
 def load_config(config_path: str | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> DictConfig:

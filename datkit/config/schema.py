@@ -106,7 +106,7 @@ class TrainConfig:
     max_steps: int = 0  # stop an epoch after this many steps (0 = full epochs); for smoke tests
     resume: bool = False  # continue from output_dir/checkpoint_last.pt if it exists
     checkpoint_every: int = 1  # save a checkpoint every N epochs (0 = only the final one)
-    output_dir: str = "runs/${data.name}_${method.name}"  # where results, logs and checkpoints go
+    output_dir: str = "runs/${path_safe:${data.name}}_${path_safe:${method.name}}"  # where results, logs and checkpoints go (path_safe: an import path's ':' becomes '-')
     threads: int = 0  # CPU intra-op threads per worker; 0 = auto: OMP_NUM_THREADS if set, else cores / workers on this host
     malloc_tuning: bool = True  # glibc: keep freed memory in the process (fewer page faults, ~10% faster CPU steps)
     init_from: Optional[str] = None  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer is replaced when the number of classes differs); null = from scratch
