@@ -19,7 +19,6 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.datasets import load_digits  # 1,797 8x8 digits shipped with scikit-learn: no download
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -39,6 +38,8 @@ def make_model() -> nn.Sequential:
 
 def make_data() -> TensorDataset:
     """scikit-learn's digits as (N, 1, 8, 8) float images in [0, 1] (pixel values 0..16 / 16) and int labels."""
+    from sklearn.datasets import load_digits  # 1,797 8x8 digits shipped with scikit-learn: no download
+
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return TensorDataset(x, torch.tensor(digits.target, dtype=torch.long))
@@ -51,8 +52,9 @@ def main() -> None:
     parser.add_argument("--save-weights", default="", help="each rank saves its final weights to PREFIX.rank<r>.pt")
     args = parser.parse_args()
 
-    # 1. The process group, from the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, ...).
-    use_cuda = torch.cuda.is_available()
+    # 1. The process group, from the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, ...);
+    #    NCCL with one GPU per process when there are enough GPUs, else gloo on the CPU.
+    use_cuda = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
