@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart 2: set up .venv with the test extras and run the whole test suite (CPU; on a fresh 2-core machine about
-# 18 minutes in all: ~6 for the set-up with Horovod's build, ~12 of pytest; see docs/testing.md).
+# 30 minutes in all: ~9.5 for the set-up with Horovod's build, ~20 of pytest; see docs/testing.md).
 # pytest runs on DATKIT_TEST_WORKERS pytest-xdist workers (default 2; 0 = no xdist), one test file per worker at a
 # time. Extra arguments go to pytest, e.g. `bash tests/run.sh tests/test_config.py -k cli`.
 set -euo pipefail
