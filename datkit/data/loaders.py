@@ -80,15 +80,16 @@ def build_data(data_cfg, train_set: Dataset | None = None, test_set: Dataset | N
         name = f"{source} test set ({len(test)})"
         spec = resized_spec(spec, data_cfg.resize)
     else:
-        spec = DATASETS.get(data_cfg.name)
+        registered = DATASETS.get(data_cfg.name)
         test_kind = resolve_test_set(data_cfg)
-        train, heldout = spec.build(root=data_cfg.root, download=data_cfg.download, use_all_for_training=test_kind == "mnist")
+        train, heldout = registered.build(root=data_cfg.root, download=data_cfg.download,
+                                          use_all_for_training=test_kind == "mnist")
         if test_kind == "mnist":
             test = load_official_mnist_test(data_cfg.shared_root)
             name = f"official MNIST test set ({len(test)})"
         else:
-            test, name = heldout, f"{spec.name} held-out split ({len(heldout)})"
-        spec = dataset_spec(data_cfg)
+            test, name = heldout, f"{registered.name} held-out split ({len(heldout)})"
+        spec = dataset_spec(data_cfg)  # with data.mean / data.std and data.resize applied
     if data_cfg.resize > 0:
         train, test = resize_dataset(train, data_cfg.resize), resize_dataset(test, data_cfg.resize)
         name += f", resized to {data_cfg.resize}x{data_cfg.resize}"
