@@ -2,7 +2,9 @@
 
 - 2 workers with global batch G take the same steps as 1 worker with global batch G (the sampler
   splits the global batch, DDP averages the gradients), so the weights agree after a few steps;
-- gradient accumulation: 2 micro-batches of G/2 give the same update as one batch of G;
+- gradient accumulation: 2 micro-batches of G/2 give the same update as one batch of G, and as 2 workers;
+- all of it with the default recipe (PGD random start on, Adam) and random shifts: the per-sample noise is
+  keyed by the sample's global position, never by the rank (``datkit.randomness``);
 - the collectives of ``TorchBackend`` do what the Backend interface says on 2 processes.
 """
 from __future__ import annotations
@@ -15,10 +17,9 @@ from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-# A few PGD steps of the tiny model; random_start=false (in TINY) so the attack does not depend on how the
-# batch is split. SGD, not Adam: Adam's first update is about lr*sign(grad), which turns rounding noise in a
-# near-zero gradient into an lr-sized difference; SGD keeps rounding differences at rounding size.
-STEPS = ["train.epochs=1", "train.max_steps=3", "train.batch_size=32", "optim.name=sgd", "optim.lr=0.05"]
+# The default recipe: PGD with random start, Adam, plus random shifts. Every per-sample draw is keyed by the
+# sample's global position (datkit.randomness), so it does not depend on how the batch is split.
+STEPS = ["train.epochs=1", "train.max_steps=3", "train.batch_size=32", "data.augment_shift=1"]
 
 
 def _torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 280):
@@ -36,8 +37,17 @@ def one_worker(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return load_checkpoint(tmp / "out")
 
 
+@pytest.fixture(scope="module")
+def one_worker_accumulating(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same run in this process with 2 micro-batches of 16 (``train.grad_accum=2``)."""
+    out = tmp_path_factory.mktemp("accum2") / "out"
+    train_inprocess([*STEPS, "train.grad_accum=2", f"train.output_dir={out}"])
+    return load_checkpoint(out)
+
+
 @pytest.mark.parametrize("ddp", ["true", "false"], ids=["ddp", "manual_allreduce"])
-def test_two_workers_match_one_worker_with_the_same_global_batch(ddp: str, one_worker: dict, tmp_path: Path) -> None:
+def test_two_workers_match_one_worker_with_the_same_global_batch(ddp: str, one_worker: dict,
+                                                                 one_worker_accumulating: dict, tmp_path: Path) -> None:
     out2 = tmp_path / "two"
     proc = _torchrun(2, ["-m", "datkit.train", *TINY, *STEPS, f"dist.ddp={ddp}", f"train.output_dir={out2}"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
@@ -47,6 +57,8 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(ddp: str, one_w
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["epoch"] == one["epoch"] == 1
     assert_same_weights(two["model"], one["model"], atol=1e-5)
+    # 2 workers x 16 == 1 worker x 2 micro-batches of 16 (a micro-batch draws what it would in the whole batch)
+    assert_same_weights(two["model"], one_worker_accumulating["model"], atol=1e-5)
     # and training did move the weights (the comparison is not between two initial models)
     init = _initial_weights(tmp_path)
     moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
@@ -55,6 +67,8 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(ddp: str, one_w
     assert two["records"][0]["train_loss"] == pytest.approx(one["records"][0]["train_loss"], abs=1e-5)
     # evaluation is split across workers and summed: both runs evaluate the same 50 examples
     assert two["records"][0]["n_eval"] == one["records"][0]["n_eval"] == 50
+    # and PGD's random start in evaluation is keyed by test index: RA does not depend on the worker count
+    assert (two["records"][0]["TA"], two["records"][0]["RA"]) == (one["records"][0]["TA"], one["records"][0]["RA"])
 
 
 def _initial_weights(tmp_path: Path) -> dict:
@@ -70,11 +84,8 @@ def _initial_weights(tmp_path: Path) -> dict:
     return build_model(cfg, DATASETS.get(cfg.data.name)).state_dict()
 
 
-def test_gradient_accumulation_matches_one_batch(tmp_path: Path) -> None:
-    out_a, out_b = tmp_path / "accum1", tmp_path / "accum2"
-    train_inprocess([*STEPS, "train.grad_accum=1", f"train.output_dir={out_a}"])
-    train_inprocess([*STEPS, "train.grad_accum=2", f"train.output_dir={out_b}"])
-    a, b = load_checkpoint(out_a), load_checkpoint(out_b)
+def test_gradient_accumulation_matches_one_batch(one_worker: dict, one_worker_accumulating: dict) -> None:
+    a, b = one_worker, one_worker_accumulating
     assert_same_weights(a["model"], b["model"], atol=1e-5)
     assert a["records"][0]["train_loss"] == pytest.approx(b["records"][0]["train_loss"], abs=1e-5)
 

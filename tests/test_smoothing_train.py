@@ -36,7 +36,7 @@ def test_gaussian_augmentation_loss(num_noise: int) -> None:
     torch.manual_seed(123)
     loss = create_method(cfg).loss(model, model, x, y, StepInfo(eps=0.0))
     torch.manual_seed(123)
-    noise = torch.randn(num_noise, *x.shape) * 0.5
+    noise = torch.randn(x.shape[0], num_noise, *x.shape[1:]).transpose(0, 1) * 0.5  # drawn per sample, then (m, B, ...)
     expected = torch.stack([F.cross_entropy(model(x + e), y) for e in noise]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert loss.item() != pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-3), "no noise was added"

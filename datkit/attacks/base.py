@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datkit import randomness
 from datkit.registry import Registry
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
@@ -78,7 +79,8 @@ class Attack(ABC):
         eval_mode: if True, the model is switched to eval mode during the attack; if False
             (default), the attack runs in whatever mode the model is in. Either way every module's
             mode is restored afterwards.
-        generator: ``torch.Generator`` for the random start (None: the global RNG).
+        generator: ``torch.Generator`` for the random start (None: per-sample keyed noise inside
+            ``datkit.randomness.keyed``, else the global RNG).
 
     Calling ``attack(model, x, y)`` returns a detached tensor of the same shape and dtype as ``x``,
     inside the eps-ball around ``x`` and inside [0, 1].
@@ -157,11 +159,13 @@ class Attack(ABC):
         """U[0, 1) (or N(0, 1)) noise of ``shape`` with ``like``'s dtype and device.
 
         Drawn from ``self.generator`` if one is set (on the generator's device, then moved, so a CPU
-        generator also serves CUDA inputs), else from the global RNG.
+        generator also serves CUDA inputs); else per sample inside ``datkit.randomness.keyed`` (what the
+        trainer and the evaluation use: the noise of a sample does not depend on the worker count), else
+        from the global RNG.
         """
-        draw = torch.randn if normal else torch.rand
         if self.generator is None:
-            return draw(shape, dtype=like.dtype, device=like.device)
+            return randomness.randn(shape, like) if normal else randomness.rand(shape, like)
+        draw = torch.randn if normal else torch.rand
         noise = draw(shape, dtype=like.dtype, device=self.generator.device, generator=self.generator)
         return noise.to(like.device)
 

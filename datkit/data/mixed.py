@@ -49,6 +49,14 @@ class MixedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return (self.n_labeled + self.n_unlabeled) // self.global_batch
 
+    def positions(self, step: int) -> list[int]:
+        """Global positions in the epoch of this worker's examples at ``step`` (labeled slots ``0..G_l-1``, then
+        pseudo-labeled ones), in the order ``__iter__`` yields them: the ids of ``datkit.randomness`` keys."""
+        bl, bu = self.g_l // self.world_size, self.g_u // self.world_size
+        start = step * self.global_batch
+        return ([start + self.rank * bl + j for j in range(bl)]
+                + [start + self.g_l + self.rank * bu + j for j in range(bu)])
+
     def __iter__(self) -> Iterator[list[int]]:
         base = (self.seed * 100_003 + self.epoch) * 2
         lab, unlab = _stream(self.n_labeled, self.g_l, base), _stream(self.n_unlabeled, self.g_u, base + 1)

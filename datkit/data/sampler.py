@@ -32,6 +32,12 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.n // self.global_batch
 
+    def positions(self, step: int) -> list[int]:
+        """Global positions in the epoch (``step*G + slot``) of this worker's examples at ``step``: the ids of
+        ``datkit.randomness`` keys, the same for a sample whichever worker holds it."""
+        start = step * self.global_batch + self.rank * self.local_batch
+        return list(range(start, start + self.local_batch))
+
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)

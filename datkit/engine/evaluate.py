@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from datkit import randomness
 from datkit.attacks import PGD, Attack
 from datkit.data import iterate_batches, shard_range
 
@@ -46,9 +47,12 @@ def _count(model: nn.Module, x: torch.Tensor, y: torch.Tensor, entry: Attack | M
 
 
 def evaluate_accuracy(backend, model: nn.Module, dataset: Dataset, indices: Sequence[int], batch_size: int,
-                      attacks: dict[str, Attack | Metric | None]) -> dict[str, float]:
+                      attacks: dict[str, Attack | Metric | None], seed: int = 0) -> dict[str, float]:
     """Accuracy of ``model`` on ``dataset[indices]`` for each entry of ``attacks`` (None = clean, an attack,
     or a :class:`Metric`; a metric's ``complement`` column is added as ``1 - accuracy``).
+
+    The attacks' random starts are keyed by (``seed``, test index) (``datkit.randomness``): the result does not
+    depend on the number of workers or the batch size.
 
     Returns ``{name: accuracy}`` plus ``n``, identical on every rank.
     """
@@ -59,10 +63,11 @@ def evaluate_accuracy(backend, model: nn.Module, dataset: Dataset, indices: Sequ
     batches = [mine[i : i + local_bs] for i in range(0, len(mine), local_bs)]
     counts = torch.zeros(len(attacks) + 1, dtype=torch.float64)
     try:
-        for x, y in iterate_batches(dataset, batches):
+        for batch, (x, y) in zip(batches, iterate_batches(dataset, batches)):
             x, y = x.to(backend.device), y.to(backend.device)
             for k, atk in enumerate(attacks.values()):
-                counts[k] += _count(model, x, y, atk)
+                with randomness.keyed(randomness.sample_keys(seed, randomness.EVAL_STREAM, batch)):
+                    counts[k] += _count(model, x, y, atk)
             counts[-1] += len(y)
     finally:
         model.train(was_training)

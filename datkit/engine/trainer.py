@@ -3,8 +3,11 @@
 Per step: the method builds its loss (attacks on the unwrapped model, forward passes through the
 backend's model), the backend back-propagates and synchronises gradients, the optimizer steps.
 Per epoch: TA / RA on the (sharded) test subset, C (communication seconds) and T (training seconds),
-a checkpoint. Randomness is re-seeded at every epoch from (seed, epoch, rank), so resuming from an
-epoch's checkpoint reproduces the uninterrupted run exactly.
+a checkpoint. Every per-sample draw (attack start, TRADES' start, smoothing noise, random shifts) is keyed by
+(seed, epoch, the sample's global position in the epoch) through ``datkit.randomness``, never by the rank: M
+workers x B take exactly the step of 1 worker x M*B, with or without gradient accumulation, and resuming from
+an epoch's checkpoint reproduces the uninterrupted run. The global RNG (a model's own dropout) is re-seeded at
+every epoch from (seed, epoch, rank).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from datkit import randomness
 from datkit.config import CHECKPOINT
 from datkit.data import eval_subset, iterate_batches, random_shift
 from datkit.methods import StepInfo
@@ -71,10 +75,11 @@ class Trainer:
         for step, (x, y) in enumerate(iterate_batches(self.data.train, self.sampler, cfg.data.num_workers)):
             if step >= self.steps_per_epoch:
                 break
+            keys = randomness.sample_keys(cfg.train.seed, epoch, self.sampler.positions(step))
             fault_injection.maybe_kill(be.rank, epoch, step)  # test-only (env DATKIT_TEST_KILL_AT_STEP)
             info = StepInfo(eps=self.method.train_eps(epoch - 1 + step / self.steps_per_epoch))
             self.position = (epoch, step)
-            step_loss = self.train_step(x, y, info)
+            step_loss = self.train_step(x, y, info, keys)
             if not self.step_skipped:  # a skipped (non-finite) step's loss stays out of the epoch's mean
                 loss_sum += step_loss
                 steps += 1
@@ -88,24 +93,30 @@ class Trainer:
         stats = be.all_reduce(torch.tensor([float(loss_sum), steps], dtype=torch.float64, device=be.device), op="sum")
         return float(stats[0] / max(1.0, float(stats[1]))), seconds, comm
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> float:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, info: StepInfo, keys: list[int] | None = None) -> float:
         """One optimizer step on this worker's shard ``(x, y)`` of a global batch; returns its loss.
 
-        Micro-batches (``train.grad_accum``) accumulate locally under ``backend.no_sync``; the last one
-        synchronises gradients. ``datkit.bench step`` times exactly this method.
+        ``keys`` (one per example, ``datkit.randomness.sample_keys``) key the examples' random draws; None: the
+        global RNG. Micro-batches (``train.grad_accum``) accumulate locally under ``backend.no_sync``; the last
+        one synchronises gradients. ``datkit.bench step`` times exactly this method.
         """
         cfg, be = self.cfg, self.backend
         accum = cfg.train.grad_accum
-        x = random_shift(x, cfg.data.augment_shift).to(be.device, non_blocking=True)
-        y = y.to(be.device, non_blocking=True)
         step_loss = 0.0
-        for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
-            with be.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext():
-                loss = self.method.loss(self.model, self.raw, xm, ym, info) / accum
-                if fault_injection.inject_nan(be.rank, *self.position):  # test-only
-                    loss = loss * float("nan")
-                be.backward(loss)
-            step_loss += float(loss.detach())
+        with randomness.keyed(keys):  # the whole local batch; each micro-batch continues its draw count
+            x = random_shift(x, cfg.data.augment_shift).to(be.device, non_blocking=True)
+            y = y.to(be.device, non_blocking=True)
+            starts = [0]
+            for ym in y.chunk(accum):
+                starts.append(starts[-1] + len(ym))
+            for k, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+                km = keys[starts[k] : starts[k + 1]] if keys is not None else None
+                with (be.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext()), randomness.keyed(km):
+                    loss = self.method.loss(self.model, self.raw, xm, ym, info) / accum
+                    if fault_injection.inject_nan(be.rank, *self.position):  # test-only
+                        loss = loss * float("nan")
+                    be.backward(loss)
+                step_loss += float(loss.detach())
         epoch, step = self.position
         self.step_skipped = self.nonfinite.check(step_loss, self.model, epoch, step)  # collective, before the step
         if self.step_skipped:
@@ -123,7 +134,8 @@ class Trainer:
         idx = eval_subset(len(self.data.test), num_samples, seed=self.cfg.train.seed)
         atk = ra_attack(self.cfg.eval, self.cfg.attack.eps, self.cfg.attack.norm) if self.cfg.eval.robust else None
         columns = {"TA": None, **({"RA": atk} if atk is not None else {}), **self.method.eval_metrics()}
-        return evaluate_accuracy(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size, columns)
+        return evaluate_accuracy(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size, columns,
+                                 seed=self.cfg.train.seed)
 
     # --- the run -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:

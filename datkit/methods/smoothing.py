@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import PGD
+from .. import randomness
 from .base import METHODS, Method, StepInfo
 
 
@@ -57,7 +58,8 @@ class SmoothingTraining(Method):
 
     def loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> torch.Tensor:
         s = self.cfg.smoothing
-        noise = torch.randn((s.num_noise, *x.shape), dtype=x.dtype, device=x.device) * s.sigma
+        # drawn per sample (B, m, ...) then laid out (m, B, ...): keyed noise does not depend on the worker count
+        noise = randomness.randn((x.shape[0], s.num_noise, *x.shape[1:]), x).transpose(0, 1) * s.sigma
         if s.adv_steps > 0:
             x = self.smoothadv(raw, x, y, noise, self.adv_eps(info))
         noisy = (x.unsqueeze(0) + noise).flatten(0, 1)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import randomness
 from .base import METHODS, Method, StepInfo
 
 
@@ -21,7 +22,7 @@ def trades_attack(raw: nn.Module, x: torch.Tensor, eps: float, alpha: float, ste
     try:
         with torch.no_grad():
             p_clean = F.softmax(raw(x), dim=1)
-        x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0).detach()
+        x_adv = (x + 0.001 * randomness.randn(x.shape, x)).clamp(0.0, 1.0).detach()
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
