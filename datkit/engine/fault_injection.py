@@ -8,6 +8,11 @@ They let the fault tests (``tests/test_faults*.py``) hit a failure at a known po
   instead (SIGSTOP: a hung worker, whose peers see no error, only a silent heart-beat);
 - ``DATKIT_TEST_NAN_AT_STEP=R:E:S[,R:E:S...]``: rank ``R``'s loss (hence its gradients) becomes NaN at
   step ``S`` of epoch ``E``;
+- ``DATKIT_TEST_GRAD_NAN_AT_STEP=R:E:S[,R:E:S...]``: the loss stays finite, but one element of rank ``R``'s
+  local gradient of the model's first parameter becomes NaN in that step's backward pass: a tensor hook on the
+  parameter, which autograd runs before the gradient is accumulated into ``.grad`` -- so before any
+  gradient-accumulator hook (DDP's reducer and comm hook, Horovod's DistributedOptimizer), compressor or
+  engine allreduce sees it. The hook removes itself after one call;
 - ``DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S=X`` (read by ``datkit.checkpoint``): sleep ``X`` seconds between
   writing a checkpoint's temp file and renaming it over the previous checkpoint.
 """
@@ -17,8 +22,11 @@ import os
 import signal
 import sys
 
+import torch
+
 KILL_VAR = "DATKIT_TEST_KILL_AT_STEP"
 NAN_VAR = "DATKIT_TEST_NAN_AT_STEP"
+GRAD_NAN_VAR = "DATKIT_TEST_GRAD_NAN_AT_STEP"
 
 
 def _points(var: str) -> set[tuple[int, int, int]]:
@@ -43,3 +51,25 @@ def maybe_kill(rank: int, epoch: int, step: int) -> None:
 def inject_nan(rank: int, epoch: int, step: int) -> bool:
     """True when ``DATKIT_TEST_NAN_AT_STEP`` asks this rank's loss to be NaN at this step."""
     return (rank, epoch, step) in _points(NAN_VAR)
+
+
+def inject(loss: torch.Tensor, model: torch.nn.Module, rank: int, epoch: int, step: int) -> torch.Tensor:
+    """The loss to back-propagate: NaN at ``DATKIT_TEST_NAN_AT_STEP``; at ``DATKIT_TEST_GRAD_NAN_AT_STEP`` the
+    loss unchanged and a one-shot NaN hook on the gradient of ``model``'s first trainable parameter."""
+    if inject_nan(rank, epoch, step):
+        loss = loss * float("nan")
+    if (rank, epoch, step) in _points(GRAD_NAN_VAR):
+        poison_next_gradient(next(p for p in model.parameters() if p.requires_grad))
+    return loss
+
+
+def poison_next_gradient(param: torch.nn.Parameter) -> None:
+    """Make element 0 of ``param``'s next local gradient NaN (the gradient as autograd computed it, before
+    ``.grad`` and every reduction see it)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        handle.remove()
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
+
+    handle = param.register_hook(hook)

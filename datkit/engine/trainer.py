@@ -113,8 +113,7 @@ class Trainer:
                 km = keys[starts[k] : starts[k + 1]] if keys is not None else None
                 with (be.no_sync(self.model) if k < accum - 1 else contextlib.nullcontext()), randomness.keyed(km):
                     loss = self.method.loss(self.model, self.raw, xm, ym, info) / accum
-                    if fault_injection.inject_nan(be.rank, *self.position):  # test-only
-                        loss = loss * float("nan")
+                    loss = fault_injection.inject(loss, self.raw, be.rank, *self.position)  # test-only NaN (env)
                     be.backward(loss)
                 step_loss += float(loss.detach())
         epoch, step = self.position
