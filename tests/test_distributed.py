@@ -18,8 +18,9 @@ from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpo
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # The default recipe: PGD with random start, Adam, plus random shifts. Every per-sample draw is keyed by the
-# sample's global position (datkit.randomness), so it does not depend on how the batch is split.
-STEPS = ["train.epochs=1", "train.max_steps=3", "train.batch_size=32", "data.augment_shift=1"]
+# sample's global position (datkit.randomness), so it does not depend on how the batch is split. A constant
+# learning rate, so that a 1-epoch run is the first epoch of a 2-epoch run (the resume test).
+STEPS = ["train.epochs=1", "train.max_steps=3", "train.batch_size=32", "data.augment_shift=1", "schedule.name=constant"]
 
 
 def _torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 280):
@@ -34,7 +35,7 @@ def one_worker(tmp_path_factory: pytest.TempPathFactory) -> dict:
     proc = run_python(["-m", "datkit.train", *TINY, *STEPS, f"train.output_dir={tmp / 'out'}"], cwd=tmp, timeout=280)
     assert proc.returncode == 0, describe(proc)
     assert "world_size=1" in proc.stdout, describe(proc)
-    return load_checkpoint(tmp / "out")
+    return {**load_checkpoint(tmp / "out"), "dir": tmp / "out"}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,25 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(ddp: str, one_w
     assert two["records"][0]["n_eval"] == one["records"][0]["n_eval"] == 50
     # and PGD's random start in evaluation is keyed by test index: RA does not depend on the worker count
     assert (two["records"][0]["TA"], two["records"][0]["RA"]) == (one["records"][0]["TA"], one["records"][0]["RA"])
+
+
+def test_resume_on_two_workers_continues_a_one_worker_run(one_worker: dict, tmp_path: Path) -> None:
+    """Epoch 1 on 1 worker x 32, epoch 2 resumed on 2 workers x 16 == both epochs on 1 worker x 32: the model and
+    optimizer state are replicated on the torch backend, and the per-sample noise is keyed by position, not rank."""
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one_worker["dir"], resumed)
+    epoch2 = [*STEPS, "train.epochs=2", "train.resume=true"]
+    proc = _torchrun(2, ["-m", "datkit.train", *TINY, *epoch2, f"train.output_dir={resumed}"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "resumed from" in proc.stdout and "world_size=2" in proc.stdout, describe(proc)
+    full = tmp_path / "full"
+    train_inprocess([*STEPS, "train.epochs=2", f"train.output_dir={full}"])
+    two, one = load_checkpoint(resumed), load_checkpoint(full)
+    assert two["epoch"] == one["epoch"] == 2 and two["world_size"] == 2
+    assert_same_weights(two["model"], one["model"], atol=1e-5)
+    assert two["records"][1]["train_loss"] == pytest.approx(one["records"][1]["train_loss"], abs=1e-5)
 
 
 def _initial_weights(tmp_path: Path) -> dict:
