@@ -1,9 +1,11 @@
 """Faults that lose nothing: a lost worker, a restart from the last checkpoint, a killed checkpoint write.
 
-- SIGKILL of rank 1 mid-epoch under each launcher (torchrun, horovodrun, deepspeed): every process of
-  the job is gone within 120 s (far below the 600 s collective timeout), the launcher exits non-zero, and the survivor (rank 0) says
-  ``datkit: lost worker rank 1 (host ..., pid ...)`` and exits with code 3; a frozen rank 1 (SIGSTOP,
-  no error anywhere) is named within ``dist.peer_timeout_s`` instead of the 600 s collective timeout;
+- SIGKILL of one of 3 workers mid-epoch under each launcher (torchrun: rank 1; horovodrun and deepspeed: rank 0,
+  the host of the heart-beat store): every process of the job is gone within 120 s (far below the 600 s
+  collective timeout), the launcher exits non-zero, and every survivor says ``datkit: lost worker rank R (host
+  ..., pid ...)`` and exits with code 3 (each worker's own code, written by ``helpers/record_exit.py``); a frozen
+  rank 1 (SIGSTOP, no error anywhere) is named within ``dist.peer_timeout_s`` instead of the 600 s collective
+  timeout;
 - ``torchrun --max-restarts 1`` (torch and DeepSpeed backends): the job restarts from the last complete
   checkpoint and its final weights equal an uninterrupted run's exactly;
 - SIGKILL inside a checkpoint write leaves the previous checkpoint loadable, and a resume works.
@@ -14,6 +16,7 @@ Faults are injected with the test-only hooks of ``datkit.engine.fault_injection`
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -51,24 +54,45 @@ def _deepspeed() -> bool:
     return True
 
 
+RECORD_EXIT = REPO / "tests" / "helpers" / "record_exit.py"  # runs datkit.train, writes the worker's exit code
+
+
+def _torchrun(n: int, entry: list[str]) -> list[str]:
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *entry, "backend=torch"]
+
+
+def _horovodrun(n: int, entry: list[str]) -> list[str]:
+    return ["-m", "horovod.runner.launch", "-np", str(n), "-H", f"localhost:{n}", "--gloo", sys.executable, *entry,
+            "backend=horovod"]
+
+
+def _deepspeed_cmd(n: int, entry: list[str]) -> list[str]:
+    script = entry[0] if entry[0] != "-m" else str(REPO / "datkit" / "train.py")
+    return ["-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", str(reserve_port()), script,
+            "backend=deepspeed"]
+
+
 LAUNCHERS = {
-    "torch": (lambda: ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.train",
-                       "backend=torch"], None),
-    "horovod": (lambda: ["-m", "horovod.runner.launch", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
-                         "datkit.train", "backend=horovod"],
-                None if _horovod() else "needs Horovod (launchers/install_horovod.sh)"),
-    "deepspeed": (lambda: ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(reserve_port()),
-                           str(REPO / "datkit" / "train.py"), "backend=deepspeed"],
-                  None if _deepspeed() else "needs DeepSpeed (pip install -e '.[deepspeed]')"),
+    "torch": (_torchrun, None),
+    "horovod": (_horovodrun, None if _horovod() else "needs Horovod (launchers/install_horovod.sh)"),
+    "deepspeed": (_deepspeed_cmd, None if _deepspeed() else "needs DeepSpeed (pip install -e '.[deepspeed]')"),
 }
 
 
-def launch_cmd(backend: str) -> list[str]:
-    """The launcher command line of ``backend`` with 2 workers on this host (skips when it is not installed)."""
+def launch_cmd(backend: str, workers: int = 2, record_exit: bool = False) -> list[str]:
+    """The launcher command line of ``backend`` with ``workers`` workers on this host (skips when it is not
+    installed); ``record_exit``: the workers run ``tests/helpers/record_exit.py``, which writes each worker's exit
+    code to ``$DATKIT_TEST_EXIT_LOG/<rank>`` (read them with ``exit_codes``)."""
     make, missing = LAUNCHERS[backend]
     if missing:
         pytest.skip(missing)
-    return make()
+    return make(workers, [str(RECORD_EXIT)] if record_exit else ["-m", "datkit.train"])
+
+
+def exit_codes(folder: Path) -> dict[int, int]:
+    """rank -> exit code of the workers started with ``launch_cmd(..., record_exit=True)`` (a worker killed by a
+    signal has none)."""
+    return {int(f.name): int(f.read_text()) for f in folder.iterdir()}
 
 
 # The recovery tests (restart, relaunch, killed checkpoint write) all train this run and compare with the same
@@ -125,23 +149,42 @@ def remove_deepspeed_shm(cmd: list[str]) -> None:
             f.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("backend", ["torch", "horovod", "deepspeed"])
-def test_sigkill_of_a_worker_names_it_and_stops_the_job(backend: str, tmp_path: Path) -> None:
-    cmd = launch_cmd(backend)
+# One launch per launcher, 3 workers: under torchrun rank 1 dies (the store is torchrun's agent's); under horovodrun
+# and deepspeed rank 0 dies -- the rank that hosts the store of the heart-beats (and, under deepspeed, of
+# torch.distributed's rendezvous).
+@pytest.mark.parametrize("backend,killed", [("torch", 1), ("horovod", 0), ("deepspeed", 0)])
+def test_sigkill_of_one_of_3_workers_names_it_and_every_survivor_exits_3(backend: str, killed: int,
+                                                                          tmp_path: Path) -> None:
+    cmd, codes = launch_cmd(backend, workers=3, record_exit=True), tmp_path / "codes"
+    codes.mkdir()
     try:
-        out = watch_launch([*cmd, *_tiny(), *RUN, f"train.output_dir={tmp_path / 'out'}"], tmp_path, timeout=300, **KILL)
+        out = watch_launch([*cmd, *_tiny(), *RUN, "train.batch_size=30", f"train.output_dir={tmp_path / 'out'}"],
+                           tmp_path, timeout=300, DATKIT_TEST_KILL_AT_STEP=f"{killed}:1:2",
+                           DATKIT_TEST_EXIT_LOG=str(codes))
     finally:
         remove_deepspeed_shm(cmd)
-    killed = out.first(r"datkit-test: rank 1 \(pid (\d+)\) sends itself SIGKILL at epoch 1 step 2")
-    assert killed is not None, out.describe()
+    hit = out.first(rf"datkit-test: rank {killed} \(pid (\d+)\) sends itself SIGKILL at epoch 1 step 2")
+    assert hit is not None, out.describe()
     assert out.returncode not in (None, 0), out.describe()
     # nothing hangs: far below the 600 s collective timeout that would end the job without the watch (generous:
     # a loaded 2-core machine takes seconds per process to tear down)
-    assert out.exited_at - killed[0] < 120 and not out.left_over, out.describe()
-    lost = out.first(LOST)
-    assert lost is not None, out.describe()
-    assert f"pid {killed[1].group(1)}" in lost[1].group(0), out.describe()  # the killed process, by rank and pid
-    assert lost[1].group(1) == "its process is gone", out.describe()
+    assert out.exited_at - hit[0] < 120 and not out.left_over, out.describe()
+    survivors = sorted({0, 1, 2} - {killed})
+    # every survivor's own exit code is 3; the killed worker wrote none (SIGKILL)
+    assert exit_codes(codes) == {r: 3 for r in survivors}, out.describe()
+    # every survivor names the killed rank, by its pid: "its process is gone" (a survivor that looks after another
+    # survivor already stopped may name that one too: from outside, an exit is an exit)
+    named = {int(m.group(3)) for _, line in out.lines
+             for m in [re.search(rf"datkit: lost worker rank {killed} \(host [^)]*\), pid (\d+)\): (.*?); this worker "
+                                 r"\(rank (\d+), .*stops with exit code 3", line)]
+             if m and m.group(1) == hit[1].group(1) and m.group(2) == "its process is gone"}
+    assert named == set(survivors), out.describe()
+    if backend == "torch":  # torchrun's own summary: the survivors' exit codes as the OS reported them
+        summary = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*exitcode\s*: (-?\d+)", out.text)
+        assert sorted(summary) == sorted([(str(r), "3") for r in survivors] + [(str(killed), "-9")]), out.describe()
+    if backend == "horovod":
+        for r in survivors:
+            assert f"Process {r} exit with status code 3." in out.text, out.describe()
     assert not (tmp_path / "out" / "results.json").exists()
 
 
