@@ -23,6 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from datkit.checkpoint import (RESUME_KEY, CheckpointError, check_backend, check_deepspeed_shards, check_model_fits,
+                              deepspeed_folder, load_datkit_checkpoint, load_deepspeed_shard)
+
 from .base import Backend
 from .elastic_group import init_group_for_attempt, restart_attempt
 from .p2p_exchange import p2p_all_gather, p2p_all_to_all, use_p2p_exchange
@@ -86,6 +89,10 @@ class DeepSpeedBackend(Backend):
             self.engine.enable_backward_allreduce = False
         else:
             self.meter.install()
+            if self.world_size > 1 and self.zero_stage == 0:  # the engine allreduces .grad after backward
+                for p in self.engine.module.parameters():
+                    if p.requires_grad:  # this worker's NaN/Inf, before the average hides whose it was
+                        p.register_post_accumulate_grad_hook(lambda q: self.note_gradients(q.grad))
         # The client optimizer's param_groups are the ones DeepSpeed steps with: datkit's lr schedule sets them.
         return self.engine, optimizer
 
@@ -101,6 +108,9 @@ class DeepSpeedBackend(Backend):
                 self.engine.step()
         finally:
             self.meter.active = False
+
+    def gradients_averaged_in_backward(self) -> bool:
+        return self.world_size > 1 and self.compressor is None  # datkit's compressors reduce in ``step``
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """DeepSpeed clips inside ``step`` (``gradient_clipping`` = ``train.grad_clip``)."""
@@ -184,15 +194,29 @@ class DeepSpeedBackend(Backend):
                     shutil.rmtree(os.path.join(ds_dir, old), ignore_errors=True)
 
     def load_training_state(self, path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        state = self.load_checkpoint(path)
-        if "deepspeed_tag" not in state:
-            raise RuntimeError(f"{path} was not written by the deepspeed backend (no ZeRO checkpoint next to it); "
-                               "resume it with the backend that wrote it, or start a new output_dir")
-        ds_dir = os.path.join(os.path.dirname(path), state["deepspeed_dir"])
-        loaded, _ = self.engine.load_checkpoint(ds_dir, tag=state["deepspeed_tag"], load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+        """The datkit file as on every backend (``datkit.checkpoint``: weights only, a DeepSpeed training checkpoint,
+        weights that fit), then its shard folder: ``deepspeed_dir``/``deepspeed_tag`` plain names inside
+        ``train.output_dir``, every shard file pickling only DeepSpeed's allow-listed classes; DeepSpeed's own
+        loads of the shards then run with ``weights_only=True`` too (``load_deepspeed_shard``)."""
+        state = load_datkit_checkpoint(path, RESUME_KEY, training=True)
+        check_backend(state, self.name, path)
+        check_model_fits(state["model"], self.unwrap(model), RESUME_KEY, path)
+        ds_dir, tag = deepspeed_folder(state, path)
+        check_deepspeed_shards(ds_dir, tag, path)
+        ckpt_engine = self.engine.checkpoint_engine
+        ckpt_engine.load = lambda f, map_location=None: load_deepspeed_shard(f, map_location)  # this instance only
+        try:
+            loaded, _ = self.engine.load_checkpoint(ds_dir, tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+        except (KeyError, ValueError, TypeError, AssertionError) as err:  # shards that do not fit this engine
+            raise CheckpointError(RESUME_KEY, path, f"DeepSpeed cannot resume from {state['deepspeed_dir']}/{tag}: "
+                                  f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}",
+                                  shown=f"true ({path})") from None
+        finally:
+            del ckpt_engine.load  # back to the class's method (used by save_checkpoint's engine too)
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load its checkpoint {ds_dir}/{state['deepspeed_tag']}")
+            raise CheckpointError(RESUME_KEY, path, f"DeepSpeed could not load its shards {state['deepspeed_dir']}/{tag}",
+                                  shown=f"true ({path})")
         return state
 
     def close(self) -> None:

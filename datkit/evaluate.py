@@ -99,22 +99,15 @@ def split_args(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 
 def load_run(path: str, overrides: Sequence[str]) -> tuple[dict[str, Any], Any]:
     """(checkpoint state, config) where config = schema <- the checkpoint's config <- ``overrides``."""
-    from datkit.checkpoint import load_checkpoint_file
+    from datkit.checkpoint import CheckpointError, load_datkit_checkpoint
     from datkit.config.load import _translate
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint '{path}' does not exist")
-    try:
-        state = load_checkpoint_file(path)
-    except Exception as err:  # unpickling / zip errors: the file is not a readable checkpoint
-        raise ConfigError(f"cannot load checkpoint '{path}' with torch.load(weights_only=True) ({type(err).__name__}); "
-                          "is it a datkit checkpoint (e.g. checkpoint_last.pt) written completely?") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ConfigError(f"'{path}' is not a datkit checkpoint (expected a dict with keys 'model' and 'config')")
+    state = load_datkit_checkpoint(path, "checkpoint")  # one-line CheckpointError for any unusable file
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"]))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"the config stored in '{path}' does not fit this datkit's schema: {str(err).splitlines()[0]}")
+        raise CheckpointError("checkpoint", path, f"the config stored in it does not fit this datkit's schema: "
+                                                  f"{str(err).splitlines()[0]}") from None
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
@@ -198,6 +191,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Start-up errors print one message on stderr (rank 0) and raise ``SystemExit(2)``.
     """
     from datkit.backends import BackendUnavailable, create_backend
+    from datkit.checkpoint import check_model_fits
     from datkit.data import build_data, dataset_spec, eval_subset
     from datkit.engine import build_model, evaluate_accuracy
 
@@ -225,13 +219,17 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model = build_model(cfg, spec)
         except (TypeError, ValueError) as err:
             fail(ConfigError(f"cannot build model '{cfg.model.name}' for checkpoint '{opts['checkpoint']}': {err}"))
+        kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+        what = (f"model '{cfg.model.name}' (kwargs {kwargs}, {cfg.data.name} data) of its config (if that model's "
+                f"definition changed since, override model.name=/model.kwargs.*)")
         try:
+            check_model_fits(state["model"], model, "checkpoint", opts["checkpoint"], what)
             model.load_state_dict(state["model"])
+        except ConfigError as err:
+            fail(err)
         except RuntimeError as err:
-            kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-            fail(ConfigError(f"the weights in checkpoint '{opts['checkpoint']}' do not fit model '{cfg.model.name}' "
-                             f"(kwargs {kwargs}, {cfg.data.name} data) of its config (if that model's definition changed "
-                             f"since, override model.name=/model.kwargs.*): {' '.join(str(err).split())[:600]}"))
+            fail(ConfigError(f"the weights in checkpoint '{opts['checkpoint']}' do not fit {what}: "
+                             f"{' '.join(str(err).split())[:600]}"))
         model = model.to(backend.device)
         data = build_data(cfg.data)
         idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)

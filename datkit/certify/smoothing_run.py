@@ -67,19 +67,21 @@ def split_args(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 
 def load_model(state: dict[str, Any], cfg, spec, path: str) -> torch.nn.Module:
     """The checkpoint's model; a ``ConfigError`` that names the model when the weights do not fit."""
+    from datkit.checkpoint import check_model_fits
     from datkit.engine import build_model
 
     try:
         model = build_model(cfg, spec)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"cannot build model '{cfg.model.name}' for checkpoint '{path}': {err}") from None
+    kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    what = (f"model '{cfg.model.name}' (kwargs {kwargs}, {cfg.data.name} data, {spec.num_classes} classes) of its "
+            f"config (override model.name=/model.kwargs.*/data.name= to match it)")
+    check_model_fits(state["model"], model, "checkpoint", path, what)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-        raise ConfigError(f"the weights in checkpoint '{path}' do not fit model '{cfg.model.name}' (kwargs {kwargs}, "
-                          f"{cfg.data.name} data, {spec.num_classes} classes): is it a checkpoint of another model? "
-                          f"(override model.name=/model.kwargs.*/data.name= to match it): "
+        raise ConfigError(f"the weights in checkpoint '{path}' do not fit {what}: is it a checkpoint of another model? "
                           f"{' '.join(str(err).split())[:600]}") from None
     return model
 

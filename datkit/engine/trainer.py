@@ -197,9 +197,23 @@ class Trainer:
         self.backend.save_training_state(os.path.join(self.out, CHECKPOINT), self.model, self.optimizer, run_state)
 
     def _load(self, path: str) -> list[dict[str, Any]]:
+        """Restore a resumed run from ``path``. The file is untrusted input: every problem with it (a pickle
+        payload, a damaged or foreign file, another model or backend) is a one-line ``CheckpointError``
+        (``datkit.checkpoint``; exit code 2), raised by the backend's loader or here."""
+        from datkit.checkpoint import RESUME_KEY, CheckpointError
+
         state = self.backend.load_training_state(path, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.backend.load_compression_state(state.get("compression"))
+        own, saved = sorted(self.scheduler.state_dict()), sorted(state["scheduler"])
+        if own != saved:  # LR schedulers set every saved key as an attribute: only their own keys are taken
+            raise CheckpointError(RESUME_KEY, path, f"its 'scheduler' state has the keys {saved[:8]}, this run's "
+                                  f"schedule {own[:8]} (another schedule.name?)", shown=f"true ({path})")
+        for what, restore, saved in (("scheduler", self.scheduler.load_state_dict, state["scheduler"]),
+                                     ("compression", self.backend.load_compression_state, state.get("compression"))):
+            try:
+                restore(saved)
+            except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+                raise CheckpointError(RESUME_KEY, path, f"its '{what}' state does not fit this run "
+                                      f"({type(err).__name__}: {str(err)[:200]})", shown=f"true ({path})") from None
         self.start_epoch = int(state["epoch"]) + 1
         if self.backend.is_main:
             print(f"datkit: resumed from {path} after epoch {state['epoch']}", flush=True)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import nn
 
-from datkit.checkpoint import load_checkpoint_file
+from datkit.checkpoint import CheckpointError, load_datkit_checkpoint, state_dict_mismatch
 from datkit.config.errors import ConfigError
 
 
@@ -41,18 +41,11 @@ def freeze_all_but_head(model: nn.Module) -> None:
 
 
 def read_checkpoint(path: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state dict, the run's config as a dict) of the datkit checkpoint ``path``; ``key`` names the
-    config option that pointed at it, for error messages."""
-    try:
-        state = load_checkpoint_file(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{key}={path!r}: no such checkpoint file") from None
-    except Exception as err:  # not a zip / pickle torch can load with weights_only=True
-        raise ConfigError(f"{key}={path!r} cannot be loaded with torch.load(weights_only=True) ({type(err).__name__}); "
-                          f"is it a datkit checkpoint?") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ConfigError(f"{key}={path!r} is not a datkit checkpoint (no 'model' state dict)")
-    cfg = yaml.safe_load(state.get("config") or "") or {}
+    """(model state dict, the run's config as a dict) of the datkit checkpoint ``path``
+    (``datkit.checkpoint.load_datkit_checkpoint``: a one-line ``CheckpointError`` naming ``key`` when the file
+    is missing, a pickle payload, truncated or not a datkit checkpoint)."""
+    state = load_datkit_checkpoint(path, key)
+    cfg = yaml.safe_load(state["config"]) or {}
     return state["model"], cfg if isinstance(cfg, dict) else {}
 
 
@@ -69,18 +62,12 @@ def init_from_checkpoint(model: nn.Module, path: str, new_head: bool = False, fr
     head_name, head = last_linear(model)
     head_keys = {f"{head_name}.{k}" for k, _ in head.named_parameters(recurse=False)}
     own = model.state_dict()
-    missing = [k for k in own if k not in saved and k not in head_keys]
-    unexpected = [k for k in saved if k not in own and k not in head_keys]
-    wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in saved and k not in head_keys and saved[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        details = "; ".join(filter(None, [
-            f"shapes differ (checkpoint vs this run): {', '.join(wrong[:4])}" if wrong else "",
-            f"not in the checkpoint: {', '.join(missing[:4])}" if missing else "",
-            f"only in the checkpoint: {', '.join(unexpected[:4])}" if unexpected else ""]))
-        raise ConfigError(f"train.init_from={path!r}: the checkpoint's {_describe_model(saved_cfg)} does not fit this "
-                          f"run's model {run_model} (everything but the last Linear layer '{head_name}' must match; set "
-                          f"model.name / model.kwargs / data.resize like the pre-training run): {details}")
+    details = state_dict_mismatch(saved, own, skip=sorted(head_keys))
+    if details:
+        raise CheckpointError("train.init_from", path, f"a checkpoint of another model: the checkpoint's "
+                              f"{_describe_model(saved_cfg)} does not fit this run's model {run_model} (everything but "
+                              f"the last Linear layer '{head_name}' must match; set model.name / model.kwargs / "
+                              f"data.resize like the pre-training run): {details}")
     keep_head = not new_head and all(k in saved and saved[k].shape == own[k].shape for k in head_keys)
     load = {k: v for k, v in saved.items() if k in own and (keep_head or k not in head_keys)}
     model.load_state_dict(load, strict=False)

@@ -75,7 +75,7 @@ def _teacher(cfg, backend, data: DataBundle, model: torch.nn.Module, train_teach
         load_teacher(ss.teacher, model)
         return model, {"teacher": ss.teacher}
     if cfg.train.resume and os.path.isfile(saved):
-        load_teacher(saved, model)
+        load_teacher(saved, model, key="train.resume")  # the teacher a resumed run saved in train.output_dir
         return model, {"teacher": saved, "teacher_resumed": True}
     model, records = train_teacher(cfg, backend, model, data.train, data.test)
     if backend.is_main:

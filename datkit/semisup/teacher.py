@@ -21,19 +21,22 @@ from datkit.config.errors import ConfigError
 from datkit.data import iterate_batches
 
 
-def load_teacher(path: str, model: nn.Module) -> None:
-    """Load the datkit checkpoint ``path`` into ``model`` (built like the run's model); a ``ConfigError`` names
-    the checkpoint's model when the weights do not fit."""
+def load_teacher(path: str, model: nn.Module, key: str = "semisup.teacher") -> None:
+    """Load the datkit checkpoint ``path`` into ``model`` (built like the run's model); a one-line
+    ``CheckpointError`` naming ``key`` when the file is unusable or its weights do not fit (which tensor)."""
+    from datkit.checkpoint import check_model_fits
     from datkit.engine.transfer import read_checkpoint
 
-    saved, saved_cfg = read_checkpoint(path, "semisup.teacher")
+    saved, saved_cfg = read_checkpoint(path, key)
+    m = saved_cfg.get("model", {}) or {}
+    check_model_fits(saved, model, key, path, f"this run's model and data (the teacher is built like model.*; the "
+                                              f"checkpoint's model is {m.get('name', '?')} with kwargs {m.get('kwargs', {})})")
     try:
         model.load_state_dict(saved)
     except RuntimeError as err:
-        m = saved_cfg.get("model", {}) or {}
-        raise ConfigError(f"semisup.teacher={path!r}: the checkpoint's model {m.get('name', '?')} (kwargs "
-                          f"{m.get('kwargs', {})}) does not fit this run's model and data (the teacher is built like "
-                          f"model.*): {' '.join(str(err).split())[:400]}") from None
+        raise ConfigError(f"{key}={path}: the checkpoint's model {m.get('name', '?')} (kwargs {m.get('kwargs', {})}) "
+                          f"does not fit this run's model and data (the teacher is built like model.*): "
+                          f"{' '.join(str(err).split())[:400]}") from None
 
 
 @torch.no_grad()
