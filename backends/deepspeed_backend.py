@@ -89,10 +89,6 @@ class DeepSpeedBackend(Backend):
             self.engine.enable_backward_allreduce = False
         else:
             self.meter.install()
-            if self.world_size > 1 and self.zero_stage == 0:  # the engine allreduces .grad after backward
-                for p in self.engine.module.parameters():
-                    if p.requires_grad:  # this worker's NaN/Inf, before the average hides whose it was
-                        p.register_post_accumulate_grad_hook(lambda q: self.note_gradients(q.grad))
         # The client optimizer's param_groups are the ones DeepSpeed steps with: datkit's lr schedule sets them.
         return self.engine, optimizer
 
@@ -108,9 +104,6 @@ class DeepSpeedBackend(Backend):
                 self.engine.step()
         finally:
             self.meter.active = False
-
-    def gradients_averaged_in_backward(self) -> bool:
-        return self.world_size > 1 and self.compressor is None  # datkit's compressors reduce in ``step``
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """DeepSpeed clips inside ``step`` (``gradient_clipping`` = ``train.grad_clip``)."""
