@@ -208,8 +208,8 @@ class DeepSpeedBackend(Backend):
         finally:
             del ckpt_engine.load  # back to the class's method (used by save_checkpoint's engine too)
         if loaded is None:
-            raise CheckpointError(RESUME_KEY, path, f"DeepSpeed could not load its shards {state['deepspeed_dir']}/{tag}",
-                                  shown=f"true ({path})")
+            raise CheckpointError(RESUME_KEY, path, f"DeepSpeed could not load its shards "
+                                  f"{state['deepspeed_dir']}/{tag}", shown=f"true ({path})")
         return state
 
     def close(self) -> None:

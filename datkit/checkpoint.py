@@ -1,4 +1,11 @@
-"""Checkpoint files: atomic writes (temp file + fsync + rename) and ``weights_only=True`` loads.
+"""Checkpoint files: atomic writes (temp file + fsync + rename), and every load of a file a user names.
+
+Loads (the second half of this file) treat checkpoints as untrusted input, in one place for every entry point
+(``datkit.evaluate``/``datkit.certify`` ``checkpoint=``, ``train.init_from``, ``semisup.teacher``, resume on every
+backend): ``torch.load(weights_only=True)`` only; then "is a datkit checkpoint (of this kind, with these keys)", "of
+this backend", "fits this model" (tensor names and shapes) and, for DeepSpeed, a plain shard-folder name inside
+``train.output_dir`` and shards that unpickle only the classes of ``DEEPSPEED_SHARD_GLOBALS``. Every failure is a
+``CheckpointError`` (a ``ConfigError``: one line ``<key>=<path>: <cause>``, exit code 2, no traceback).
 
 A job killed during a write leaves the previous checkpoint intact: the new file only replaces it
 with ``os.replace`` once it is completely on disk (the rename is atomic within one file system, hence
@@ -304,7 +311,8 @@ def deepspeed_folder(state: dict[str, Any], path: str, key: str = RESUME_KEY) ->
     if os.path.commonpath([real_out, os.path.realpath(folder)]) != real_out:
         raise _fail(key, path, f"refused: its deepspeed_dir {name!r} leads outside train.output_dir (a symbolic link?)")
     if not os.path.isdir(os.path.join(folder, tag)):
-        raise _fail(key, path, f"the DeepSpeed shard folder {name}/{tag} next to it does not exist (copied without it?)")
+        raise _fail(key, path, f"the DeepSpeed shard folder {name}/{tag} next to it does not exist "
+                               "(copied without it?)")
     return folder, tag
 
 
@@ -337,7 +345,8 @@ def check_deepspeed_shards(folder: str, tag: str, path: str, key: str = RESUME_K
         refused = sorted(set(found) - set(DEEPSPEED_SHARD_GLOBALS))
         if refused:
             raise _fail(key, f, f"refused: the DeepSpeed shard holds pickled Python objects ({', '.join(refused[:3])}) "
-                                "outside datkit's allow-list of DeepSpeed classes (datkit.checkpoint.DEEPSPEED_SHARD_GLOBALS)")
+                                "outside datkit's allow-list of DeepSpeed classes "
+                                "(datkit.checkpoint.DEEPSPEED_SHARD_GLOBALS)")
     if not files:
         raise _fail(key, path, f"the DeepSpeed shard folder {os.path.basename(folder)}/{tag} is empty")
     return files

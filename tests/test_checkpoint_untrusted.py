@@ -197,6 +197,7 @@ CAUSE = {  # case -> what the one line must say
     "payload_shard": "refused: the DeepSpeed shard holds pickled Python objects (io.open) outside datkit's allow-list",
     "truncated_shard": "cannot be loaded: the file is truncated or damaged",
 }
+DS_CASES = ("ds", "ds_other_model", "dir_parent", "dir_absolute", "payload_shard", "truncated_shard")
 FILE_CASES = ["payload", "truncated", "foreign", "text", "other_model"]
 TABLE = ([(case, entry) for entry in ENTRY if entry != "resume-deepspeed" for case in FILE_CASES]
          + [("ds", "resume-torch")]
@@ -205,10 +206,10 @@ TABLE = ([(case, entry) for entry in ENTRY if entry != "resume-deepspeed" for ca
 
 
 @pytest.mark.parametrize("case,entry", TABLE, ids=[f"{c}-{e}" for c, e in TABLE])
-def test_bad_checkpoint_is_one_line_exit_2(case: str, entry: str, files: dict[str, Path], request: pytest.FixtureRequest,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_checkpoint_is_one_line_exit_2(case: str, entry: str, files: dict[str, Path],
+                                           request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> None:
     call, key = ENTRY[entry]
-    if case in ("ds", "ds_other_model", "dir_parent", "dir_absolute", "payload_shard", "truncated_shard") or entry == "resume-deepspeed":
+    if case in DS_CASES or entry == "resume-deepspeed":
         path = {**files, **request.getfixturevalue("ds_files")}[case]
     else:
         path = files[case]

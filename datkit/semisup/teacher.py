@@ -29,8 +29,9 @@ def load_teacher(path: str, model: nn.Module, key: str = "semisup.teacher") -> N
 
     saved, saved_cfg = read_checkpoint(path, key)
     m = saved_cfg.get("model", {}) or {}
-    check_model_fits(saved, model, key, path, f"this run's model and data (the teacher is built like model.*; the "
-                                              f"checkpoint's model is {m.get('name', '?')} with kwargs {m.get('kwargs', {})})")
+    check_model_fits(saved, model, key, path, f"this run's model and data (the teacher is built like model.*; "
+                                              f"the checkpoint's model is {m.get('name', '?')} with kwargs "
+                                              f"{m.get('kwargs', {})})")
     try:
         model.load_state_dict(saved)
     except RuntimeError as err:
