@@ -101,14 +101,23 @@ class Backend(ABC):
         bad = ~torch.isfinite(_sum64(flat))
         self._pre_nonfinite = bad if self._pre_nonfinite is None else self._pre_nonfinite | bad
 
+    def gradients_averaged_in_backward(self) -> bool:
+        """True when ``.grad`` already holds the averaged gradients after backward (DDP, Horovod's
+        DistributedOptimizer, DeepSpeed's engine); False where they are reduced later, in ``step`` (the manual
+        and compressed paths of Horovod/DeepSpeed, ``dist.ddp=false``) or never (one worker)."""
+        return self.world_size > 1
+
     def nonfinite_gradients(self, model: nn.Module) -> tuple[bool, bool]:
-        """After backward, before the step: (this worker's local gradients before compression held a NaN/Inf
-        -- ``note_gradients``, on the compressed paths --, the gradients in ``.grad`` hold one -- averaged
-        where the backend averaged them, then the same on every worker). Resets the pre-compression flag."""
+        """After backward, before the step: (this worker's local gradients held a NaN/Inf -- noted before
+        compression or reduction by ``note_gradients``, or read from ``.grad`` where it is still local --,
+        the averaged gradients in ``.grad`` hold one -- the same on every worker). Resets the local flag."""
         sums = [_sum64(p.grad) for p in self.unwrap(model).parameters() if p.grad is not None]
+        grad_bad = not bool(torch.isfinite(torch.stack(sums).sum())) if sums else False
         local = bool(self._pre_nonfinite) if self._pre_nonfinite is not None else False
         self._pre_nonfinite = None
-        return local, not bool(torch.isfinite(torch.stack(sums).sum())) if sums else False
+        if not self.gradients_averaged_in_backward():
+            return local or grad_bad, False
+        return local, grad_bad
 
     def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop this step's gradients without an optimizer step (``train.nonfinite=skip``)."""

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 def timed_allreduce_hook(backend: "Backend") -> Callable:
     """Mean-allreduce of the bucket (DDP's default) on the default group, timed and counted."""
-    return DDPCompressionHook(None, backend, byte_counter=backend.byte_counter, timer=backend.comm_timer).hook
+    return DDPCompressionHook(None, backend, byte_counter=backend.byte_counter, timer=backend.comm_timer,
+                              note_gradients=backend.note_gradients).hook
 
 
 class CompressedHook(DDPCompressionHook):

@@ -89,6 +89,10 @@ class DeepSpeedBackend(Backend):
             self.engine.enable_backward_allreduce = False
         else:
             self.meter.install()
+            if self.world_size > 1 and self.zero_stage == 0:  # the engine allreduces .grad after backward
+                for p in self.engine.module.parameters():
+                    if p.requires_grad:  # this worker's NaN/Inf, before the average hides whose it was
+                        p.register_post_accumulate_grad_hook(lambda q: self.note_gradients(q.grad))
         # The client optimizer's param_groups are the ones DeepSpeed steps with: datkit's lr schedule sets them.
         return self.engine, optimizer
 
@@ -104,6 +108,9 @@ class DeepSpeedBackend(Backend):
                 self.engine.step()
         finally:
             self.meter.active = False
+
+    def gradients_averaged_in_backward(self) -> bool:
+        return self.world_size > 1 and self.compressor is None  # datkit's compressors reduce in ``step``
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """DeepSpeed clips inside ``step`` (``gradient_clipping`` = ``train.grad_clip``)."""
@@ -197,7 +204,7 @@ class DeepSpeedBackend(Backend):
         ds_dir, tag = deepspeed_folder(state, path)
         check_deepspeed_shards(ds_dir, tag, path)
         ckpt_engine = self.engine.checkpoint_engine
-        ckpt_engine.load = lambda f, map_location=None: load_deepspeed_shard(f, map_location)  # this instance only
+        ckpt_engine.load = ckpt_engine.load  # this instance only
         try:
             loaded, _ = self.engine.load_checkpoint(ds_dir, tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)

@@ -130,6 +130,9 @@ class HorovodBackend(Backend):
             self._sync.synchronize()  # clip the averaged gradients
         return super().clip_grad_norm(model, max_norm)
 
+    def gradients_averaged_in_backward(self) -> bool:
+        return self._sync is not None  # hvd.DistributedOptimizer; datkit's compressors reduce in ``step``
+
     def nonfinite_gradients(self, model: nn.Module) -> tuple[bool, bool]:
         if self._sync is not None:
             self._sync.synchronize()  # the averaged gradients (Horovod averages in place, asynchronously)

@@ -62,8 +62,10 @@ class MeteredDistributedOptimizer:
     def _metered(self, submit, arg, params: list[torch.nn.Parameter]):
         if self._first_start is None:
             self._first_start = time.perf_counter()
-        handle = submit(arg)
         nbytes = 0
+        for p in params:
+            self.backend.note_gradients(p.grad)  # this worker's NaN/Inf, before the average hides whose it was
+        handle = submit(arg)
         for p in params:
             itemsize = 2 if self.fp16 and p.grad.is_floating_point() else p.grad.element_size()
             nbytes += p.grad.numel() * itemsize

@@ -58,6 +58,9 @@ class TorchBackend(Backend):
             model.register_comm_hook(None, hook)
         return model, optimizer
 
+    def gradients_averaged_in_backward(self) -> bool:
+        return self.world_size > 1 and self.use_ddp
+
     def no_sync(self, model: nn.Module) -> ContextManager[Any]:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             return model.no_sync()

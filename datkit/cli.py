@@ -53,10 +53,31 @@ def launcher_rank() -> str:
     return "0"
 
 
+# How long a worker other than rank 0 waits before it exits with a start-up error (see ``fail``).
+PEER_FAIL_GRACE_S = 10.0
+
+
 def fail(err: BaseException, code: int = 2) -> None:
-    """Print a start-up error once (rank 0 as the launcher numbers them) and exit with ``code``."""
+    """Print a start-up error once (rank 0 as the launcher numbers them) and exit with ``code``.
+
+    Every worker finds the same error; the others exit without a word, but not first: a launcher stops the
+    whole job as soon as one worker exits (torchrun's agent SIGTERMs the rest at once), and a rank 1 that
+    was quicker would have rank 0 killed before it printed (measured: a bad value under torchrun printed
+    nothing). So the other ranks wait up to ``PEER_FAIL_GRACE_S`` for rank 0 to exit, and exit with ``code``
+    at once when the launcher's SIGTERM comes."""
     if launcher_rank() == "0":
         print(f"datkit: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(code)
+    import signal
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
+    except ValueError:  # not the main thread: no handler, no wait
+        raise SystemExit(code) from None
+    time.sleep(PEER_FAIL_GRACE_S)
     raise SystemExit(code)
 
 

@@ -78,5 +78,21 @@ def exit_after_run(final: dict) -> None:
         os._exit(0)
 
 
+def exit_now_under_a_launcher(exit_: SystemExit) -> None:
+    """A worker that stops (start-up error: 2; non-finite values: 4) ends with ``os._exit`` once stdout/stderr
+    are flushed (the backend is closed by then): a launcher stops the others as soon as one worker exits, and
+    a worker still in the interpreter's finalization then dies of its SIGTERM (horovodrun: exit 143 for a
+    worker that had decided on 4)."""
+    if isinstance(exit_.code, int) and int(os.environ.get("WORLD_SIZE", os.environ.get("HOROVOD_SIZE", "1"))) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_.code)
+
+
 if __name__ == "__main__":
-    exit_after_run(main())
+    try:
+        final = main()
+    except SystemExit as exit_:
+        exit_now_under_a_launcher(exit_)
+        raise
+    exit_after_run(final)

@@ -193,3 +193,59 @@ def test_a_bad_plugin_under_each_launcher(launcher: str, tmp_path: Path) -> None
         assert re.search(worker_code, text), describe(proc)
     else:
         assert proc.returncode == 2, describe(proc)
+
+
+# --- bad configuration under each launcher (2 workers): the start-up error once, from rank 0 -------------------
+BAD_CONFIGS = {  # name -> (arguments, what the error line says)
+    "bad_key": (["train.epochz=3"], "unknown config key 'train.epochz'"),
+    "bad_type": (["train.epochs=many"], "bad value for config key 'train.epochs'"),
+    "bad_value": (["train.nonfinite=continue"], "train.nonfinite='continue' is not one of: stop, skip, ignore"),
+    "malformed_yaml": (["--config", "{yaml}"], "is not valid YAML at line 3, column 1: did not find expected ',' or ']'"),
+}
+LAUNCHES = {"torchrun": torchrun, "horovodrun": horovodrun, "deepspeed": deepspeed}
+
+
+@pytest.fixture(scope="module")
+def bad_config_launches(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """(launcher, case) -> finished launcher process, for the selected tests; they fail at start-up, so 4 run at a
+    time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("bad_config")
+    (tmp / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")  # the flow sequence is never closed
+    launchers = [n for n in LAUNCHES if n != "horovodrun" or _horovod_usable()]
+    selected = {(p.get("launcher"), p.get("case")) for item in request.session.items
+                if getattr(item, "module", None) is request.module
+                for p in [getattr(getattr(item, "callspec", None), "params", {})]}
+    jobs = [(launcher, case) for launcher in launchers for case in BAD_CONFIGS if (launcher, case) in selected]
+
+    def launch(job: tuple[str, str]) -> subprocess.CompletedProcess:
+        launcher, case = job
+        args = [a.format(yaml=tmp / "bad.yaml") for a in BAD_CONFIGS[case][0]]
+        return LAUNCHES[launcher]([*ARGS, "backend=auto", *args, f"train.output_dir={tmp / launcher / case}"])
+
+    with ThreadPoolExecutor(4) as pool:
+        return dict(zip(jobs, pool.map(launch, jobs)))
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+@pytest.mark.parametrize("launcher", list(LAUNCHES))
+def test_a_bad_config_under_each_launcher_is_one_line_from_rank_0(bad_config_launches: dict, launcher: str,
+                                                                  case: str) -> None:
+    if (launcher, case) not in bad_config_launches:
+        pytest.skip("needs Horovod (launchers/install_horovod.sh)")
+    proc = bad_config_launches[launcher, case]
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, describe(proc)
+    assert text.count("datkit: error:") == 1 and BAD_CONFIGS[case][1] in text, describe(proc)  # once: rank 0 alone
+    assert _no_worker_traceback(text) and "Traceback" not in proc.stdout, describe(proc)
+    # rank 0 exits 2; rank 1 waits for it (up to datkit.cli.PEER_FAIL_GRACE_S) and exits 2 on the launcher's SIGTERM,
+    # or is SIGTERMed before it found the error: torchrun's summary reports each one; horovodrun the ones that ended
+    # before it stopped the rest; the deepspeed launcher passes the first one on
+    if launcher == "torchrun":
+        codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (-?\d+)", text))
+        assert codes.get("0") == "2" and codes.get("1") in ("2", "-15"), describe(proc)
+    elif launcher == "horovodrun":
+        assert re.search(r"Process \d exit with status code 2\.", text), describe(proc)
+    else:
+        assert proc.returncode == 2, describe(proc)

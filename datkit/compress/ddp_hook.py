@@ -109,8 +109,9 @@ class DDPCompressionHook:
             from their indices; only needed with a compressor).
         byte_counter: where every collective's modelled bytes are added (default: a new ``ByteCounter``).
         timer: where each bucket's [start, completion] interval is recorded (default: a new ``CommIntervals``).
-        note_gradients: called with each bucket's flat local gradient before it is compressed (datkit's backend
-            flags NaN/Inf there: after int8/onebit codes a NaN comes back as finite garbage).
+        note_gradients: called with each bucket's flat local gradient before it is compressed or allreduced
+            (datkit's backend flags NaN/Inf there: after int8/onebit codes a NaN comes back as finite garbage, and
+            after a mean every worker has it, whoever's it was).
         process_group: the group of the float32 allreduce (compressor None); None: the default group.
 
     Register ``hook`` with ``ddp_model.register_comm_hook(None, h.hook)`` (or ``h.register(ddp_model)``).
@@ -148,6 +149,8 @@ class DDPCompressionHook:
         self._check_open()
         start = time.perf_counter()
         buf = bucket.buffer()
+        if self.note_gradients is not None:
+            self.note_gradients(buf)  # this worker's NaN/Inf, before the mean hides whose it was
         m = self.collectives.world_size
         self.byte_counter.add(allreduce_bytes(buf.numel() * buf.element_size(), m))
         buf.div_(m)

@@ -81,6 +81,11 @@ def load_config(config_path: str | Mapping[str, Any] | None = None, overrides: S
             cfg = OmegaConf.merge(cfg, OmegaConf.load(config_path))
         except OmegaConfBaseException as err:
             raise _translate(err, config_path) from None
+        except yaml.YAMLError as err:  # e.g. an unclosed bracket: name the file and where the parser stopped
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file '{config_path}' is not valid YAML{where}: {what}") from None
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(_parse_overrides(overrides)))
         OmegaConf.resolve(cfg)
