@@ -254,3 +254,15 @@ def test_deepspeed_names_must_be_plain(tmp_path: Path) -> None:
     os.symlink(tmp_path.parent, tmp_path / "link")
     with pytest.raises(ckpt.CheckpointError, match="leads outside train.output_dir"):
         ckpt.deepspeed_folder({"deepspeed_dir": "link", "deepspeed_tag": "epoch1"}, path)
+
+
+def test_optimizer_state_must_fit(tmp_path: Path) -> None:
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)  # same parameter count per group, other shapes
+    opt_b = torch.optim.Adam(b.parameters())
+    b(torch.ones(1, 4)).sum().backward()
+    opt_b.step()
+    with pytest.raises(ckpt.CheckpointError, match=r"'exp_avg' of parameter 0 has shape \(2, 4\), the parameter \(2, 3\)"):
+        ckpt.load_optimizer_state(torch.optim.Adam(a.parameters()), opt_b.state_dict(), "train.resume", "x.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"parameter groups of sizes \[1\], this run's optimizer \[2\]"):
+        ckpt.load_optimizer_state(torch.optim.Adam(a.parameters()), torch.optim.Adam([a.bias]).state_dict(),
+                                  "train.resume", "x.pt")
