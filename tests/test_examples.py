@@ -249,3 +249,28 @@ def test_a_bad_config_under_each_launcher_is_one_line_from_rank_0(bad_config_lau
         assert re.search(r"Process \d exit with status code 2\.", text), describe(proc)
     else:
         assert proc.returncode == 2, describe(proc)
+
+
+def test_only_rank_0_prints_a_start_up_error_and_the_others_wait_for_it(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """The launches above can miss a second line by chance (the launcher kills the slower worker); this cannot."""
+    import signal
+    import time
+
+    from datkit import cli
+
+    previous = signal.getsignal(signal.SIGTERM)  # fail() installs an exit-on-SIGTERM handler on ranks other than 0
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: previous)
+    monkeypatch.setattr(cli, "PEER_FAIL_GRACE_S", 0.3)
+    for var in ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOROVOD_RANK", "1")
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        cli.fail(ValueError("train.epochz"))
+    assert exit_.value.code == 2 and time.monotonic() - start >= 0.3  # it waited for rank 0 to print first
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("HOROVOD_RANK", "0")
+    with pytest.raises(SystemExit) as exit_:
+        cli.fail(ValueError("train.epochz"))
+    assert exit_.value.code == 2 and capsys.readouterr().err == "datkit: error: train.epochz\n"
