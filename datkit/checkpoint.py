@@ -323,14 +323,14 @@ def load_deepspeed_shard(path: str, map_location: Any = None, key: str = RESUME_
 
 
 def check_deepspeed_shards(folder: str, tag: str, path: str, key: str = RESUME_KEY) -> list[str]:
-    """Every file of the shard folder ``folder/tag``, checked before DeepSpeed sees the folder: a regular file
+    """Every ``.pt`` file of the shard folder ``folder/tag``, checked before DeepSpeed sees the folder: a regular file
     inside ``train.output_dir`` (no symbolic link out of it), readable, and pickling no global outside
     DEEPSPEED_SHARD_GLOBALS (zip files: the pickle is scanned without loading the tensors; others: a
     weights-only load). Returns the files. DeepSpeed's own loads then go through ``load_deepspeed_shard``."""
     shard_dir = os.path.join(folder, tag)
     real_out = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     files = []
-    for name in sorted(os.listdir(shard_dir)):
+    for name in sorted(n for n in os.listdir(shard_dir) if n.endswith(".pt")):  # DeepSpeed loads only *.pt files
         f = os.path.join(shard_dir, name)
         if os.path.commonpath([real_out, os.path.realpath(f)]) != real_out or not os.path.isfile(f):
             raise _fail(key, f, "refused: a DeepSpeed shard must be a regular file inside train.output_dir")
