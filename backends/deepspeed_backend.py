@@ -204,7 +204,7 @@ class DeepSpeedBackend(Backend):
         ds_dir, tag = deepspeed_folder(state, path)
         check_deepspeed_shards(ds_dir, tag, path)
         ckpt_engine = self.engine.checkpoint_engine
-        ckpt_engine.load = ckpt_engine.load  # this instance only
+        ckpt_engine.load = lambda f, map_location=None: load_deepspeed_shard(f, map_location)  # this instance only
         try:
             loaded, _ = self.engine.load_checkpoint(ds_dir, tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
