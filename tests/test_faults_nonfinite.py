@@ -90,7 +90,8 @@ def test_ignore_lets_the_nan_into_the_weights(tmp_path: Path, monkeypatch: pytes
 #   epoch 2 step 1: rank 1's gradient only                             -> the 2nd skip in a row: every worker stops
 #                                                                         at that step, exit code 4.
 # Rank 1 is named at epoch 1 step 1 only if its local gradient was flagged before the reduction or compression
-# hid whose it was (a onebit/int8 code of NaN is finite garbage; a mean spreads it to every rank).
+# hid whose it was (onebit's/int8's block scale and a mean spread it to every rank; removing the pre-compression
+# flag of DDP's compressed hook makes the onebit launch say "in the averaged gradients" instead).
 PATHS = {  # name -> (launcher, overrides)
     "ddp": ("torch", []),  # DDP with datkit's float32 allreduce comm hook
     "plain": ("torch", ["dist.ddp=false"]),  # no DDP: the manual bucketed allreduce in step (after the check)

@@ -110,8 +110,9 @@ class DDPCompressionHook:
         byte_counter: where every collective's modelled bytes are added (default: a new ``ByteCounter``).
         timer: where each bucket's [start, completion] interval is recorded (default: a new ``CommIntervals``).
         note_gradients: called with each bucket's flat local gradient before it is compressed or allreduced
-            (datkit's backend flags NaN/Inf there: after int8/onebit codes a NaN comes back as finite garbage, and
-            after a mean every worker has it, whoever's it was).
+            (datkit's backend flags NaN/Inf there: after a codec -- int8/onebit spread it over a block through the
+            scale; a codec without a scale may turn it into finite garbage -- or a mean, every worker has it, whoever's
+            it was).
         process_group: the group of the float32 allreduce (compressor None); None: the default group.
 
     Register ``hook`` with ``ddp_model.register_comm_hook(None, h.hook)`` (or ``h.register(ddp_model)``).

@@ -1,12 +1,13 @@
 """``train.nonfinite``: a NaN/Inf loss or gradient on any worker, decided by all workers at the same step.
 
 After the backward pass(es) of a step and before gradient clipping and the optimizer step, every worker
-contributes one flag: its own loss is non-finite, or its gradients are
-(``Backend.nonfinite_gradients``: the local gradients *before* compression where the backend compresses
--- a NaN that went through int8/onebit coding comes back as finite garbage -- and otherwise the averaged
-gradients, which are the same on every worker). The flags (local: loss or pre-compression gradients; averaged) are exchanged with one tiny
-all-gather (2 floats per worker), so every worker takes the same decision at the same step and names
-the ranks whose loss or local gradients were non-finite:
+contributes two flags (``Backend.nonfinite_gradients``): its own loss or its *local* gradients were
+non-finite -- seen before compression or averaging, by the backend's gradient hooks, or in ``.grad`` where the
+reduction waits for the optimizer step --, and the averaged gradients in ``.grad`` are. The local flag does
+not depend on what a codec does with a NaN (int8's and onebit's block scale turn one NaN into a NaN block
+on every worker, whose it was is lost; a codec without a scale could turn it into finite garbage). The
+flags are exchanged with one tiny all-gather (2 floats per worker), so every worker takes the same
+decision at the same step and names the ranks whose loss or local gradients were non-finite:
 
 - ``stop`` (default): every worker prints ``datkit: non-finite loss/gradient at epoch E step S on
   rank(s) R; stopping (train.nonfinite=stop)`` and exits with code ``NONFINITE_EXIT`` = 4; the last
