@@ -14,10 +14,10 @@ if __package__ in (None, ""):  # run as a script: make `datkit` importable, not 
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
     sys.path.insert(0, _root)
 
-from datkit.backends import BackendUnavailable, create_backend  # noqa: E402
+# torch, the backends and the plug-ins are imported by ``train``: a key, type or YAML error under a launcher is
+# reported by every worker in a fraction of a second, without importing torch.
 from datkit.cli import fail as cli_fail, parse_args  # noqa: E402
 from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world  # noqa: E402
-from datkit.preflight import validate_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,6 +36,9 @@ def train(cfg, argv: Sequence[str] = (), *, model=None, train_set=None, test_set
     ``datkit.fit`` share this function). A bad configuration or plug-in is found before any worker trains: with
     ``exit_on_error`` the process ends with exit code 2 and one line naming the key (rank 0 prints it), otherwise the
     ``ConfigError`` is raised. A lost worker ends the process with code 3."""
+    from datkit.backends import BackendUnavailable, create_backend
+    from datkit.preflight import validate_config
+
     def fail(err: BaseException) -> None:
         if not exit_on_error:
             raise err
