@@ -73,6 +73,9 @@ def fail(err: BaseException, code: int = 2) -> None:
 
     sys.stdout.flush()
     sys.stderr.flush()
+    watch = sys.modules.get("datkit.backends.peer_watch")  # an error found after the backend started (a plug-in):
+    if watch is not None:  # stop the heart-beats first, as a clean finish, or rank 0's exit would read as a loss
+        watch._stop_all()
     try:
         signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
     except ValueError:  # not the main thread: no handler, no wait

@@ -151,18 +151,42 @@ def remove_deepspeed_shm(cmd: list[str]) -> None:
 
 # One launch per launcher, 3 workers: under torchrun rank 1 dies (the store is torchrun's agent's); under horovodrun
 # and deepspeed rank 0 dies -- the rank that hosts the store of the heart-beats (and, under deepspeed, of
-# torch.distributed's rendezvous).
-@pytest.mark.parametrize("backend,killed", [("torch", 1), ("horovod", 0), ("deepspeed", 0)])
-def test_sigkill_of_one_of_3_workers_names_it_and_every_survivor_exits_3(backend: str, killed: int,
-                                                                          tmp_path: Path) -> None:
-    cmd, codes = launch_cmd(backend, workers=3, record_exit=True), tmp_path / "codes"
-    codes.mkdir()
-    try:
-        out = watch_launch([*cmd, *_tiny(), *RUN, "train.batch_size=30", f"train.output_dir={tmp_path / 'out'}"],
-                           tmp_path, timeout=300, DATKIT_TEST_KILL_AT_STEP=f"{killed}:1:2",
-                           DATKIT_TEST_EXIT_LOG=str(codes))
-    finally:
-        remove_deepspeed_shm(cmd)
+# torch.distributed's rendezvous). The three launches run at the same time (most of each is start-up and waiting).
+KILLED = {"torch": 1, "horovod": 0, "deepspeed": 0}
+
+
+@pytest.fixture(scope="module")
+def kills(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """backend -> (Launch, folder of the workers' exit codes), for the selected tests' backends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = [b for b in KILLED if not LAUNCHERS[b][1] and any(
+        getattr(getattr(item, "callspec", None), "params", {}).get("backend") == b
+        for item in request.session.items if getattr(item, "module", None) is request.module
+        and item.originalname == "test_sigkill_of_one_of_3_workers_names_it_and_every_survivor_exits_3")]
+
+    def launch(backend: str):
+        tmp = tmp_path_factory.mktemp(f"kill-{backend}")
+        cmd, codes = launch_cmd(backend, workers=3, record_exit=True), tmp / "codes"
+        codes.mkdir()
+        try:
+            out = watch_launch([*cmd, *_tiny(), *RUN, "train.batch_size=30", f"train.output_dir={tmp / 'out'}"], tmp,
+                               timeout=300, DATKIT_TEST_KILL_AT_STEP=f"{KILLED[backend]}:1:2",
+                               DATKIT_TEST_EXIT_LOG=str(codes))
+        finally:
+            remove_deepspeed_shm(cmd)
+        return out, codes, tmp
+
+    with ThreadPoolExecutor(3) as pool:
+        return dict(zip(selected, pool.map(launch, selected)))
+
+
+@pytest.mark.parametrize("backend", list(KILLED))
+def test_sigkill_of_one_of_3_workers_names_it_and_every_survivor_exits_3(backend: str, kills: dict) -> None:
+    if backend not in kills:
+        pytest.skip(LAUNCHERS[backend][1] or "not selected")
+    killed = KILLED[backend]
+    out, codes, tmp_path = kills[backend]
     hit = out.first(rf"datkit-test: rank {killed} \(pid (\d+)\) sends itself SIGKILL at epoch 1 step 2")
     assert hit is not None, out.describe()
     assert out.returncode not in (None, 0), out.describe()

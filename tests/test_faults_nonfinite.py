@@ -3,8 +3,8 @@
 - one worker (in-process): ``stop`` exits with code 4 naming epoch/step/rank (a NaN in a gradient only); ``skip`` drops the step,
   counts it in results.json and keeps the weights finite; ``max_nonfinite_skips`` consecutive skips stop;
   bad values of the keys fail at start-up;
-- two workers, one launch per gradient path (torchrun: DDP's float32 hook, ``dist.ddp=false``, onebit and int8
-  compression in DDP's hook; horovodrun: hvd.DistributedOptimizer; deepspeed: ZeRO-0): a NaN in one worker's
+- two workers, one launch per gradient path (torchrun: DDP's float32 hook, ``dist.ddp=false`` with int8
+  compression in the step, onebit compression in DDP's hook; horovodrun: hvd.DistributedOptimizer; deepspeed: ZeRO-0): a NaN in one worker's
   gradient only (finite loss) and a NaN loss are skipped on every worker, the rank named -- so the NaN was seen
   before compression, where the decoded average would be finite garbage, and before the mean that hides whose
   it was --, the error-feedback residuals do not carry it on, and after ``max_nonfinite_skips`` consecutive
@@ -94,9 +94,9 @@ def test_ignore_lets_the_nan_into_the_weights(tmp_path: Path, monkeypatch: pytes
 # flag of DDP's compressed hook makes the onebit launch say "in the averaged gradients" instead).
 PATHS = {  # name -> (launcher, overrides)
     "ddp": ("torch", []),  # DDP with datkit's float32 allreduce comm hook
-    "plain": ("torch", ["dist.ddp=false"]),  # no DDP: the manual bucketed allreduce in step (after the check)
+    # no DDP: the manual bucketed path, int8-compressed, in step (after the check: .grad is still local)
+    "plain_int8": ("torch", ["dist.ddp=false", "compression.name=int8"]),
     "onebit": ("torch", ["compression.name=onebit"]),  # DDP comm hook compressing each bucket during backward
-    "int8": ("torch", ["compression.name=int8"]),
     "horovod": ("horovod", []),  # hvd.DistributedOptimizer's hooks, during backward
     "deepspeed": ("deepspeed", []),  # the ZeRO-0 engine's allreduce after backward
 }
