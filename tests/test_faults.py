@@ -165,8 +165,10 @@ def kills(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         for item in request.session.items if getattr(item, "module", None) is request.module
         and item.originalname == "test_sigkill_of_one_of_3_workers_names_it_and_every_survivor_exits_3")]
 
+    tmps = {b: tmp_path_factory.mktemp(f"kill-{b}") for b in selected}  # not in the threads: mktemp is not thread-safe
+
     def launch(backend: str):
-        tmp = tmp_path_factory.mktemp(f"kill-{backend}")
+        tmp = tmps[backend]
         cmd, codes = launch_cmd(backend, workers=3, record_exit=True), tmp / "codes"
         codes.mkdir()
         try:

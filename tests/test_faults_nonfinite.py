@@ -117,7 +117,7 @@ def launches(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
     def launch(name: str):
         backend, overrides = PATHS[name]
-        tmp = tmp_path_factory.mktemp(name)
+        tmp = tmps[name]
         (tmp / "codes").mkdir()
         cmd = launch_cmd(backend, record_exit=True)
         try:
@@ -131,6 +131,7 @@ def launches(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     selected = {getattr(getattr(item, "callspec", None), "params", {}).get("path") for item in request.session.items
                 if getattr(item, "module", None) is request.module}
     names = [n for n in PATHS if n in selected and LAUNCHERS[PATHS[n][0]][1] is None]
+    tmps = {n: tmp_path_factory.mktemp(n) for n in names}  # not in the threads: mktemp is not thread-safe
     with ThreadPoolExecutor(2) as pool:
         return dict(zip(names, pool.map(launch, names)))
 
