@@ -62,15 +62,15 @@ def resolve_backend_name(name: str, argv: Sequence[str] = ()) -> str:
 
 
 def backend_config_errors(cfg) -> list[str]:
-    """Errors in ``backend`` and the backends' own sections (``deepspeed.*``); what depends on the number of workers or
-    on the ZeRO stage is checked when the backend is built."""
+    """Errors in ``backend`` and the backends' own sections (``deepspeed.*``), and what the ZeRO stage of
+    ``backend: deepspeed`` cannot carry; what depends on the number of workers is checked when the backend is built."""
     from datkit.config import choices
 
-    from .deepspeed_config import deepspeed_config_errors
+    from .deepspeed_config import deepspeed_config_errors, zero_stage_errors
 
     errors: list[str] = []
     choices(errors, "backend", cfg.backend, BACKEND_CHOICES)
-    return errors + deepspeed_config_errors(cfg)
+    return errors + deepspeed_config_errors(cfg) + zero_stage_errors(cfg)
 
 
 def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:

@@ -73,6 +73,29 @@ def deepspeed_config_errors(cfg) -> list[str]:
     return errors
 
 
+def zero_stage_errors(cfg) -> list[str]:
+    """``refuse_at_zero_stage`` at preflight for ``backend: deepspeed`` (the stage from ``deepspeed.zero_stage`` or the
+    ``deepspeed.config_file``), so that what a ZeRO stage cannot carry is refused before DeepSpeed is imported and
+    before any worker starts its process group. ``backend: auto`` under the deepspeed launcher is refused when the
+    backend is built, by the same function."""
+    if cfg.backend != "deepspeed":
+        return []
+    stage = cfg.deepspeed.zero_stage
+    if cfg.deepspeed.config_file and os.path.isfile(cfg.deepspeed.config_file):
+        try:
+            with open(cfg.deepspeed.config_file) as f:
+                stage = json.load(f).get("zero_optimization", {}).get("stage", stage)
+        except (OSError, ValueError, AttributeError):
+            pass  # reported when the backend builds its config
+    if stage not in (0, 1, 2, 3):
+        return []  # deepspeed_config_errors names it
+    try:
+        refuse_at_zero_stage(cfg, int(stage))
+    except ConfigError as err:
+        return [str(err)]
+    return []
+
+
 def refuse_at_zero_stage(cfg, stage: int) -> None:
     """Raise ``ConfigError`` for the first option that ``stage`` cannot carry (each rule: minimum stage, test, why).
     Plug-ins state what they need as attributes (``reads_parameters`` of a method, ``needs_whole_layers`` of an
