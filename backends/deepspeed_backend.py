@@ -89,6 +89,7 @@ class DeepSpeedBackend(Backend):
             self.engine.enable_backward_allreduce = False
         else:
             self.meter.install()
+            self.meter.always = self.zero_stage == 3  # parameter gathers in every forward / backward (attacks too)
             if self.world_size > 1 and self.zero_stage == 0:  # the engine allreduces .grad after backward
                 for p in self.engine.module.parameters():
                     if p.requires_grad:  # this worker's NaN/Inf, before the average hides whose it was
