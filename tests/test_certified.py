@@ -150,13 +150,33 @@ def test_regularizer_weight_decays_over_the_warmup() -> None:
 
 
 def test_crown_ibp_mixes_with_beta_and_is_ibp_after_the_ramp() -> None:
-    cfg, m, net, x, y = _setup("crown-ibp", "bounds.reg_lambda=0")
+    """The method's loss against bounds computed without datkit's engine (``tests/helpers/bounds_reference.py``,
+    itself checked against an LP in ``tests/test_bounds.py``), on a ReLU network where CROWN-IBP and IBP differ:
+    CROWN-IBP returning IBP's bounds, or a wrong mixing weight, fails here."""
+    from helpers import bounds_reference as ref
+
+    from datkit.models import Normalize, NormalizedModel
+
+    _, m, _, x, y = _setup("crown-ibp", "bounds.reg_lambda=0")
     _, mi, *_ = _setup("ibp", "bounds.reg_lambda=0")
-    assert m.loss(net, net, x, y, StepInfo(eps=0.2)).item() == pytest.approx(mi.loss(net, net, x, y, StepInfo(eps=0.2)).item(), rel=1e-6)
-    lb_ibp = margin_bounds(net, x, y, 0.05, "ibp").lower
-    lb_crown = margin_bounds(net, x, y, 0.05, "crown-ibp", beta=1.0).lower
+    torch.manual_seed(0)
+    net = NormalizedModel(Normalize((0.3,), (0.4,)), nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))).train()
+    C = spec_matrix(y, 10)
+
+    def ref_bounds(fn, eps: float) -> torch.Tensor:
+        return torch.from_numpy(fn(net, x, eps, C)).float()
+
+    lb_ibp, lb_crown = ref_bounds(ref.ibp, 0.05), ref_bounds(ref.crown_ibp, 0.05)
     expected = robust_cross_entropy(0.75 * lb_crown + 0.25 * lb_ibp)  # beta = 1 - 0.05 / 0.2
+    # the two bounds differ enough that the mixture is told apart from IBP alone and from CROWN-IBP alone
+    for other in (robust_cross_entropy(lb_ibp), robust_cross_entropy(lb_crown)):
+        assert abs(expected.item() - other.item()) > 1e-3 * abs(expected.item()), (expected, other)
     assert m.loss(net, net, x, y, StepInfo(eps=0.05)).item() == pytest.approx(expected.item(), rel=1e-5)
+    # at eps_max (beta = 0) the loss is IBP's, as for method ibp
+    at_max = robust_cross_entropy(ref_bounds(ref.ibp, 0.2)).item()
+    assert m.loss(net, net, x, y, StepInfo(eps=0.2)).item() == pytest.approx(at_max, rel=1e-5)
+    assert mi.loss(net, net, x, y, StepInfo(eps=0.2)).item() == pytest.approx(at_max, rel=1e-5)
 
 
 def test_train_eps_follows_the_bounds_schedule() -> None:

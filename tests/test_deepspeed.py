@@ -1,28 +1,36 @@
 """The deepspeed backend on CPU (2 processes under the ``deepspeed`` launcher, gloo).
 
-- ZeRO-0 and ZeRO-2 take exactly the steps of the torch backend (same seed, global batch, 2 workers):
-  the weights agree to 1e-5 after 2 epochs of 3 Adam steps;
-- a run resumed from a ZeRO-2 checkpoint ends with the uninterrupted run's weights (that same ZeRO-2 run:
-  one launch checked both ways);
+- ZeRO-0, 1, 2 and 3 take exactly the steps of the torch backend (same seed, global batch, 2 workers):
+  the weights agree to 1e-5 after 2 epochs of 3 Adam steps (all four stages in one launch);
+- each worker's own socket writes during training match its ``bytes_per_iter`` within 10%, at every ZeRO
+  stage and for the torch backend's DDP allreduce (``tests/helpers/wire.py``; the same launches);
+- a run resumed from a ZeRO-2 checkpoint (its first epoch, run in that launch) ends with the uninterrupted
+  ZeRO-2 run's weights;
 - compression works at stage 0 and is refused at stage >= 1 with a message that says why;
 - without DeepSpeed installed, asking for it says how to install it.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from helpers.collective_checks import read_results
 from helpers.ports import reserve_port
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
+from helpers.wire import wire_records
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]'; the dev extra has it)")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
 
 STEPS = ["train.epochs=1", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.05", "schedule.name=constant"]
-# ZeRO runs checked against the torch backend AND resumed from (the stage-2 run is the resume test's uninterrupted run)
-ZERO = ["train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.name=constant"]
+# ZeRO runs checked against the torch backend AND resumed from (the stage-2 run is the resume test's uninterrupted run).
+# A 512-unit hidden layer: a 162 KB gradient, so the per-step costs that bytes_per_iter leaves out (gloo's message
+# headers, the non-finite flags: ~1 KB) stay under 1% of the socket writes in the wire check.
+ZERO = ["train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.name=constant", "model.kwargs.hidden=512"]
+STAGES = [0, 1, 2, 3]
+WIRE = REPO / "tests" / "helpers" / "wire_train.py"
 
 
 def _deepspeed(args: list[str], cwd: Path, timeout: float = 400, script: Path = REPO / "datkit" / "train.py", **env: str):
@@ -38,71 +46,92 @@ def _deepspeed(args: list[str], cwd: Path, timeout: float = 400, script: Path = 
     return proc
 
 
-def _torchrun(args: list[str], cwd: Path):
-    return run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.train",
-                       "backend=torch", *args], cwd=cwd, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def torch_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("torch")
-    proc = _torchrun([*_tiny(), *ZERO, f"train.output_dir={tmp / 'out'}"], tmp)
-    assert proc.returncode == 0, describe(proc)
-    return load_checkpoint(tmp / "out")
-
-
 def _tiny() -> list[str]:
-    return [a for a in TINY if not a.startswith("backend=")]
+    return [a for a in TINY if not a.startswith(("backend=", "model.kwargs.hidden="))]
 
 
 @pytest.fixture(scope="module")
-def zero_run(tmp_path_factory: pytest.TempPathFactory):
-    """``zero_run(stage)`` -> (output folder, stdout) of the 2-worker ZeRO run (launched once per stage)."""
-    cache: dict[int, tuple[Path, str]] = {}
-
-    def get(stage: int) -> tuple[Path, str]:
-        if stage not in cache:
-            tmp = tmp_path_factory.mktemp(f"zero{stage}")
-            out = tmp / "ds"
-            proc = _deepspeed([*_tiny(), *ZERO, f"deepspeed.zero_stage={stage}", f"train.output_dir={out}"], tmp)
-            assert proc.returncode == 0, describe(proc)
-            cache[stage] = (out, proc.stdout)
-        return cache[stage]
-
-    return get
+def torch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """(checkpoint, folder of the wire records) of the torch backend's run (torchrun, DDP's plain allreduce)."""
+    tmp = tmp_path_factory.mktemp("torch")
+    runs = {"torch": ["backend=torch", *_tiny(), *ZERO, f"train.output_dir={tmp / 'out'}"]}
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WIRE), json.dumps(runs)],
+                      cwd=tmp, timeout=300, DATKIT_TEST_WIRE_DIR=str(tmp))
+    assert proc.returncode == 0, describe(proc)
+    return load_checkpoint(tmp / "out"), tmp
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_zero_matches_the_torch_backend(stage: int, torch_run: dict, zero_run) -> None:
-    out, stdout = zero_run(stage)
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Every DeepSpeed training run of this module but the resumed one, in ONE 2-worker launch (``wire_train.py``:
+    one start-up of DeepSpeed for all): ZeRO-0/1/2/3 (``zero<stage>``), the first epoch of ZeRO-2 alone
+    (``zero2_part``, resumed by the resume test) and onebit at stage 0 with a semi-supervised teacher (``onebit``).
+    Returns (folder with one output folder per run and the wire records, stdout)."""
+    tmp = tmp_path_factory.mktemp("zero")
+    runs = {f"zero{stage}": [*_tiny(), *ZERO, f"deepspeed.zero_stage={stage}"] for stage in (0, 1, 2)}
+    runs["zero2_part"] = [*_tiny(), *ZERO, "deepspeed.zero_stage=2", "train.epochs=1"]
+    # semi-supervised: the teacher trains through the same Trainer, on DeepSpeed with onebit compression too
+    runs["onebit"] = [*_tiny(), "model.kwargs.hidden=32", *STEPS, "deepspeed.zero_stage=0", "compression.name=onebit",
+                      "data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2"]
+    runs["zero3"] = [*_tiny(), *ZERO, "deepspeed.zero_stage=3"]  # last: ZeRO-3 leaves hooks in DeepSpeed's globals
+    runs = {name: ["backend=deepspeed", *args, f"train.output_dir={tmp / name}"] for name, args in runs.items()}
+    proc = _deepspeed([json.dumps(runs)], tmp, timeout=480, script=WIRE, DATKIT_TEST_WIRE_DIR=str(tmp))
+    assert proc.returncode == 0, describe(proc)
+    return tmp, proc.stdout
+
+
+def _stdout_of(zero_runs: tuple[Path, str], name: str) -> str:
+    return zero_runs[1].split(f"=== run {name}\n", 1)[1].split("=== run ", 1)[0]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_matches_the_torch_backend(stage: int, torch_run: tuple[dict, Path], zero_runs) -> None:
+    out = zero_runs[0] / f"zero{stage}"
+    stdout = _stdout_of(zero_runs, f"zero{stage}")
     assert f"backend=deepspeed world_size=2 device=cpu zero_stage={stage}" in stdout, stdout[-3000:]
-    ds = load_checkpoint(out)
+    ds, ref = load_checkpoint(out), torch_run[0]
     assert ds["zero_stage"] == stage and (out / "checkpoint_last.pt.deepspeed").is_dir()
-    assert_same_weights(ds["model"], torch_run["model"], atol=1e-5)
-    for got, ref in zip(ds["records"], torch_run["records"], strict=True):
-        assert got["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
+    assert_same_weights(ds["model"], ref["model"], atol=1e-5)
+    for got, want in zip(ds["records"], ref["records"], strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
     assert ds["records"][0]["bytes_per_iter"] > 0 and ds["records"][0]["C_s"] > 0
 
 
-def test_resume_from_a_zero2_checkpoint_is_exact(zero_run, tmp_path: Path) -> None:
-    full, _ = zero_run(2)  # the uninterrupted run (2 epochs)
-    args = [*_tiny(), *ZERO[1:], "deepspeed.zero_stage=2"]
+def _assert_wire(folder: Path, run: str, steps: int = 3, epochs: int = 2) -> list[float]:
+    recs = [r for r in wire_records(folder) if r["run"] == run]
+    assert sorted((r["rank"], r["epoch"]) for r in recs) == [(k, e) for k in (0, 1) for e in range(1, epochs + 1)], recs
+    ratios = [r["written"] / r["steps"] / r["bytes_per_iter"] for r in recs]
+    assert all(r["steps"] == steps and r["bytes_per_iter"] > 0 for r in recs), recs
+    assert all(0.9 <= x <= 1.1 for x in ratios), f"{run}: socket writes / bytes_per_iter per rank and epoch: {ratios}"
+    return ratios
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_bytes_per_iter_match_the_socket_writes(stage: int, zero_runs) -> None:
+    """Each worker's own socket writes during an epoch's training = its bytes_per_iter x steps, within 10%."""
+    _assert_wire(zero_runs[0], f"zero{stage}")
+
+
+def test_ddp_bytes_per_iter_match_the_socket_writes(torch_run: tuple[dict, Path]) -> None:
+    """The torch backend's DDP allreduce (no compression), in the same launch as the reference weights."""
+    _assert_wire(torch_run[1], "torch")
+
+
+def test_resume_from_a_zero2_checkpoint_is_exact(zero_runs, tmp_path: Path) -> None:
+    full = zero_runs[0] / "zero2"  # the uninterrupted run (2 epochs); zero2_part: its first epoch, in the same launch
     part = tmp_path / "part"
-    proc = _deepspeed([*args, "train.epochs=1", f"train.output_dir={part}"], tmp_path)
-    assert proc.returncode == 0, describe(proc)
-    proc = _deepspeed([*args, "train.epochs=2", "train.resume=true", f"train.output_dir={part}"], tmp_path)
+    shutil.copytree(zero_runs[0] / "zero2_part", part)
+    assert [r["epoch"] for r in load_checkpoint(part)["records"]] == [1]
+    proc = _deepspeed([*_tiny(), *ZERO, "deepspeed.zero_stage=2", "train.resume=true", f"train.output_dir={part}"],
+                      tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "resumed from" in proc.stdout, describe(proc)
     assert_same_weights(load_checkpoint(full)["model"], load_checkpoint(part)["model"], atol=0.0)
     assert sorted(p.name for p in (part / "checkpoint_last.pt.deepspeed").iterdir() if p.is_dir()) == ["epoch2"]
 
 
-def test_onebit_compression_at_stage_0_teacher_included(tmp_path: Path) -> None:
-    # semi-supervised: the teacher trains through the same Trainer, on DeepSpeed with onebit compression too
-    out = tmp_path / "ob"
-    proc = _deepspeed([*_tiny(), *STEPS, "deepspeed.zero_stage=0", "compression.name=onebit", "data.num_labeled=100",
-                       "semisup.enabled=true", "semisup.teacher_epochs=2", f"train.output_dir={out}"], tmp_path)
-    assert proc.returncode == 0, describe(proc)
+def test_onebit_compression_at_stage_0_teacher_included(zero_runs) -> None:
+    out = zero_runs[0] / "onebit"
     rec = load_checkpoint(out)["records"][0]
     assert 0 < rec["bytes_per_iter"] < 2000, rec  # ~1/32 of the float32 gradient (18,440 bytes) plus scales
     teacher = json.loads((out / "teacher" / "results.json").read_text())
