@@ -3,7 +3,7 @@
 - it takes exactly the steps of the torch backend (same seed, global batch, 2 workers each, no
   compression): the weights agree to 1e-5 after a few steps, also with 2 accumulated micro-batches and
   gradient clipping (Horovod's ``backward_passes_per_step``, clipping after ``synchronize``), and the
-  measured bytes per step equal the torch backend's;
+  measured bytes per step equal the torch backend's, and match each worker's own socket writes within 10%;
 - every collective of the Backend interface, and every compressor (the checks of
   ``tests/test_compress_dist.py``, on Horovod's collectives); training with fp16 / int8 / onebit;
 - bad input: no Horovod installed, or no horovodrun, fails at start-up with what to do.
@@ -72,16 +72,22 @@ RUNS: dict[str, list[str]] = {
     "onebit": ["compression.name=onebit"],
     # the semi-supervised teacher trains through the same Trainer: Horovod's hooks, int8 compression and all
     "semisup_int8": ["compression.name=int8", "data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2"],
+    # the wire check: an 8192-unit hidden layer (a 2.4 MB gradient per step) next to Horovod's negotiation, which
+    # bytes_per_iter leaves out (7-16 KB per step here, more on a slower machine: one round per 1 ms cycle)
+    "wide": ["model.kwargs.hidden=8192"],
 }
 _RUNNER = """
 import json, os, sys
 import horovod.torch as hvd
 from datkit.backends.horovod_backend import HorovodBackend
 from datkit.train import main
+from helpers import wire
+wire.install()  # every epoch's socket writes next to its bytes_per_iter (DATKIT_TEST_WIRE_DIR)
 HorovodBackend.close = lambda self: self.barrier()  # keep Horovod up for the next run
 for name, args in json.loads(sys.argv[1]).items():
     if os.environ["HOROVOD_RANK"] == "0":
         print(f"=== run {name}", flush=True)
+    os.environ["DATKIT_TEST_WIRE_RUN"] = name
     main(["backend=horovod", *args, f"train.output_dir={name}"])
 hvd.shutdown()
 """
@@ -94,7 +100,7 @@ def hvd_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         pytest.skip(NO_HOROVOD)
     tmp = tmp_path_factory.mktemp("hvd_runs")
     runs = {name: [*_tiny(), *STEPS, *extra] for name, extra in RUNS.items()}
-    proc = _horovodrun(["-c", _RUNNER, json.dumps(runs)], tmp)
+    proc = _horovodrun(["-c", _RUNNER, json.dumps(runs)], tmp, DATKIT_TEST_WIRE_DIR=str(tmp))
     assert proc.returncode == 0, describe(proc)
     return tmp, proc.stdout
 
@@ -127,6 +133,22 @@ def test_matches_the_torch_backend(name: str, torch_run: dict, hvd_runs: tuple[P
     # every gradient once, in float32, by the ring model: the bytes of DDP's buckets; and C was measured
     assert rec["bytes_per_iter"] == pytest.approx(ref["bytes_per_iter"], rel=1e-9) and rec["bytes_per_iter"] > 0
     assert rec["C_s"] > 0
+
+
+@needs_horovod
+def test_distributed_optimizer_bytes_per_iter_match_the_socket_writes(hvd_runs: tuple[Path, str]) -> None:
+    """hvd.DistributedOptimizer's allreduces (Horovod's own ring over gloo): each worker's socket writes during
+    training = its bytes_per_iter x steps within 10% (``tests/helpers/wire.py``), on the run with a large gradient."""
+    from helpers.wire import wire_records
+
+    recs = [r for r in wire_records(hvd_runs[0]) if r["run"] == "wide"]
+    assert sorted(r["rank"] for r in recs) == [0, 1] and all(r["steps"] == 3 for r in recs), recs
+    ratios = [r["written"] / r["steps"] / r["bytes_per_iter"] for r in recs]
+    assert all(0.9 <= x <= 1.1 for x in ratios), ratios
+    # the same gradient bytes as the torch backend's DDP would count: every float32 gradient once, ring model
+    weights = load_checkpoint(hvd_runs[0] / "wide")["model"]
+    numel = sum(v.numel() for k, v in weights.items() if not k.startswith("normalize."))  # not the mean/std buffers
+    assert recs[0]["bytes_per_iter"] == 4 * numel  # 2 (M-1)/M = 1 with 2 workers
 
 
 @needs_horovod
