@@ -24,6 +24,7 @@ from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpo
 # The same assertions as for the torch backend, collected here on this module's ``checks`` fixture.
 from test_compress_dist import (  # noqa: F401
     test_bytes_per_iteration_relative_to_fp32_allreduce,
+    test_counted_bytes_match_the_socket_writes,
     test_error_feedback_keeps_the_running_sum_on_track,
     test_error_stays_under_the_analytic_bound,
     test_none_is_the_exact_mean_bit_for_bit,
