@@ -13,7 +13,7 @@ from helpers.runs import REPO, describe, run_python
 from omegaconf import OmegaConf
 
 from datkit.backends import BACKEND_CHOICES
-from datkit.config import ConfigError, load_config, validate_for_world
+from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world
 from datkit.preflight import validate_config
 from datkit.data import DATASETS
 from datkit.methods import METHODS
@@ -227,6 +227,41 @@ def test_config_file_loads(path: Path | None, monkeypatch: pytest.MonkeyPatch) -
             assert got == value, f"{path.name}: {key}={value!r} loaded as {got!r}"
     if cfg.data.name in ("mnist5k", "digits"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("path", _CONFIGS, ids=[p.name for p in _CONFIGS])
+def test_every_config_file_is_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``validate_config`` (every plug-in's check, as ``datkit.train`` runs it) on every file in ``configs/``, with
+    the data sets' presence aside (CIFAR-10, MNIST, ImageNet, Tiny ImageNet are not on a CI machine): each
+    registered dataset's file check and the official-MNIST check report "present", a fine-tuning config's
+    ``train.init_from`` checkpoint is set aside; every other check runs."""
+    import dataclasses
+
+    import datkit.data.checks as data_checks
+
+    monkeypatch.chdir(REPO)
+    registry, get = data_checks.DATASETS, data_checks.DATASETS.get
+    monkeypatch.setattr(registry, "get", lambda name: dataclasses.replace(get(name), check=None))
+    monkeypatch.setattr(data_checks, "official_mnist_available", lambda root: True)
+    # a fine-tuning config starts from a checkpoint that its pre-training run writes: its presence is aside too
+    init_from = load_config(str(path), []).train.init_from
+    assert init_from is None or str(init_from).endswith(".pt"), init_from
+    cfg = load_config(str(path), [] if init_from is None else ["train.init_from=null"])
+    validate_config(cfg)
+    validate_for_training(cfg)
+
+
+def test_config_validation_of_the_files_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same validation, on a file of configs/ with one bad value, fails naming it (data presence still aside)."""
+    import dataclasses
+
+    import datkit.data.checks as data_checks
+
+    monkeypatch.chdir(REPO)
+    registry, get = data_checks.DATASETS, data_checks.DATASETS.get
+    monkeypatch.setattr(registry, "get", lambda name: dataclasses.replace(get(name), check=None))
+    with pytest.raises(ConfigError, match="attack.steps"):
+        validate_config(load_config(str(REPO / "configs" / "cifar10_pgd.yaml"), ["attack.steps=0"]))
 
 
 # --- the command line ------------------------------------------------------------------------------
