@@ -73,7 +73,7 @@ RUNS: dict[str, list[str]] = {
     "onebit": ["compression.name=onebit"],
     # the semi-supervised teacher trains through the same Trainer: Horovod's hooks, int8 compression and all
     "semisup_int8": ["compression.name=int8", "data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2"],
-    # the wire check: an 8192-unit hidden layer (a 2.4 MB gradient per step) next to Horovod's negotiation, which
+    # the wire check: an 8192-unit hidden layer (a 2 MB gradient per step) next to Horovod's negotiation, which
     # bytes_per_iter leaves out (7-16 KB per step here, more on a slower machine: one round per 1 ms cycle)
     "wide": ["model.kwargs.hidden=8192"],
 }
