@@ -114,6 +114,12 @@ def main(out_path: str) -> None:
         res[f"bytes_ratio_{label}"] = counted / fp32
         res[f"written_ratio_{label}"] = written / counted
 
+    # the backend's plain float32 all_reduce (DDP's and Horovod's gradient path): ring model vs socket writes
+    be.barrier()
+    before = written_bytes()
+    be.all_reduce(big.clone())
+    res["written_ratio_allreduce"] = (written_bytes() - before) / fp32
+
     # onebit error feedback: the residuals carry what was dropped; gather/pick round-trips them
     ob = get_compressor("onebit", block_size=64)
     total = torch.zeros(N)
