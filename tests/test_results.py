@@ -26,6 +26,31 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, final
 
 
+def test_final_ta_is_the_saved_models_accuracy(run: tuple[Path, dict]) -> None:
+    """The reported TA, recomputed without datkit's evaluation: the checkpoint's weights, a plain forward pass over
+    the same 50 held-out examples. The tiny run is at chance (2 x 2 steps: TA 0.10-0.14 measured), so no lower bound
+    above chance holds; this check fails a TA that is not the model's (0, a wrong subset, the wrong weights)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from datkit.data.loaders import build_data, eval_subset
+    from datkit.engine.run import build_model
+    from helpers.runs import load_checkpoint
+
+    out, final = run
+    cfg = OmegaConf.create(json.loads((out / "results.json").read_text())["config"])
+    data = build_data(cfg.data)
+    model = build_model(cfg, data.spec)
+    model.load_state_dict(load_checkpoint(out)["model"])
+    model.eval()
+    idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
+    x = torch.stack([data.test[i][0] for i in idx])
+    y = torch.tensor([int(data.test[i][1]) for i in idx])
+    with torch.no_grad():
+        correct = int((model(x).argmax(1) == y).sum())
+    assert final["TA"] == pytest.approx(correct / len(idx), abs=1e-9), (final["TA"], correct)
+
+
 def test_results_json(run: tuple[Path, dict]) -> None:
     out, final = run
     payload = json.loads((out / "results.json").read_text())
