@@ -43,6 +43,25 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return exc.value.code, capsys.readouterr().err
 
 
+def _recomputed_ta(checkpoint: Path, num_samples: int) -> float:
+    """Clean accuracy of the checkpoint's weights on ``eval_subset``'s examples: a plain forward pass."""
+    from omegaconf import OmegaConf
+
+    from datkit.data.loaders import build_data, eval_subset
+    from datkit.engine.run import build_model
+
+    cfg = OmegaConf.create(json.loads((checkpoint.parent / "results.json").read_text())["config"])
+    data = build_data(cfg.data)
+    model = build_model(cfg, data.spec)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+    model.eval()
+    idx = eval_subset(len(data.test), num_samples, seed=cfg.train.seed)
+    x = torch.stack([data.test[i][0] for i in idx])
+    y = torch.tensor([int(data.test[i][1]) for i in idx])
+    with torch.no_grad():
+        return int((model(x).argmax(1) == y).sum()) / len(idx)
+
+
 def test_cli_pgd_writes_json_and_table(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "ev.json"
     proc = subprocess.run([sys.executable, "-m", "datkit.evaluate", f"checkpoint={checkpoint}", "attacks=[pgd]",
@@ -53,6 +72,9 @@ def test_cli_pgd_writes_json_and_table(checkpoint: Path, tmp_path: Path) -> None
     res = json.loads(out.read_text())
     assert res["n"] == 50 and res["epoch"] == 1 and res["model"] == "cnn_small" and res["data"] == "digits"
     assert 0.0 <= res["RA"] <= res["TA"] <= 1.0
+    # the fixture's 5 steps leave the model at chance (TA 0.04 here), so no lower bound above chance holds: TA is
+    # recomputed instead from the checkpoint's weights on the same 50 examples, without datkit's evaluation
+    assert res["TA"] == pytest.approx(_recomputed_ta(checkpoint, 50), abs=1e-9), res["TA"]
     ra = res["attacks"]["RA"]
     assert (ra["attack"], ra["steps"], ra["restarts"], ra["eps"]) == ("pgd", 20, 1, 0.3)
     assert ra["alpha"] == pytest.approx(2.5 * 0.3 / 20) and ra["seconds"] >= 0
