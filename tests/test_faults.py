@@ -208,9 +208,9 @@ def test_sigkill_of_one_of_3_workers_names_it_and_every_survivor_exits_3(backend
     if backend == "torch":  # torchrun's own summary: the survivors' exit codes as the OS reported them
         summary = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*exitcode\s*: (-?\d+)", out.text)
         assert sorted(summary) == sorted([(str(r), "3") for r in survivors] + [(str(killed), "-9")]), out.describe()
-    if backend == "horovod":
-        for r in survivors:
-            assert f"Process {r} exit with status code 3." in out.text, out.describe()
+    # horovodrun's summary is not checked per survivor: its gloo runner terminates the other processes as soon as the
+    # first one exits non-zero (CI, 2026-12-03: rank 0's SIGKILL, then "exited with non-zero status ... Exit code: 137"
+    # with no line for the survivors), so only the workers' own records above are reliable.
     assert not (tmp_path / "out" / "results.json").exists()
 
 
