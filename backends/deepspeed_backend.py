@@ -198,10 +198,18 @@ class DeepSpeedBackend(Backend):
         """The datkit file as on every backend (``datkit.checkpoint``: weights only, a DeepSpeed training checkpoint,
         weights that fit), then its shard folder: ``deepspeed_dir``/``deepspeed_tag`` plain names inside
         ``train.output_dir``, every shard file pickling only DeepSpeed's allow-listed classes; DeepSpeed's own
-        loads of the shards then run with ``weights_only=True`` too (``load_deepspeed_shard``)."""
+        loads of the shards then run with ``weights_only=True`` too (``load_deepspeed_shard``). At ZeRO >= 1 the
+        optimizer state is partitioned per worker, so a checkpoint of another worker count is refused (ZeRO-0's
+        state is whole: it resumes on any number of workers, like the torch and Horovod backends)."""
         state = load_datkit_checkpoint(path, RESUME_KEY, training=True)
         check_backend(state, self.name, path)
         check_model_fits(state["model"], self.unwrap(model), RESUME_KEY, path)
+        saved_world = state.get("world_size")
+        if self.zero_stage >= 1 and isinstance(saved_world, int) and saved_world != self.world_size:
+            raise CheckpointError(RESUME_KEY, path, f"written by {saved_world} workers at ZeRO-{self.zero_stage}, "
+                                  f"whose optimizer state is sharded per worker: resume it with {saved_world} workers "
+                                  f"(this run has {self.world_size}), or start a new train.output_dir",
+                                  shown=f"true ({path})")
         ds_dir, tag = deepspeed_folder(state, path)
         check_deepspeed_shards(ds_dir, tag, path)
         ckpt_engine = self.engine.checkpoint_engine

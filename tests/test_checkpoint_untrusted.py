@@ -131,6 +131,7 @@ def ds_files(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     variant("dir_parent", lambda s, _: s.update(deepspeed_dir="../outside"))
     variant("dir_absolute", lambda s, _: s.update(deepspeed_dir=str(outside)))
     variant("ds_other_model", lambda s, _: s.update(model=torch.load(files["other_model"], weights_only=True)["model"]))
+    variant("other_world", lambda s, _: s.update(world_size=3))
     variant("payload_shard", payload_shard)
     variant("truncated_shard", truncated_shard)
     return out
@@ -159,7 +160,7 @@ def _teacher(path: Path) -> None:
 def _resume_from(path: Path, backend: str) -> Path:
     """The output folder's checkpoint a resumed run reads: a copy of ``path`` in a folder of its own, or ``path``
     itself for the DeepSpeed variants (their shard folder next to it is part of the case)."""
-    if path.parent.name.startswith(("dir_", "payload_shard", "truncated_shard")):
+    if path.parent.name.startswith(("dir_", "other_world", "payload_shard", "truncated_shard")):
         return path
     out = path.parent / f"resume_{backend}_{path.stem}"
     out.mkdir()
@@ -194,15 +195,17 @@ CAUSE = {  # case -> what the one line must say
     "ds": "a checkpoint of another backend: written by the deepspeed backend, this run uses backend=torch",
     "dir_parent": "refused: its deepspeed_dir '../outside' is not a plain folder name inside train.output_dir",
     "dir_absolute": "refused: its deepspeed_dir '/",
+    "other_world": "written by 3 workers at ZeRO-1, whose optimizer state is sharded per worker: resume it with 3 "
+                   "workers (this run has 1)",
     "payload_shard": "refused: the DeepSpeed shard holds pickled Python objects (io.open) outside datkit's allow-list",
     "truncated_shard": "cannot be loaded: the file is truncated or damaged",
 }
-DS_CASES = ("ds", "ds_other_model", "dir_parent", "dir_absolute", "payload_shard", "truncated_shard")
+DS_CASES = ("ds", "ds_other_model", "dir_parent", "dir_absolute", "other_world", "payload_shard", "truncated_shard")
 FILE_CASES = ["payload", "truncated", "foreign", "text", "other_model"]
 TABLE = ([(case, entry) for entry in ENTRY if entry != "resume-deepspeed" for case in FILE_CASES]
          + [("ds", "resume-torch")]
          + [(case, "resume-deepspeed") for case in ("payload", "ds_other_model", "torch", "dir_parent", "dir_absolute",
-                                                    "payload_shard", "truncated_shard")])
+                                                    "other_world", "payload_shard", "truncated_shard")])
 
 
 @pytest.mark.parametrize("case,entry", TABLE, ids=[f"{c}-{e}" for c, e in TABLE])

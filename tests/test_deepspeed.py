@@ -5,7 +5,8 @@
 - each worker's own socket writes during training match its ``bytes_per_iter`` within 10%, at every ZeRO
   stage and for the torch backend's DDP allreduce (``tests/helpers/wire.py``; the same launches);
 - a run resumed from a ZeRO-2 checkpoint (its first epoch, run in that launch) ends with the uninterrupted
-  ZeRO-2 run's weights;
+  ZeRO-2 run's weights; a ZeRO-0 checkpoint of 2 workers resumed by 1 worker ends with the 2-worker run's weights
+  (ZeRO >= 1 refuses another worker count: ``test_checkpoint_untrusted.py``);
 - compression works at stage 0 and is refused at stage >= 1 with a message that says why;
 - without DeepSpeed installed, asking for it says how to install it.
 """
@@ -64,12 +65,13 @@ def torch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Every DeepSpeed training run of this module but the resumed one, in ONE 2-worker launch (``wire_train.py``:
-    one start-up of DeepSpeed for all): ZeRO-0/1/2/3 (``zero<stage>``), the first epoch of ZeRO-2 alone
-    (``zero2_part``, resumed by the resume test) and onebit at stage 0 with a semi-supervised teacher (``onebit``).
+    one start-up of DeepSpeed for all): ZeRO-0/1/2/3 (``zero<stage>``), the first epochs of ZeRO-2 and ZeRO-0 alone
+    (``zero2_part``, ``zero0_part``, resumed by the resume tests) and onebit at stage 0 with a semi-supervised teacher (``onebit``).
     Returns (folder with one output folder per run and the wire records, stdout)."""
     tmp = tmp_path_factory.mktemp("zero")
     runs = {f"zero{stage}": [*_tiny(), *ZERO, f"deepspeed.zero_stage={stage}"] for stage in (0, 1, 2)}
     runs["zero2_part"] = [*_tiny(), *ZERO, "deepspeed.zero_stage=2", "train.epochs=1"]
+    runs["zero0_part"] = [*_tiny(), *ZERO, "deepspeed.zero_stage=0", "train.epochs=1"]
     # semi-supervised: the teacher trains through the same Trainer, on DeepSpeed with onebit compression too
     runs["onebit"] = [*_tiny(), "model.kwargs.hidden=32", *STEPS, "deepspeed.zero_stage=0", "compression.name=onebit",
                       "data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2"]
@@ -128,6 +130,20 @@ def test_resume_from_a_zero2_checkpoint_is_exact(zero_runs, tmp_path: Path) -> N
     assert "resumed from" in proc.stdout, describe(proc)
     assert_same_weights(load_checkpoint(full)["model"], load_checkpoint(part)["model"], atol=0.0)
     assert sorted(p.name for p in (part / "checkpoint_last.pt.deepspeed").iterdir() if p.is_dir()) == ["epoch2"]
+
+
+def test_a_zero0_checkpoint_of_2_workers_resumes_on_1_worker(zero_runs, tmp_path: Path) -> None:
+    """ZeRO-0 keeps the whole optimizer state in one file and every per-sample draw is keyed by the sample's global
+    position (``datkit/randomness.py``): 1 worker continues the 2-worker run (default random start on)."""
+    full = zero_runs[0] / "zero0"
+    part = tmp_path / "part"
+    shutil.copytree(zero_runs[0] / "zero0_part", part)
+    assert load_checkpoint(part)["world_size"] == 2
+    proc = run_python(["-m", "datkit.train", "backend=deepspeed", *_tiny(), *ZERO, "deepspeed.zero_stage=0",
+                       "train.resume=true", f"train.output_dir={part}"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    assert "world_size=1" in proc.stdout and "resumed from" in proc.stdout, describe(proc)
+    assert_same_weights(load_checkpoint(full)["model"], load_checkpoint(part)["model"], atol=1e-5)
 
 
 def test_onebit_compression_at_stage_0_teacher_included(zero_runs) -> None:
