@@ -233,11 +233,11 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = model.to(backend.device)
         data = build_data(cfg.data)
         idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
-        torch.manual_seed(cfg.train.seed + backend.rank)
+        torch.manual_seed(cfg.train.seed + backend.rank)  # what is not keyed: AutoAttack's own draws (torchattacks)
         sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
         timed = {c: (None if atk is None else _Timed(atk, sync)) for c, (atk, _) in attacks.items()}
         start = time.perf_counter()
-        acc = evaluate_accuracy(backend, model, data.test, idx, cfg.eval.batch_size, timed)
+        acc = evaluate_accuracy(backend, model, data.test, idx, cfg.eval.batch_size, timed, seed=cfg.train.seed)
         secs = torch.tensor([time.perf_counter() - start] + [t.seconds for t in timed.values() if t is not None],
                             dtype=torch.float64)
         secs = backend.all_reduce(secs.to(backend.device), op="max").cpu().tolist()  # the slowest worker
