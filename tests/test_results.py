@@ -13,7 +13,8 @@ from datkit.backends.comm_timer import CommTimer
 from datkit.backends.select import detect_backend
 from datkit.engine.results import markdown_table
 
-HEADER = "| epoch | loss | TA | RA | C (s) | T (s) | bytes/iter |"
+HEADER = "| epoch | loss | TA | RA | RA (train probe) | C (s) | T (s) | bytes/iter |"
+PLAIN_HEADER = "| epoch | loss | TA | RA | C (s) | T (s) | bytes/iter |"
 EPOCHS = 2
 
 
@@ -22,7 +23,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A tiny 2-epoch run with TensorBoard and plots on; returns (output_dir, returned final record)."""
     out = tmp_path_factory.mktemp("results_run")
     final = train_inprocess([f"train.epochs={EPOCHS}", "train.max_steps=2", "log.tensorboard=true", "log.plot=true",
-                             f"train.output_dir={out}"])
+                             "eval.aa_samples=20", f"train.output_dir={out}"])
     return out, final
 
 
@@ -68,6 +69,10 @@ def test_results_json(run: tuple[Path, dict]) -> None:
     assert {"TA", "RA", "n"} <= set(f)
     assert 0.0 <= f["TA"] <= 1.0 and 0.0 <= f["RA"] <= 1.0 and f["n"] == 50
     assert f["world_size"] == 1 and f["backend"] == "torch" and f["epochs"] == EPOCHS
+    # AA: 20 test examples; only the PGD-robust ones were attacked, and AA cannot exceed RA on them
+    assert f["n_aa"] == 20 and 0 <= f["n_aa_attacked"] <= 20 and f["AA"] <= f["n_aa_attacked"] / 20 + 1e-9
+    # the catastrophic-overfitting probe ran after every epoch (PGD-10 on 32 training examples)
+    assert all(r["co_RA"] is not None and 0 <= r["co_RA"] <= 1 for r in payload["epochs"])
     assert json.loads(json.dumps(final)) == f, "main() returned something other than results.json's final record"
 
 
@@ -77,9 +82,11 @@ def test_results_md(run: tuple[Path, dict]) -> None:
     assert HEADER in text
     lines = text.splitlines()
     i = lines.index(HEADER)
-    rows = [line for line in lines[i + 2:] if line.startswith("|")]
+    rows = [line for line in lines[i + 2: lines.index("", i)]]
     assert [row.split("|")[1].strip() for row in rows] == [str(e) for e in range(1, EPOCHS + 1)]
     assert f"TA {final['TA']:.4f}" in text and f"RA {final['RA']:.4f}" in text
+    final_header = "| TA | RA | AA | C (s) | T (s) | bytes/iter |"
+    assert final_header in text and f"| {final['TA']:.4f} | {final['RA']:.4f} | {final['AA']:.4f} |" in text
 
 
 def test_metrics_jsonl(run: tuple[Path, dict]) -> None:
@@ -116,7 +123,7 @@ def test_no_tensorboard_or_plot_when_off(tmp_path: Path) -> None:
 
 def test_markdown_table_dashes_for_missing_values() -> None:
     table = markdown_table([{"epoch": 1, "train_loss": 0.5, "TA": None, "RA": float("nan"), "C_s": 0.0, "T_s": 1.0}])
-    assert table.splitlines()[0] == HEADER
+    assert table.splitlines()[0] == PLAIN_HEADER
     assert table.splitlines()[2] == "| 1 | 0.5000 | - | - | 0.00 | 1.00 | - |"
 
 

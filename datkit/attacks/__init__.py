@@ -11,7 +11,7 @@ from typing import Any
 
 from datkit.attacks.autoattack import AutoAttack
 from datkit.attacks.base import ATTACKS, NORMS, Attack
-from datkit.attacks.fgsm import FGSM
+from datkit.attacks.fgsm import FGSM, NoisyFGSM
 from datkit.attacks.pgd import PGD
 
 
@@ -20,4 +20,4 @@ def create_attack(name: str, **kwargs: Any) -> Attack:
     return ATTACKS.get(name)(**kwargs)
 
 
-__all__ = ["ATTACKS", "NORMS", "Attack", "AutoAttack", "FGSM", "PGD", "create_attack"]
+__all__ = ["ATTACKS", "NORMS", "Attack", "AutoAttack", "FGSM", "NoisyFGSM", "PGD", "create_attack"]

@@ -48,19 +48,20 @@ class AttackConfig:
     """The attack used to generate training examples (method pgd / fgsm / trades)."""
 
     eps: float = 0.4  # training perturbation budget in pixel units ([0,1] inputs), e.g. 0.3 MNIST, 8/255 CIFAR (the main job trains at 0.4, evaluates at eval.eps=0.3)
-    alpha: Optional[float] = None  # step size; null = 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM (Wong et al.)
+    alpha: Optional[float] = None  # step size; null = 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM (Wong et al.), eps for N-FGSM
     steps: int = 7  # PGD iterations (ignored by fgsm)
     norm: str = "linf"  # linf | l2
     random_start: bool = True  # start from a uniform random point in the eps-ball
     eps_warmup_epochs: float = 6.0  # ramp eps linearly from 0 to `eps` over this many epochs (0 = no ramp)
     eval_mode: bool = False  # generate training attacks with the model in eval mode (BatchNorm statistics frozen)
+    noise_mult: float = 2.0  # nfgsm only: the noise is U(-k*eps, k*eps) with k = noise_mult (de Jorge et al. 2022)
 
 
 @dataclass
 class MethodConfig:
     """What one training step minimizes."""
 
-    name: str = "pgd"  # clean | pgd | fgsm | trades | smoothing (Gaussian noise, see smoothing.*) | ibp | crown-ibp (certified training, see bounds.*) | your own: MODULE:CALLABLE(cfg) -> datkit.methods.Method
+    name: str = "pgd"  # clean | pgd | fgsm | nfgsm (N-FGSM: noise 2*eps, step eps, no clipping) | trades | smoothing (Gaussian noise, see smoothing.*) | ibp | crown-ibp (certified training, see bounds.*) | your own: MODULE:CALLABLE(cfg) -> datkit.methods.Method
     lam: float = 0.25  # DAT objective lam*loss(clean) + loss(adversarial); 0 = Madry AT
     beta: float = 6.0  # trades only: weight of the KL robustness term
 
@@ -129,6 +130,10 @@ class EvalConfig:
     pgd_alpha: Optional[float] = None  # RA step size; null = 2.5*eps/pgd_steps
     pgd_restarts: int = 1  # random restarts of the RA attack
     robust: bool = True  # evaluate RA (PGD) next to TA; false = TA only (the semi-supervised teacher's runs)
+    aa_samples: int = 500  # final evaluation: AA (standard AutoAttack through torchattacks, at eval.eps) on this many test examples (a seeded subset; only PGD-robust ones are attacked, sharded evenly); 0 = off. Needs pip install "datkit[autoattack]"
+    co_samples: int = 256  # catastrophic-overfitting check after every epoch: PGD-10 accuracy at eval.eps on this many fixed TRAINING examples (not the test set); 0 = off
+    co_drop: float = 0.2  # the check fires when that accuracy falls more than this below its best so far (Wong et al. 2020 early stopping)
+    co_action: str = "stop"  # when the check fires: stop (end training after this epoch; results.json says so) | warn (print, record it, go on)
 
 
 @dataclass

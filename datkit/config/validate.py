@@ -7,6 +7,7 @@ sections, and ``datkit.preflight`` runs every check at once before any worker tr
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from .errors import ConfigError
@@ -73,6 +74,13 @@ def core_errors(cfg) -> list[str]:
     at_least(e, "eval.pgd_steps", v.pgd_steps, 1)
     at_least(e, "eval.pgd_alpha", v.pgd_alpha, 0.0, strict=True)
     at_least(e, "eval.pgd_restarts", v.pgd_restarts, 1)
+    at_least(e, "eval.aa_samples", v.aa_samples, 0)
+    if v.aa_samples > 0 and importlib.util.find_spec("torchattacks") is None:
+        e.append(f"eval.aa_samples={v.aa_samples}: AutoAttack needs torchattacks: pip install \"datkit[autoattack]\" "
+                 "(or set eval.aa_samples=0 to skip AA)")
+    at_least(e, "eval.co_samples", v.co_samples, 0)
+    at_least(e, "eval.co_drop", v.co_drop, 0.0, strict=True)
+    choices(e, "eval.co_action", v.co_action, ("stop", "warn"))
     at_least(e, "dist.timeout_s", cfg.dist.timeout_s, 1)
     at_least(e, "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, 0.0, strict=True)
     _check_faults(cfg, e)

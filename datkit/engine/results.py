@@ -17,7 +17,11 @@ from typing import Any
 COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "loss", "{:.4f}"), ("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"),
            ("C_s", "C (s)", "{:.2f}"), ("T_s", "T (s)", "{:.2f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
 # Columns shown (after RA) only when some record has them: the evaluation columns of certified training.
-OPTIONAL_COLUMNS = [("VA", "VA", "{:.4f}"), ("VE", "verified err", "{:.4f}")]
+OPTIONAL_COLUMNS = [("VA", "VA", "{:.4f}"), ("VE", "verified err", "{:.4f}"),
+                    ("co_RA", "RA (train probe)", "{:.4f}")]  # datkit.engine.overfitting's check
+# The final evaluation in the DAT paper's Table 1 columns (AA, VA: when evaluated).
+FINAL_COLUMNS = [("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"), ("AA", "AA", "{:.4f}"), ("VA", "VA", "{:.4f}"),
+                 ("C_s", "C (s)", "{:.1f}"), ("train_time_s", "T (s)", "{:.1f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -34,6 +38,16 @@ def markdown_table(records: list[dict[str, Any]], final: dict[str, Any] | None =
     for r in records:
         lines.append("| " + " | ".join(_fmt(r.get(k), s) for k, _, s in cols) + " |")
     if final:
+        cols = [c for c in FINAL_COLUMNS if final.get(c[0]) is not None]
+        lines += ["", "Final evaluation:", "", "| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols),
+                  "| " + " | ".join(_fmt(final.get(k), f) for k, _, f in cols) + " |"]
+        if final.get("AA") is not None:
+            lines += ["", f"AA: standard AutoAttack (torchattacks) at eps={final.get('eps')} on n={final.get('n_aa')} test "
+                      f"examples ({final.get('n_aa_attacked')} PGD-robust ones attacked), {final.get('aa_s', 0):.1f} s."]
+        co = final.get("catastrophic_overfitting")
+        if co:
+            lines += ["", f"**Catastrophic overfitting** detected after epoch {co['epoch']}: PGD accuracy on the training "
+                      f"probe fell from {co['best']:.4f} to {co['co_RA']:.4f} (eval.co_action={co['action']})."]
         lines += ["", f"Final evaluation on {final.get('test_set', '?')} (n={final.get('n')}): "
                   f"**TA {final['TA']:.4f}**, "
                   + (f"**RA {final['RA']:.4f}** (PGD-{final.get('pgd_steps')}, eps={final.get('eps')}, "

@@ -28,6 +28,7 @@ from datkit.methods import StepInfo
 from . import fault_injection
 from .evaluate import evaluate_accuracy, ra_attack
 from .nonfinite import NonFiniteGuard
+from .overfitting import OverfittingCheck
 from .results import ResultsWriter
 
 if TYPE_CHECKING:  # only an annotation: run.py builds runs and hands them to this loop
@@ -54,6 +55,9 @@ class Trainer:
         if run.resume_from is not None:
             self.records = self._load(run.resume_from)
         self.writer: ResultsWriter | None = None
+        self.overfitting = OverfittingCheck(self.cfg, self.backend, self.raw, self.data.train, self.records)
+        self.co_fired: dict[str, Any] | None = next(
+            ({"epoch": r["epoch"], "co_RA": r["co_RA"]} for r in self.records if r.get("co_fired")), None)
 
     # --- one epoch ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
@@ -147,6 +151,8 @@ class Trainer:
             print(f"datkit: {be.describe()} | {cfg.method.name} on {cfg.data.name} ({len(self.data.train)} train), "
                   f"model {cfg.model.name}, eval on {self.data.test_name} | output {self.out}", flush=True)
         for epoch in range(self.start_epoch, cfg.train.epochs + 1):
+            if self.co_fired is not None and cfg.eval.co_action == "stop":
+                break  # a resumed run that had stopped for catastrophic overfitting
             loss, seconds, comm = self.train_epoch(epoch)
             record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm, "T_s": seconds,
                                       "bytes_per_iter": self.bytes_per_iter, "nonfinite_skipped": self.nonfinite_skipped,
@@ -157,16 +163,41 @@ class Trainer:
                 ev = self.evaluate(cfg.eval.num_samples)
                 record.update(TA=ev["TA"], RA=ev.get("RA"), n_eval=ev["n"], eval_s=time.perf_counter() - t0)
                 record.update({k: v for k, v in ev.items() if k not in ("TA", "RA", "n")})  # the method's columns (VA, VE)
+            fired = self._check_overfitting(epoch, record)
             self.records.append(record)
             if self.writer is not None:
                 self.writer.add_epoch(record)
                 ta = "-" if record["TA"] is None else f"{record['TA']:.4f}"
                 ra = "-" if record["RA"] is None else f"{record['RA']:.4f}"
                 va = f"  VA {record['VA']:.4f}" if record.get("VA") is not None else ""
-                print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}{va}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
-            if (cfg.train.checkpoint_every and epoch % cfg.train.checkpoint_every == 0) or epoch == cfg.train.epochs:
+                co = f"  RA(train) {record['co_RA']:.4f}" if record.get("co_RA") is not None else ""
+                print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}{va}{co}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
+            stop = fired and cfg.eval.co_action == "stop"
+            if (cfg.train.checkpoint_every and epoch % cfg.train.checkpoint_every == 0) or epoch == cfg.train.epochs or stop:
                 self.save(epoch)
+            if stop:
+                break
         return self.finish()
+
+    def _check_overfitting(self, epoch: int, record: dict[str, Any]) -> bool:
+        """The catastrophic-overfitting check (``datkit.engine.overfitting``) after ``epoch``: records ``co_RA``;
+        True when it fires (the first time: a warning on rank 0 and ``co_fired`` in the record)."""
+        if not self.overfitting.enabled:
+            return False
+        best = self.overfitting.best
+        acc, fired = self.overfitting.check()
+        record["co_RA"] = acc
+        if not fired or self.co_fired is not None:
+            return fired and self.cfg.eval.co_action == "stop"
+        record["co_fired"] = True
+        self.co_fired = {"epoch": epoch, "co_RA": acc, "best": best}
+        if self.backend.is_main:
+            then = "training stops here (eval.co_action=stop)" if self.cfg.eval.co_action == "stop" else "training goes on (eval.co_action=warn)"
+            print(f"datkit: warning: catastrophic overfitting at epoch {epoch}: PGD-10 accuracy on {len(self.overfitting.indices)} "
+                  f"training examples fell from {best:.4f} to {acc:.4f} (eval.co_drop={self.cfg.eval.co_drop}); {then}. "
+                  "Remedies: method.name=nfgsm, a smaller attack.alpha, a longer attack.eps_warmup_epochs, or method.name=pgd",
+                  flush=True)
+        return True
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation (``eval.final_num_samples``) and all results files."""
@@ -182,11 +213,29 @@ class Trainer:
                  "nonfinite_skipped": sum(r.get("nonfinite_skipped", 0) for r in self.records),
                  "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs, **self.recipe_info,
                  **{k: v for k, v in ev.items() if k not in ("TA", "RA", "n")}}
+        if cfg.eval.aa_samples > 0:
+            final.update(self.autoattack(atk))
+        if self.co_fired is not None:
+            final["catastrophic_overfitting"] = {**self.co_fired, "action": cfg.eval.co_action}
         if self.writer is not None:
             table = self.writer.write(final)
             self.writer.close()
             print("\n" + table + f"\n\nresults: {os.path.join(self.out, 'results.md')}", flush=True)
         return final
+
+    def autoattack(self, pgd) -> dict[str, Any]:
+        """AA on ``eval.aa_samples`` test examples (seeded subset), after ``pgd`` (the RA attack) filtered them
+        (``datkit.engine.autoattack_eval``): ``{"AA", "n_aa", "n_aa_attacked", "aa_s"}``."""
+        from datkit.attacks import AutoAttack
+
+        from .autoattack_eval import evaluate_autoattack
+
+        cfg = self.cfg
+        idx = eval_subset(len(self.data.test), cfg.eval.aa_samples, seed=cfg.train.seed)
+        aa = AutoAttack(pgd.eps, cfg.attack.norm, version="standard", n_classes=self.data.spec.num_classes,
+                        seed=cfg.train.seed)
+        return evaluate_autoattack(self.backend, self.raw, self.data.test, idx, cfg.eval.batch_size, pgd, aa,
+                                   seed=cfg.train.seed, progress=cfg.log.progress)
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self, epoch: int) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import FGSM, PGD, Attack
+from ..attacks import FGSM, PGD, Attack, NoisyFGSM
 from .base import METHODS, Method, StepInfo
 
 
@@ -53,3 +53,21 @@ class FGSMTraining(_DATObjective):
         a = self.cfg.attack
         alpha = a.alpha if a.alpha is not None else 1.25 * eps
         return FGSM(eps=eps, alpha=max(alpha, 1e-12), random_start=a.random_start, eval_mode=a.eval_mode)
+
+
+@METHODS.register("nfgsm")
+class NoisyFGSMTraining(_DATObjective):
+    """DAT with N-FGSM (de Jorge et al., NeurIPS 2022): noise ``U(-k*eps, k*eps)`` with ``k = attack.noise_mult``,
+    one signed step of ``attack.alpha`` (null: eps), no projection to the eps-ball (``datkit.attacks.NoisyFGSM``)."""
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        e = [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} supports only linf"]
+        if cfg.attack.noise_mult < 0:
+            e.append(f"attack.noise_mult={cfg.attack.noise_mult!r} must be >= 0")
+        return e
+
+    def make_attack(self, eps: float) -> Attack:
+        a = self.cfg.attack
+        alpha = a.alpha if a.alpha is not None else eps
+        return NoisyFGSM(eps=eps, alpha=max(alpha, 1e-12), noise_mult=a.noise_mult, eval_mode=a.eval_mode)
