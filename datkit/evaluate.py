@@ -168,7 +168,9 @@ def _settings(s: dict[str, Any]) -> str:
         return f"PGD-{s['steps']}, {s['norm']} eps={s['eps']:.4g}, alpha={s['alpha']:.4g}, restarts={s['restarts']}"
     if s["attack"] == "fgsm":
         return f"FGSM, {s['norm']} eps={s['eps']:.4g}, step {s['alpha']:.4g}"
-    return f"AutoAttack ({s['version']}), {s['norm']} eps={s['eps']:.4g}"
+    robust = s.get("pgd_robust_attacked")
+    return f"AutoAttack ({s['version']}), {s['norm']} eps={s['eps']:.4g}" + (
+        f", on the {robust} PGD-robust images" if robust is not None else "")
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -235,14 +237,29 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + backend.rank)  # what is not keyed: AutoAttack's own draws (torchattacks)
         sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
-        timed = {c: (None if atk is None else _Timed(atk, sync)) for c, (atk, _) in attacks.items()}
+        # AA goes its own way (datkit.engine.autoattack_eval): only PGD-robust images reach AutoAttack, dealt out
+        # evenly over the workers; the other columns are computed image by image
+        per_image = {c: a for c, a in attacks.items() if c != "AA"}
+        timed = {c: (None if atk is None else _Timed(atk, sync)) for c, (atk, _) in per_image.items()}
         start = time.perf_counter()
         acc = evaluate_accuracy(backend, model, data.test, idx, cfg.eval.batch_size, timed, seed=cfg.train.seed)
-        secs = torch.tensor([time.perf_counter() - start] + [t.seconds for t in timed.values() if t is not None],
-                            dtype=torch.float64)
+        seconds = [t.seconds for t in timed.values() if t is not None]
+        if "AA" in attacks:
+            from datkit.engine import ra_attack
+            from datkit.engine.autoattack_eval import evaluate_autoattack
+
+            aa = evaluate_autoattack(backend, model, data.test, idx, cfg.eval.batch_size,
+                                     ra_attack(cfg.eval, cfg.attack.eps, cfg.attack.norm), attacks["AA"][0],
+                                     seed=cfg.train.seed, progress=cfg.log.progress)
+            acc["AA"] = aa["AA"]
+            attacks["AA"][1]["pgd_robust_attacked"] = aa["n_aa_attacked"]
+            seconds.append(aa["aa_s"])
+        secs = torch.tensor([time.perf_counter() - start] + seconds, dtype=torch.float64)
         secs = backend.all_reduce(secs.to(backend.device), op="max").cpu().tolist()  # the slowest worker
         timings = iter(secs[1:])
-        settings = {c: {**s, "seconds": None if atk is None else next(timings)} for c, (atk, s) in attacks.items()}
+        order = [c for c in per_image if per_image[c][0] is not None] + (["AA"] if "AA" in attacks else [])
+        timing = dict(zip(order, timings))
+        settings = {c: {**s, "seconds": timing.get(c)} for c, (atk, s) in attacks.items()}
         res: dict[str, Any] = {"checkpoint": os.path.abspath(opts["checkpoint"]), "epoch": state.get("epoch"),
                                "model": cfg.model.name, "data": cfg.data.name, "test_set": data.test_name,
                                "n": acc["n"], **{c: acc[c] for c in attacks}, "attacks": settings, "eval_s": secs[0],

@@ -13,7 +13,7 @@ from datkit.backends.comm_timer import CommTimer
 from datkit.backends.select import detect_backend
 from datkit.engine.results import markdown_table
 
-HEADER = "| epoch | loss | TA | RA | RA (train probe) | C (s) | T (s) | bytes/iter |"
+HEADER = "| epoch | loss | TA | RA | RA (train probe) | own attack (train probe) | C (s) | T (s) | bytes/iter |"
 PLAIN_HEADER = "| epoch | loss | TA | RA | C (s) | T (s) | bytes/iter |"
 EPOCHS = 2
 

@@ -18,7 +18,8 @@ COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "loss", "{:.4f}"), ("TA", "T
            ("C_s", "C (s)", "{:.2f}"), ("T_s", "T (s)", "{:.2f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
 # Columns shown (after RA) only when some record has them: the evaluation columns of certified training.
 OPTIONAL_COLUMNS = [("VA", "VA", "{:.4f}"), ("VE", "verified err", "{:.4f}"),
-                    ("co_RA", "RA (train probe)", "{:.4f}")]  # datkit.engine.overfitting's check
+                    ("co_RA", "RA (train probe)", "{:.4f}"), ("co_own", "own attack (train probe)", "{:.4f}")]
+# (co_RA, co_own: datkit.engine.overfitting's check)
 # The final evaluation in the DAT paper's Table 1 columns (AA, VA: when evaluated).
 FINAL_COLUMNS = [("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"), ("AA", "AA", "{:.4f}"), ("VA", "VA", "{:.4f}"),
                  ("C_s", "C (s)", "{:.1f}"), ("train_time_s", "T (s)", "{:.1f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
@@ -46,8 +47,8 @@ def markdown_table(records: list[dict[str, Any]], final: dict[str, Any] | None =
                       f"examples ({final.get('n_aa_attacked')} PGD-robust ones attacked), {final.get('aa_s', 0):.1f} s."]
         co = final.get("catastrophic_overfitting")
         if co:
-            lines += ["", f"**Catastrophic overfitting** detected after epoch {co['epoch']}: PGD accuracy on the training "
-                      f"probe fell from {co['best']:.4f} to {co['co_RA']:.4f} (eval.co_action={co['action']})."]
+            lines += ["", f"**Catastrophic overfitting** detected after epoch {co['epoch']} on the training probe: {co['why']} "
+                      f"(eval.co_action={co['action']})."]
         lines += ["", f"Final evaluation on {final.get('test_set', '?')} (n={final.get('n')}): "
                   f"**TA {final['TA']:.4f}**, "
                   + (f"**RA {final['RA']:.4f}** (PGD-{final.get('pgd_steps')}, eps={final.get('eps')}, "

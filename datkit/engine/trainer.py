@@ -55,9 +55,9 @@ class Trainer:
         if run.resume_from is not None:
             self.records = self._load(run.resume_from)
         self.writer: ResultsWriter | None = None
-        self.overfitting = OverfittingCheck(self.cfg, self.backend, self.raw, self.data.train, self.records)
-        self.co_fired: dict[str, Any] | None = next(
-            ({"epoch": r["epoch"], "co_RA": r["co_RA"]} for r in self.records if r.get("co_fired")), None)
+        self.overfitting = OverfittingCheck(self.cfg, self.backend, self.raw, self.data.train, self.records, self.method)
+        self.co_fired: dict[str, Any] | None = next(  # a resumed run that had fired keeps it
+            (r["co_fired"] for r in self.records if isinstance(r.get("co_fired"), dict)), None)
 
     # --- one epoch ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
@@ -185,18 +185,17 @@ class Trainer:
         if not self.overfitting.enabled:
             return False
         best = self.overfitting.best
-        acc, fired = self.overfitting.check()
-        record["co_RA"] = acc
-        if not fired or self.co_fired is not None:
-            return fired and self.cfg.eval.co_action == "stop"
-        record["co_fired"] = True
-        self.co_fired = {"epoch": epoch, "co_RA": acc, "best": best}
+        acc, why = self.overfitting.check()
+        record.update(acc)
+        if why is None or self.co_fired is not None:
+            return why is not None
+        self.co_fired = {"epoch": epoch, "co_RA": acc["co_RA"], "co_own": acc.get("co_own"), "best": best, "why": why}
+        record["co_fired"] = self.co_fired
         if self.backend.is_main:
             then = "training stops here (eval.co_action=stop)" if self.cfg.eval.co_action == "stop" else "training goes on (eval.co_action=warn)"
-            print(f"datkit: warning: catastrophic overfitting at epoch {epoch}: PGD-10 accuracy on {len(self.overfitting.indices)} "
-                  f"training examples fell from {best:.4f} to {acc:.4f} (eval.co_drop={self.cfg.eval.co_drop}); {then}. "
-                  "Remedies: method.name=nfgsm, a smaller attack.alpha, a longer attack.eps_warmup_epochs, or method.name=pgd",
-                  flush=True)
+            print(f"datkit: warning: catastrophic overfitting at epoch {epoch} on {len(self.overfitting.indices)} training "
+                  f"examples: {why} (eval.co_drop={self.cfg.eval.co_drop}); {then}. Remedies: method.name=nfgsm, a smaller "
+                  "attack.alpha, a longer attack.eps_warmup_epochs, or method.name=pgd", flush=True)
         return True
 
     def finish(self) -> dict[str, Any]:

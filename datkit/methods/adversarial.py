@@ -22,6 +22,9 @@ class _DATObjective(Method):
     def make_attack(self, eps: float) -> Attack:
         raise NotImplementedError
 
+    def training_attack(self, eps: float) -> Attack:
+        return self.make_attack(eps)
+
     def loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> torch.Tensor:
         x_adv = self.make_attack(info.eps)(raw, x, y)
         loss = F.cross_entropy(model(x_adv), y)

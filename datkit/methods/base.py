@@ -52,6 +52,11 @@ class Method(ABC):
 
         return eps_at(self.cfg.attack.eps, self.cfg.attack.eps_warmup_epochs, progress)
 
+    def training_attack(self, eps: float) -> Any:
+        """The attack this method trains against at budget ``eps`` (a ``datkit.attacks.Attack``), or None (default:
+        the method has none). The catastrophic-overfitting check compares PGD with it (``datkit.engine.overfitting``)."""
+        return None
+
     def prepare_model(self, model: nn.Module) -> None:
         """Called once on the freshly built model, before it is wrapped for training (e.g. a special initialization)."""
 
