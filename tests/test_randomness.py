@@ -90,9 +90,13 @@ def test_attacks_random_start_is_the_same_in_any_split(attack) -> None:
         whole = attack(model, x, y)
     parts = [slice(0, 3), slice(3, 8)]
     split = _split(lambda t: attack(model, t, y[parts[0]] if len(t) == 3 else y[parts[1]]), x, keys, parts)
-    assert torch.equal(split, whole)
+    # the same start per sample; the gradient steps after it are the same up to rounding: a matrix product over a
+    # batch of 3 and one of 8 may use different kernels (bit-equal on Intel AVX-512 here, 1 ulp apart on an AMD
+    # EPYC for the l2 step's normalization), so 1e-6, far below any difference of starts (~eps)
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=0)
     with randomness.keyed(_keys(epoch=2)):
-        assert not torch.equal(attack(model, x, y), whole)  # the start is random (keys matter)
+        other = attack(model, x, y)
+        assert (other - whole).abs().max() > 1e-2  # the start is random (keys matter)
 
 
 def test_trades_start_and_random_shift_are_the_same_in_any_split() -> None:
