@@ -21,7 +21,7 @@ from datkit.models.sync_batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 # A tiny CNN-7 with BatchNorm; eps at its maximum from the first step (no warm-up, no regularizer: plain
 # IBP / CROWN-IBP with beta from the ramp), SGD as in test_distributed (Adam turns rounding noise in
 # near-zero gradients into lr-sized steps), gradient clipping as in the paper.
-RUN = ["backend=torch", "device=cpu", "data.name=digits", "model.name=cnn_7layer_bn", "model.kwargs.width=4",
+RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "data.name=digits", "model.name=cnn_7layer_bn", "model.kwargs.width=4",
        "model.kwargs.linear_size=16", "attack.eps=0.01", "eval.eps=0.01", "bounds.eps_schedule=linear", "bounds.eps_start=0",
        "bounds.reg_lambda=0", "train.epochs=1", "train.max_steps=3", "train.batch_size=32", "train.grad_clip=10",
        "optim.name=sgd", "optim.lr=0.05", "eval.num_samples=50", "eval.final_num_samples=50", "eval.batch_size=50",

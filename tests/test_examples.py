@@ -26,6 +26,7 @@ EXAMPLE = "examples.own_model_and_data"
 ARGS = [f"model.name={EXAMPLE}:make_model", f"data.name={EXAMPLE}:make_data", "device=cpu", "method.name=pgd",
         "attack.steps=2", "train.batch_size=32", "train.epochs=2", "train.max_steps=4", "train.seed=1",
         "eval.num_samples=64", "eval.final_num_samples=128", "eval.batch_size=64", "eval.pgd_steps=2",
+        "eval.aa_samples=64",  # AA sharded over the workers under every launcher, on a few images
         "log.progress=false", "log.tensorboard=false", "log.plot=false"]
 ENV = {"PYTHONPATH": str(REPO / "tests")}  # helpers.bad_plugins; the example is found from the working directory
 
@@ -90,6 +91,7 @@ def test_the_example_trains_under_each_launcher(runs: dict, launcher: str, backe
     final = _final(runs[launcher])
     assert final["backend"] == backend and final["world_size"] == 2
     assert final["n"] == 128 and "test set (297)" in final["test_set"]  # the example's own held-out split
+    assert final["n_aa"] == 64 and 0 <= final["AA"] <= final["n_aa_attacked"] / 64  # AA after the PGD filter
     weights = load_checkpoint(runs[launcher])["model"] if backend != "deepspeed" else None
     if weights is not None:  # the example's own layers, behind datkit's (identity) normalization
         assert weights["net.0.weight"].shape == (16, 1, 3, 3) and weights["net.7.weight"].shape == (10, 64)
