@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from datkit.attacks import Attack
-from datkit.engine.autoattack_eval import _shard_batches, evaluate_autoattack
+from datkit.engine.autoattack_eval import evaluate_autoattack
+from datkit.engine.evaluate import shard_batches
 
 
 class OneWorker(SimpleNamespace):
@@ -77,7 +78,7 @@ def test_only_pgd_robust_images_reach_autoattack_and_aa_counts_its_survivors() -
 @pytest.mark.parametrize("n,world", [(0, 2), (7, 2), (433, 2), (100, 3), (5, 8)])
 def test_survivors_are_dealt_out_evenly(n: int, world: int) -> None:
     items = list(range(1000, 1000 + n))
-    shares = [sum(_shard_batches(items, r, world, 50), []) for r in range(world)]
+    shares = [sum(shard_batches(items, r, world, 50 * world), []) for r in range(world)]
     assert sorted(sum(shares, [])) == items
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
-    assert all(len(b) <= 50 for r in range(world) for b in _shard_batches(items, r, world, 50))
+    assert all(len(b) <= 50 for r in range(world) for b in shard_batches(items, r, world, 50 * world))

@@ -67,7 +67,7 @@ def test_plain_loop_does_the_same_work_as_datkit() -> None:
     a = d["cfg"].attack
     alpha = 2.5 * a.eps / a.steps
     torch.manual_seed(5)
-    adv_datkit = d["method"].make_attack(a.eps)(d["raw"], x, y)
+    adv_datkit = d["method"].training_attack(a.eps)(d["raw"], x, y)
     torch.manual_seed(5)
     adv_plain = step.plain_pgd(plain, x, y, a.eps, alpha, a.steps)
     assert torch.equal(adv_datkit, adv_plain)

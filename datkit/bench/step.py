@@ -123,7 +123,7 @@ def make_batches(args: argparse.Namespace, cfg: Any, count: int = 4) -> list[tup
 def run(args: argparse.Namespace, d: dict[str, Any]) -> dict[str, Any]:
     """Copy datkit's model for the plain side, alternate the iterations, return timings and ratio."""
     cfg, device = d["cfg"], d["backend"].device
-    a = cfg.attack  # the same eps / alpha that datkit's PGDTraining.make_attack uses
+    a = cfg.attack  # the same eps / alpha that datkit's PGDTraining.training_attack uses
     eps, alpha = a.eps, (a.alpha if a.alpha is not None else 2.5 * a.eps / a.steps)
     plain, plain_opt = build_plain(d)
     batches = make_batches(args, cfg)

@@ -27,12 +27,9 @@ from tqdm import tqdm
 
 from datkit import randomness
 from datkit.attacks import Attack
-from datkit.data import iterate_batches, shard_range
+from datkit.data import iterate_batches
 
-
-def _shard_batches(items: list[int], rank: int, world: int, local_bs: int) -> list[list[int]]:
-    mine = [items[i] for i in shard_range(len(items), rank, world)]
-    return [mine[i : i + local_bs] for i in range(0, len(mine), local_bs)]
+from .evaluate import shard_batches
 
 
 def evaluate_autoattack(backend, model: nn.Module, dataset: Dataset, indices: Sequence[int], batch_size: int,
@@ -43,11 +40,10 @@ def evaluate_autoattack(backend, model: nn.Module, dataset: Dataset, indices: Se
     was_training = model.training
     model.eval()
     world, rank = backend.world_size, backend.rank
-    local_bs = max(1, batch_size // world)
     position = {idx: k for k, idx in enumerate(indices)}
     robust = torch.zeros(len(indices), dtype=torch.float64)
     try:
-        batches = _shard_batches(list(indices), rank, world, local_bs)
+        batches = shard_batches(list(indices), rank, world, batch_size)
         for batch, (x, y) in zip(batches, iterate_batches(dataset, batches)):
             x, y = x.to(backend.device), y.to(backend.device)
             with torch.no_grad():
@@ -60,7 +56,7 @@ def evaluate_autoattack(backend, model: nn.Module, dataset: Dataset, indices: Se
                 robust[position[idx]] = float(good)
         robust = backend.all_reduce(robust.to(backend.device), op="sum").cpu()
         survivors = [idx for idx, r in zip(indices, robust.tolist()) if r > 0.5]
-        batches = _shard_batches(survivors, rank, world, local_bs)
+        batches = shard_batches(survivors, rank, world, batch_size)
         correct = torch.zeros(1, dtype=torch.float64)
         bar = tqdm(total=len(survivors), desc="AutoAttack", leave=False, disable=not (progress and backend.is_main),
                    dynamic_ncols=True)

@@ -24,6 +24,14 @@ def ra_attack(eval_cfg, train_eps: float, norm: str = "linf") -> PGD:
                restarts=eval_cfg.pgd_restarts, eval_mode=True)
 
 
+def shard_batches(items: list[int], rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """This rank's share of ``items`` (``shard_range``: shares differ by at most one), cut into batches of
+    ``batch_size // world_size`` (``batch_size`` is global)."""
+    mine = [items[i] for i in shard_range(len(items), rank, world_size)]
+    local_bs = max(1, batch_size // world_size)
+    return [mine[i : i + local_bs] for i in range(0, len(mine), local_bs)]
+
+
 @runtime_checkable
 class Metric(Protocol):
     """An evaluation column that is not an attack (e.g. verified accuracy): ``correct(model, x, y)`` is the
@@ -58,9 +66,7 @@ def evaluate_accuracy(backend, model: nn.Module, dataset: Dataset, indices: Sequ
     """
     was_training = model.training
     model.eval()
-    mine = [indices[i] for i in shard_range(len(indices), backend.rank, backend.world_size)]
-    local_bs = max(1, batch_size // backend.world_size)
-    batches = [mine[i : i + local_bs] for i in range(0, len(mine), local_bs)]
+    batches = shard_batches(list(indices), backend.rank, backend.world_size, batch_size)
     counts = torch.zeros(len(attacks) + 1, dtype=torch.float64)
     try:
         for batch, (x, y) in zip(batches, iterate_batches(dataset, batches)):

@@ -28,7 +28,7 @@ STEPS = 10
 
 
 class OverfittingCheck:
-    """``check(epoch)`` -> ``(accuracy, fired)``; ``best`` is restored from a resumed run's records."""
+    """``check()`` -> ``(accuracies, why it fired or None)``; ``best`` is restored from a resumed run's records."""
 
     def __init__(self, cfg, backend, model, train_set, records: list[dict[str, Any]], method=None) -> None:
         self.cfg, self.backend, self.model, self.data = cfg, backend, model, train_set

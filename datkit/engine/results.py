@@ -16,10 +16,10 @@ from typing import Any
 
 COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "loss", "{:.4f}"), ("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"),
            ("C_s", "C (s)", "{:.2f}"), ("T_s", "T (s)", "{:.2f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
-# Columns shown (after RA) only when some record has them: the evaluation columns of certified training.
+# Columns shown (after RA) only when some record has them: the evaluation columns of certified training and the
+# catastrophic-overfitting check's probe (co_RA, co_own: datkit.engine.overfitting).
 OPTIONAL_COLUMNS = [("VA", "VA", "{:.4f}"), ("VE", "verified err", "{:.4f}"),
                     ("co_RA", "RA (train probe)", "{:.4f}"), ("co_own", "own attack (train probe)", "{:.4f}")]
-# (co_RA, co_own: datkit.engine.overfitting's check)
 # The final evaluation in the DAT paper's Table 1 columns (AA, VA: when evaluated).
 FINAL_COLUMNS = [("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"), ("AA", "AA", "{:.4f}"), ("VA", "VA", "{:.4f}"),
                  ("C_s", "C (s)", "{:.1f}"), ("train_time_s", "T (s)", "{:.1f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]

@@ -19,14 +19,11 @@ from .base import METHODS, Method, StepInfo
 
 
 class _DATObjective(Method):
-    def make_attack(self, eps: float) -> Attack:
+    def training_attack(self, eps: float) -> Attack:
         raise NotImplementedError
 
-    def training_attack(self, eps: float) -> Attack:
-        return self.make_attack(eps)
-
     def loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> torch.Tensor:
-        x_adv = self.make_attack(info.eps)(raw, x, y)
+        x_adv = self.training_attack(info.eps)(raw, x, y)
         loss = F.cross_entropy(model(x_adv), y)
         lam = self.cfg.method.lam
         if lam > 0:
@@ -38,7 +35,7 @@ class _DATObjective(Method):
 class PGDTraining(_DATObjective):
     """DAT / Madry PGD-AT; step size ``attack.alpha`` or ``2.5*eps/steps``."""
 
-    def make_attack(self, eps: float) -> Attack:
+    def training_attack(self, eps: float) -> Attack:
         a = self.cfg.attack
         alpha = a.alpha if a.alpha is not None else 2.5 * eps / a.steps
         return PGD(eps=eps, alpha=max(alpha, 1e-12), steps=a.steps, random_start=a.random_start, norm=a.norm, eval_mode=a.eval_mode)
@@ -52,7 +49,7 @@ class FGSMTraining(_DATObjective):
     def config_errors(cls, cfg) -> list[str]:
         return [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} supports only linf"]
 
-    def make_attack(self, eps: float) -> Attack:
+    def training_attack(self, eps: float) -> Attack:
         a = self.cfg.attack
         alpha = a.alpha if a.alpha is not None else 1.25 * eps
         return FGSM(eps=eps, alpha=max(alpha, 1e-12), random_start=a.random_start, eval_mode=a.eval_mode)
@@ -70,7 +67,7 @@ class NoisyFGSMTraining(_DATObjective):
             e.append(f"attack.noise_mult={cfg.attack.noise_mult!r} must be >= 0")
         return e
 
-    def make_attack(self, eps: float) -> Attack:
+    def training_attack(self, eps: float) -> Attack:
         a = self.cfg.attack
         alpha = a.alpha if a.alpha is not None else eps
         return NoisyFGSM(eps=eps, alpha=max(alpha, 1e-12), noise_mult=a.noise_mult, eval_mode=a.eval_mode)
