@@ -6,7 +6,7 @@
 The run's configuration is rebuilt from the checkpoint (``state["config"]``); any training-config
 override (``data.shared_root=...``, ``device=cpu``) is merged on top. Evaluation options are the
 bare keys of :data:`OPTIONS`. Every rank evaluates its shard of the test subset and the counts are
-summed (``datkit.engine.evaluate_accuracy``); rank 0 prints a Markdown table and writes it as JSON
+summed (``datkit.engine.evaluate.evaluate_per_image``); rank 0 prints a Markdown table and writes it as JSON
 (``output``, default ``evaluation.json`` next to the checkpoint) and Markdown (same name, ``.md``).
 Start-up errors exit with code 2 and one message on stderr.
 """
@@ -195,7 +195,8 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from datkit.backends import BackendUnavailable, create_backend
     from datkit.checkpoint import check_model_fits
     from datkit.data import build_data, dataset_spec, eval_subset
-    from datkit.engine import build_model, evaluate_accuracy
+    from datkit.engine import build_model
+    from datkit.engine.evaluate import evaluate_per_image
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -237,12 +238,12 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed + backend.rank)  # what is not keyed: AutoAttack's own draws (torchattacks)
         sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
-        # AA goes its own way (datkit.engine.autoattack_eval): only PGD-robust images reach AutoAttack, dealt out
-        # evenly over the workers; the other columns are computed image by image
+        # AA goes its own way (datkit.engine.autoattack_eval): only PGD-robust images reach AutoAttack (the RA
+        # column's per-image outcomes, when it was asked for), dealt out evenly over the workers
         per_image = {c: a for c, a in attacks.items() if c != "AA"}
         timed = {c: (None if atk is None else _Timed(atk, sync)) for c, (atk, _) in per_image.items()}
         start = time.perf_counter()
-        acc = evaluate_accuracy(backend, model, data.test, idx, cfg.eval.batch_size, timed, seed=cfg.train.seed)
+        acc, outcomes = evaluate_per_image(backend, model, data.test, idx, cfg.eval.batch_size, timed, seed=cfg.train.seed)
         seconds = [t.seconds for t in timed.values() if t is not None]
         if "AA" in attacks:
             from datkit.engine import ra_attack
@@ -250,7 +251,8 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
             aa = evaluate_autoattack(backend, model, data.test, idx, cfg.eval.batch_size,
                                      ra_attack(cfg.eval, cfg.attack.eps, cfg.attack.norm), attacks["AA"][0],
-                                     seed=cfg.train.seed, progress=cfg.log.progress)
+                                     seed=cfg.train.seed, progress=cfg.log.progress,
+                                     robust=outcomes["TA"] & outcomes["RA"] if "RA" in outcomes else None)
             acc["AA"] = aa["AA"]
             attacks["AA"][1]["pgd_robust_attacked"] = aa["n_aa_attacked"]
             seconds.append(aa["aa_s"])

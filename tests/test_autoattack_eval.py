@@ -82,3 +82,31 @@ def test_survivors_are_dealt_out_evenly(n: int, world: int) -> None:
     assert sorted(sum(shares, [])) == items
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert all(len(b) <= 50 for r in range(world) for b in shard_batches(items, r, world, 50 * world))
+
+
+def test_the_final_evaluations_outcomes_replace_the_pgd_pass() -> None:
+    """Trainer and datkit.evaluate hand AA the final evaluation's per-image outcomes: PGD does not run again, and
+    AA is the same as with its own PGD pass."""
+    from datkit.engine.evaluate import evaluate_per_image
+
+    data, idx = _data(), list(range(40))
+    _, per_image = evaluate_per_image(OneWorker(), ByPixel(), data, idx, 16, {"TA": None, "RA": Flip()})
+    pgd, aa, aa_ref = Flip(), Flip(), Flip()
+    out = evaluate_autoattack(OneWorker(), ByPixel(), data, idx, 16, pgd, aa, robust=per_image["TA"] & per_image["RA"])
+    ref = evaluate_autoattack(OneWorker(), ByPixel(), data, idx, 16, Flip(), aa_ref)
+    assert pgd.seen == [] and len(aa.seen) > 0
+    assert torch.equal(torch.cat(aa.seen), torch.cat(aa_ref.seen))
+    assert {k: out[k] for k in ("AA", "n_aa", "n_aa_attacked")} == {k: ref[k] for k in ("AA", "n_aa", "n_aa_attacked")}
+
+
+def test_per_image_outcomes_give_every_subsets_accuracy() -> None:
+    from datkit.engine.evaluate import evaluate_accuracy, evaluate_per_image, subset_accuracy
+
+    data = _data()
+    idx = list(range(3, 40))
+    full, per_image = evaluate_per_image(OneWorker(), ByPixel(), data, idx, 16, {"TA": None, "RA": Flip()})
+    assert sum(per_image["TA"].tolist()) / len(idx) == pytest.approx(full["TA"])
+    for subset in ([3, 4, 5, 6, 7, 30], list(range(10, 40, 3))):
+        direct = evaluate_accuracy(OneWorker(), ByPixel(), data, subset, 4, {"TA": None, "RA": Flip()})
+        assert subset_accuracy(per_image, idx, subset) == direct
+    assert subset_accuracy(per_image, idx, [0, 5]) is None  # 0 was not evaluated

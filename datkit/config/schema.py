@@ -131,7 +131,7 @@ class EvalConfig:
     pgd_restarts: int = 1  # random restarts of the RA attack
     robust: bool = True  # evaluate RA (PGD) next to TA; false = TA only (the semi-supervised teacher's runs)
     aa_samples: int = 500  # final evaluation: AA (standard AutoAttack through torchattacks, at eval.eps) on this many test examples (a seeded subset; only PGD-robust ones are attacked, sharded evenly); 0 = off. Needs pip install "datkit[autoattack]"
-    co_samples: int = 256  # catastrophic-overfitting check after every epoch: PGD-10 accuracy (and the accuracy under the method's own attack) at eval.eps on this many fixed TRAINING examples (not the test set); 0 = off
+    co_samples: int = 128  # catastrophic-overfitting check after every epoch: PGD-10 accuracy (and the accuracy under the method's own attack) at eval.eps on this many fixed TRAINING examples (not the test set); 0 = off
     co_drop: float = 0.2  # the check fires when that accuracy falls more than this below its best so far (Wong et al. 2020 early stopping) or lies more than this below the accuracy under the method's own training attack
     co_action: str = "stop"  # when the check fires: stop (end training after this epoch; results.json says so) | warn (print, record it, go on)
 

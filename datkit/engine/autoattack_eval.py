@@ -4,7 +4,9 @@ AutoAttack's cost is intrinsic (APGD-CE, APGD-T over 9 target classes, FAB-T and
 image that resists), so datkit makes sure it adds nothing to it:
 
 1. every worker runs clean inference and the RA attack (PGD) on its shard of the ``indices``; an image that
-   is misclassified clean or under PGD counts as broken and goes no further (AutoAttack could only confirm it);
+   is misclassified clean or under PGD counts as broken and goes no further (AutoAttack could only confirm it).
+   When the final evaluation has just attacked these images with the same keyed PGD, its per-image outcomes
+   (``robust``) are taken instead, and this pass is skipped;
 2. the PGD-robust positions are gathered (one ``all_reduce`` of a 0/1 vector) and dealt out again evenly, so
    every worker attacks the same number of images (within one) however the first pass came out;
 3. each worker runs AutoAttack on its share in batches of ``batch_size // world_size`` (one batch of a few
@@ -25,37 +27,28 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from datkit import randomness
 from datkit.attacks import Attack
 from datkit.data import iterate_batches
 
-from .evaluate import shard_batches
+from .evaluate import evaluate_per_image, shard_batches
 
 
 def evaluate_autoattack(backend, model: nn.Module, dataset: Dataset, indices: Sequence[int], batch_size: int,
-                        pgd: Attack, autoattack: Attack, seed: int = 0, progress: bool = False) -> dict[str, float]:
+                        pgd: Attack, autoattack: Attack, seed: int = 0, progress: bool = False,
+                        robust: torch.Tensor | None = None) -> dict[str, float]:
     """``{"AA": accuracy under ``autoattack``, "n_aa": len(indices), "n_aa_attacked": images AutoAttack ran on,
-    "aa_s": seconds}`` on ``dataset[indices]``, identical on every rank (see the module docstring)."""
+    "aa_s": seconds}`` on ``dataset[indices]``, identical on every rank (see the module docstring).
+
+    ``robust``: optional bool per index, True where the image is correct clean and under ``pgd`` (from
+    ``evaluate_per_image`` with the same ``seed``); when given, the PGD pass is not run again."""
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     world, rank = backend.world_size, backend.rank
-    position = {idx: k for k, idx in enumerate(indices)}
-    robust = torch.zeros(len(indices), dtype=torch.float64)
     try:
-        batches = shard_batches(list(indices), rank, world, batch_size)
-        for batch, (x, y) in zip(batches, iterate_batches(dataset, batches)):
-            x, y = x.to(backend.device), y.to(backend.device)
-            with torch.no_grad():
-                clean_ok = model(x).argmax(1) == y
-            with randomness.keyed(randomness.sample_keys(seed, randomness.EVAL_STREAM, batch)):
-                x_pgd = pgd(model, x, y)
-            with torch.no_grad():
-                ok = clean_ok & (model(x_pgd).argmax(1) == y)
-            for idx, good in zip(batch, ok.tolist()):
-                robust[position[idx]] = float(good)
-        robust = backend.all_reduce(robust.to(backend.device), op="sum").cpu()
-        survivors = [idx for idx, r in zip(indices, robust.tolist()) if r > 0.5]
+        if robust is None:
+            robust = _pgd_robust(backend, model, dataset, indices, batch_size, pgd, seed)
+        survivors = [idx for idx, r in zip(indices, robust.tolist()) if r]
         batches = shard_batches(survivors, rank, world, batch_size)
         correct = torch.zeros(1, dtype=torch.float64)
         bar = tqdm(total=len(survivors), desc="AutoAttack", leave=False, disable=not (progress and backend.is_main),
@@ -73,3 +66,10 @@ def evaluate_autoattack(backend, model: nn.Module, dataset: Dataset, indices: Se
     n = max(1, len(indices))
     return {"AA": float(correct[0]) / n, "n_aa": len(indices), "n_aa_attacked": len(survivors),
             "aa_s": time.perf_counter() - start}
+
+
+def _pgd_robust(backend, model: nn.Module, dataset: Dataset, indices: Sequence[int], batch_size: int, pgd: Attack,
+                seed: int) -> torch.Tensor:
+    """Step 1: bool per index, correct clean and under ``pgd`` (keyed by (seed, index)), identical on every rank."""
+    _, per_image = evaluate_per_image(backend, model, dataset, indices, batch_size, {"TA": None, "RA": pgd}, seed)
+    return per_image["TA"] & per_image["RA"]

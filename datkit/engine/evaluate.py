@@ -1,7 +1,7 @@
 """Sharded evaluation: TA (clean accuracy) and RA (accuracy under PGD) of the unwrapped model.
 
-Each worker evaluates its shard ``indices[rank::world_size]`` and the correct counts are summed with
-one ``all_reduce``, so evaluation is split across workers, not repeated on each.
+Each worker evaluates its share of the indices (``shard_batches``) and the correct counts, with which images
+were correct, are summed with one ``all_reduce``, so evaluation is split across workers, not repeated on each.
 """
 from __future__ import annotations
 
@@ -41,17 +41,16 @@ class Metric(Protocol):
     def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int: ...
 
 
-@torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    return int((model(x).argmax(1) == y).sum())
-
-
-def _count(model: nn.Module, x: torch.Tensor, y: torch.Tensor, entry: Attack | Metric | None) -> int:
-    if entry is None:
-        return _correct(model, x, y)
+def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, entry: Attack | Metric | None) -> torch.Tensor | int:
+    """Per-image correctness (bool vector) clean (None) or under an attack; a metric's count (int)."""
     if isinstance(entry, Metric):
         return int(entry.correct(model, x, y))
-    return _correct(model, entry(model, x, y), y)
+    return _correct_mask(model, x if entry is None else entry(model, x, y), y)
+
+
+@torch.no_grad()
+def _correct_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
 
 
 def evaluate_accuracy(backend, model: nn.Module, dataset: Dataset, indices: Sequence[int], batch_size: int,
@@ -64,24 +63,55 @@ def evaluate_accuracy(backend, model: nn.Module, dataset: Dataset, indices: Sequ
 
     Returns ``{name: accuracy}`` plus ``n``, identical on every rank.
     """
+    return evaluate_per_image(backend, model, dataset, indices, batch_size, attacks, seed)[0]
+
+
+def evaluate_per_image(backend, model: nn.Module, dataset: Dataset, indices: Sequence[int], batch_size: int,
+                       attacks: dict[str, Attack | Metric | None], seed: int = 0
+                       ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """:func:`evaluate_accuracy`'s record and, for the clean and attack columns (not metrics), which images were
+    correct: ``{name: bool tensor aligned with indices}``, identical on every rank (one ``all_reduce`` carries the
+    counts and the per-image outcomes). :func:`subset_accuracy` reads a subset's accuracy from them, and the AA
+    pass takes its PGD filter from them instead of attacking the same images again."""
     was_training = model.training
     model.eval()
     batches = shard_batches(list(indices), backend.rank, backend.world_size, batch_size)
+    position = {idx: k for k, idx in enumerate(indices)}
     counts = torch.zeros(len(attacks) + 1, dtype=torch.float64)
+    hits = torch.zeros(len(attacks), len(indices), dtype=torch.float64)
     try:
         for batch, (x, y) in zip(batches, iterate_batches(dataset, batches)):
             x, y = x.to(backend.device), y.to(backend.device)
+            where = torch.tensor([position[i] for i in batch], dtype=torch.long)
             for k, atk in enumerate(attacks.values()):
                 with randomness.keyed(randomness.sample_keys(seed, randomness.EVAL_STREAM, batch)):
-                    counts[k] += _count(model, x, y, atk)
+                    got = _hits(model, x, y, atk)
+                if isinstance(got, int):
+                    counts[k] += got
+                else:
+                    counts[k] += int(got.sum())
+                    hits[k, where] = got.cpu().to(torch.float64)
             counts[-1] += len(y)
     finally:
         model.train(was_training)
-    counts = backend.all_reduce(counts.to(backend.device), op="sum").cpu()
+    flat = backend.all_reduce(torch.cat([counts, hits.flatten()]).to(backend.device), op="sum").cpu()
+    counts, hits = flat[: len(counts)], flat[len(counts):].view(len(attacks), len(indices))
     n = max(1.0, float(counts[-1]))
     out = {name: float(counts[k]) / n for k, name in enumerate(attacks)}
     for name, entry in attacks.items():
         if isinstance(entry, Metric) and getattr(entry, "complement", None):
             out[entry.complement] = 1.0 - out[name]
     out["n"] = int(counts[-1])
-    return out
+    per_image = {name: hits[k] > 0.5 for k, (name, entry) in enumerate(attacks.items()) if not isinstance(entry, Metric)}
+    return out, per_image
+
+
+def subset_accuracy(per_image: dict[str, torch.Tensor], indices: Sequence[int], subset: Sequence[int]
+                    ) -> dict[str, float] | None:
+    """``{name: accuracy, "n"}`` on ``subset`` read from :func:`evaluate_per_image`'s outcomes on ``indices``;
+    None when ``subset`` is not inside ``indices``."""
+    position = {idx: k for k, idx in enumerate(indices)}
+    if not subset or any(i not in position for i in subset):
+        return None
+    where = torch.tensor([position[i] for i in subset], dtype=torch.long)
+    return {**{name: float(hit[where].double().mean()) for name, hit in per_image.items()}, "n": len(subset)}

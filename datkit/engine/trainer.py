@@ -26,7 +26,7 @@ from datkit.data import eval_subset, iterate_batches, random_shift
 from datkit.methods import StepInfo
 
 from . import fault_injection
-from .evaluate import evaluate_accuracy, ra_attack
+from .evaluate import evaluate_per_image, ra_attack, subset_accuracy
 from .nonfinite import NonFiniteGuard
 from .overfitting import OverfittingCheck
 from .results import ResultsWriter
@@ -55,6 +55,8 @@ class Trainer:
         if run.resume_from is not None:
             self.records = self._load(run.resume_from)
         self.writer: ResultsWriter | None = None
+        self.ra = ra_attack(self.cfg.eval, self.cfg.attack.eps, self.cfg.attack.norm)  # the RA column's attack
+        self.final_evaluation: tuple[float, list[int], dict[str, float], dict[str, torch.Tensor]] | None = None  # final()
         self.overfitting = OverfittingCheck(self.cfg, self.backend, self.raw, self.data.train, self.records, self.method)
         self.co_fired: dict[str, Any] | None = next(  # a resumed run that had fired keeps it
             (r["co_fired"] for r in self.records if isinstance(r.get("co_fired"), dict)), None)
@@ -132,13 +134,35 @@ class Trainer:
         self.scheduler.step()
         return step_loss
 
-    def evaluate(self, num_samples: int) -> dict[str, float]:
-        """TA, RA and the method's own columns (e.g. verified accuracy) on a fixed test subset of ``num_samples`` (0 = all)."""
+    def evaluate(self, num_samples: int) -> tuple[list[int], dict[str, float], dict[str, torch.Tensor]]:
+        """(the test indices, TA / RA / the method's own columns (e.g. verified accuracy), which images were correct
+        clean and under the RA attack) on a fixed test subset of ``num_samples`` (0 = all)."""
         idx = eval_subset(len(self.data.test), num_samples, seed=self.cfg.train.seed)
-        atk = ra_attack(self.cfg.eval, self.cfg.attack.eps, self.cfg.attack.norm) if self.cfg.eval.robust else None
-        columns = {"TA": None, **({"RA": atk} if atk is not None else {}), **self.method.eval_metrics()}
-        return evaluate_accuracy(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size, columns,
-                                 seed=self.cfg.train.seed)
+        columns = {"TA": None, **({"RA": self.ra} if self.cfg.eval.robust else {}), **self.method.eval_metrics()}
+        ev, per_image = evaluate_per_image(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size,
+                                           columns, seed=self.cfg.train.seed)
+        return idx, ev, per_image
+
+    def epoch_evaluation(self, epoch: int) -> dict[str, float]:
+        """The per-epoch evaluation (``eval.num_samples``). At the last epoch the final evaluation runs here instead
+        (kept for ``finish``) and the per-epoch subset's columns are read from its per-image outcomes, when the
+        subset lies inside it and the method adds no metric column: the same keyed attacks on the same images,
+        not attacked twice."""
+        cfg = self.cfg
+        if epoch == cfg.train.epochs and not self.method.eval_metrics():
+            _, idx, _, per_image = self.final()
+            ev = subset_accuracy(per_image, idx, eval_subset(len(self.data.test), cfg.eval.num_samples, seed=cfg.train.seed))
+            if ev is not None:
+                return ev
+        return self.evaluate(cfg.eval.num_samples)[1]
+
+    def final(self) -> tuple[float, list[int], dict[str, float], dict[str, torch.Tensor]]:
+        """The final evaluation (``eval.final_num_samples``), run once: (seconds, indices, record, per-image)."""
+        if self.final_evaluation is None:
+            t0 = time.perf_counter()
+            idx, ev, per_image = self.evaluate(self.cfg.eval.final_num_samples)
+            self.final_evaluation = (time.perf_counter() - t0, idx, ev, per_image)
+        return self.final_evaluation
 
     # --- the run -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -160,7 +184,7 @@ class Trainer:
                                       "eps": self.method.train_eps(epoch)}
             if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
                 t0 = time.perf_counter()
-                ev = self.evaluate(cfg.eval.num_samples)
+                ev = self.epoch_evaluation(epoch)
                 record.update(TA=ev["TA"], RA=ev.get("RA"), n_eval=ev["n"], eval_s=time.perf_counter() - t0)
                 record.update({k: v for k, v in ev.items() if k not in ("TA", "RA", "n")})  # the method's columns (VA, VE)
             fired = self._check_overfitting(epoch, record)
@@ -201,11 +225,10 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final evaluation (``eval.final_num_samples``) and all results files."""
         cfg, be = self.cfg, self.backend
-        t0 = time.perf_counter()
-        ev = self.evaluate(cfg.eval.final_num_samples)
-        atk = ra_attack(cfg.eval, cfg.attack.eps, cfg.attack.norm)
+        seconds, idx, ev, per_image = self.final()
+        atk = self.ra
         final = {"TA": ev["TA"], "RA": ev.get("RA"), "n": ev["n"], "test_set": self.data.test_name, "eps": atk.eps,
-                 "pgd_steps": atk.steps, "pgd_restarts": atk.restarts, "eval_s": time.perf_counter() - t0,
+                 "pgd_steps": atk.steps, "pgd_restarts": atk.restarts, "eval_s": seconds,
                  "train_time_s": sum(r["T_s"] for r in self.records), "C_s": sum(r["C_s"] for r in self.records),
                  "bytes_per_iter": (sum(r.get("bytes_per_iter", 0.0) for r in self.records) / len(self.records)
                                     if self.records else 0.0),
@@ -213,7 +236,7 @@ class Trainer:
                  "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs, **self.recipe_info,
                  **{k: v for k, v in ev.items() if k not in ("TA", "RA", "n")}}
         if cfg.eval.aa_samples > 0:
-            final.update(self.autoattack(atk))
+            final.update(self.autoattack(idx, per_image))
         if self.co_fired is not None:
             final["catastrophic_overfitting"] = {**self.co_fired, "action": cfg.eval.co_action}
         if self.writer is not None:
@@ -222,19 +245,23 @@ class Trainer:
             print("\n" + table + f"\n\nresults: {os.path.join(self.out, 'results.md')}", flush=True)
         return final
 
-    def autoattack(self, pgd) -> dict[str, Any]:
-        """AA on ``eval.aa_samples`` test examples (seeded subset), after ``pgd`` (the RA attack) filtered them
-        (``datkit.engine.autoattack_eval``): ``{"AA", "n_aa", "n_aa_attacked", "aa_s"}``."""
+    def autoattack(self, final_idx: list[int], per_image: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """AA on ``eval.aa_samples`` test examples (seeded subset), after the RA attack filtered them
+        (``datkit.engine.autoattack_eval``; the final evaluation's outcomes when it covered them):
+        ``{"AA", "n_aa", "n_aa_attacked", "aa_s"}``."""
         from datkit.attacks import AutoAttack
 
         from .autoattack_eval import evaluate_autoattack
 
         cfg = self.cfg
         idx = eval_subset(len(self.data.test), cfg.eval.aa_samples, seed=cfg.train.seed)
-        aa = AutoAttack(pgd.eps, cfg.attack.norm, version="standard", n_classes=self.data.spec.num_classes,
+        position, robust = {i: k for k, i in enumerate(final_idx)}, None
+        if "RA" in per_image and all(i in position for i in idx):  # the final evaluation attacked them already
+            robust = (per_image["TA"] & per_image["RA"])[[position[i] for i in idx]]
+        aa = AutoAttack(self.ra.eps, cfg.attack.norm, version="standard", n_classes=self.data.spec.num_classes,
                         seed=cfg.train.seed)
-        return evaluate_autoattack(self.backend, self.raw, self.data.test, idx, cfg.eval.batch_size, pgd, aa,
-                                   seed=cfg.train.seed, progress=cfg.log.progress)
+        return evaluate_autoattack(self.backend, self.raw, self.data.test, idx, cfg.eval.batch_size, self.ra, aa,
+                                   seed=cfg.train.seed, progress=cfg.log.progress, robust=robust)
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
