@@ -52,6 +52,7 @@ class Backend(ABC):
         self.comm_timer = CommTimer()
         self.byte_counter = ByteCounter()
         self.compressor: Compressor | None = None
+        self.comm_optimizer: Any = None  # an optimizer that reduces over workers itself (datkit.optim.communicating)
         self.bucket_cap_mb = 25.0
         self._buckets: GradientBuckets | None = None
         self._watch: Any = None  # peer_watch.PeerWatch while started
@@ -149,6 +150,22 @@ class Backend(ABC):
             print(f"datkit: compression {compressor.describe()} has no effect with 1 worker (nothing is communicated)",
                   flush=True)
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Called by ``setup``: an optimizer with ``communicates = True`` (1-bit Adam / LAMB) gets this backend's
+        metered, timed collectives (``datkit.optim.communicating.Exchange``) and the gradients then stay local in
+        backward and ``step`` (``gradients_stay_local``). Returns whether it communicates."""
+        from datkit.optim.communicating import Exchange, communicates
+
+        if not communicates(optimizer):
+            return False
+        optimizer.attach(Exchange(self.counting_collectives(), self.comm_timer))
+        self.comm_optimizer = optimizer
+        return True
+
+    def gradients_stay_local(self) -> bool:
+        """True when the optimizer does the reducing (``attach_optimizer``): no gradient averaging here."""
+        return self.comm_optimizer is not None and self.world_size > 1
+
     def counting_collectives(self) -> CountingCollectives:
         """This backend's collectives, with every call's bytes added to ``byte_counter``."""
         return CountingCollectives(self, self.byte_counter)
@@ -159,7 +176,7 @@ class Backend(ABC):
         For backends (or ``dist.ddp=false``) that do not synchronise gradients during backward. Timed (C)
         and counted (bytes). Every worker must call it with the same parameters.
         """
-        if self.world_size == 1:
+        if self.world_size == 1 or self.gradients_stay_local():
             return
         if self._buckets is None:
             self._buckets = GradientBuckets(params, self.bucket_cap_mb)
@@ -192,6 +209,21 @@ class Backend(ABC):
                       f"{self.world_size}: error-feedback residuals start from zero", flush=True)
             return
         self.compressor.load_local_state(mine)
+
+    def optimizer_exchange_state(self) -> dict[str, Any] | None:
+        """Collective: every worker's state of a communicating optimizer's exchange (its error-feedback residuals)."""
+        if self.comm_optimizer is None:
+            return None
+        return gather_state(self.comm_optimizer.exchange_state(), self)
+
+    def load_optimizer_exchange_state(self, saved: dict[str, Any] | None) -> None:
+        """Give this worker its part of an ``optimizer_exchange_state`` back (another world size starts from zero)."""
+        mine = pick_state(saved, self.rank, self.world_size, self.device) if self.comm_optimizer is not None else None
+        if mine is not None:
+            self.comm_optimizer.load_exchange_state(mine)
+        elif self.comm_optimizer is not None and saved is not None and self.is_main:
+            print(f"datkit: the checkpoint's optimizer exchange state is for {saved.get('world_size')} workers, this run "
+                  f"has {self.world_size}: the 1-bit error-feedback residuals start from zero", flush=True)
 
     # --- collectives ----------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

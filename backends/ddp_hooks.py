@@ -28,6 +28,13 @@ def timed_allreduce_hook(backend: "Backend") -> Callable:
                               note_gradients=backend.note_gradients).hook
 
 
+def local_gradients_hook(state, bucket):  # noqa: ANN001, ANN201 -- DDP rejects string annotations on a hook
+    """No communication: the bucket keeps this worker's gradients (a communicating optimizer reduces in ``step``)."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
 class CompressedHook(DDPCompressionHook):
     """DDP comm hook reducing each bucket with ``backend.compressor`` on a background thread (register ``.hook``)."""
 

@@ -85,8 +85,8 @@ class DeepSpeedBackend(Backend):
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
         self.engine, _, _, _ = self._ds.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        if self.compressor is not None:
-            self.engine.enable_backward_allreduce = False
+        if self.attach_optimizer(optimizer) or self.compressor is not None:  # datkit reduces, in ``step``
+            self.engine.enable_backward_allreduce = False  # (and meters its own collectives)
         else:
             self.meter.install()
             self.meter.always = self.zero_stage == 3  # parameter gathers in every forward / backward (attacks too)
@@ -110,8 +110,8 @@ class DeepSpeedBackend(Backend):
         finally:
             self.meter.active = False
 
-    def gradients_averaged_in_backward(self) -> bool:
-        return self.world_size > 1 and self.compressor is None  # datkit's compressors reduce in ``step``
+    def gradients_averaged_in_backward(self) -> bool:  # datkit's compressors and communicating optimizers reduce in ``step``
+        return self.world_size > 1 and self.compressor is None and not self.gradients_stay_local()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """DeepSpeed clips inside ``step`` (``gradient_clipping`` = ``train.grad_clip``)."""

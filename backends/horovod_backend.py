@@ -94,6 +94,8 @@ class HorovodBackend(Backend):
         controller = "mpi" if self.hvd.mpi_enabled() else "gloo"
         if self.world_size == 1:
             grads = "none (1 worker)"
+        elif self.comm_optimizer is not None:
+            grads = f"{type(self.comm_optimizer).__name__}'s own exchange over hvd.allreduce/alltoall/allgather"
         elif self._uses_horovod_optimizer():
             grads = f"hvd.DistributedOptimizer(compression={'fp16' if self.compressor is not None else 'none'})"
         else:
@@ -101,11 +103,12 @@ class HorovodBackend(Backend):
         return super().describe() + f" controller={controller} gradients={grads}"
 
     def _uses_horovod_optimizer(self) -> bool:
-        return self.compressor is None or self.compressor.name == "fp16"
+        return (self.compressor is None or self.compressor.name == "fp16") and self.comm_optimizer is None
 
     # --- model and gradients --------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
+        self.attach_optimizer(optimizer)
         if self.world_size == 1:
             return model, optimizer
         hvd = self.hvd

@@ -20,7 +20,7 @@ from torch import nn
 from .base import Backend
 from .elastic_group import init_group_for_attempt
 from .p2p_exchange import p2p_all_gather, p2p_all_to_all, use_p2p_exchange
-from .ddp_hooks import CompressedHook, timed_allreduce_hook
+from .ddp_hooks import CompressedHook, local_gradients_hook, timed_allreduce_hook
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -50,16 +50,18 @@ class TorchBackend(Backend):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
+        local = self.attach_optimizer(optimizer)
         if self.world_size > 1 and self.use_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             params = list(model.parameters())
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.bucket_cap_mb)
-            hook = timed_allreduce_hook(self) if self.compressor is None else CompressedHook(self, params).hook
+            hook = (local_gradients_hook if local else timed_allreduce_hook(self) if self.compressor is None
+                    else CompressedHook(self, params).hook)
             model.register_comm_hook(None, hook)
         return model, optimizer
 
     def gradients_averaged_in_backward(self) -> bool:
-        return self.world_size > 1 and self.use_ddp
+        return self.world_size > 1 and self.use_ddp and not self.gradients_stay_local()
 
     def no_sync(self, model: nn.Module) -> ContextManager[Any]:
         if isinstance(model, nn.parallel.DistributedDataParallel):

@@ -21,6 +21,7 @@ from helpers.collective_checks import read_results
 from helpers.ports import reserve_port
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 from helpers.wire import wire_records
+from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]'; the dev extra has it)")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
@@ -75,8 +76,13 @@ def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     # semi-supervised: the teacher trains through the same Trainer, on DeepSpeed with onebit compression too
     runs["onebit"] = [*_tiny(), "model.kwargs.hidden=32", *STEPS, "deepspeed.zero_stage=0", "compression.name=onebit",
                       "data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2"]
+    # 1-bit Adam (test_onebit_optim.ONEBIT) at stage 0: the torch backend's steps; resumed after its first epoch
+    runs["onebit_adam"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0"]
+    runs["onebit_part"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0", "train.epochs=1"]
+    runs["onebit_resumed"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0", "train.resume=true"]
     runs["zero3"] = [*_tiny(), *ZERO, "deepspeed.zero_stage=3"]  # last: ZeRO-3 leaves hooks in DeepSpeed's globals
-    runs = {name: ["backend=deepspeed", *args, f"train.output_dir={tmp / name}"] for name, args in runs.items()}
+    runs = {name: ["backend=deepspeed", *args, f"train.output_dir={tmp / ('onebit_part' if name == 'onebit_resumed' else name)}"]
+            for name, args in runs.items()}
     proc = _deepspeed([json.dumps(runs)], tmp, timeout=480, script=WIRE, DATKIT_TEST_WIRE_DIR=str(tmp))
     assert proc.returncode == 0, describe(proc)
     return tmp, proc.stdout
@@ -153,6 +159,16 @@ def test_onebit_compression_at_stage_0_teacher_included(zero_runs) -> None:
     teacher = json.loads((out / "teacher" / "results.json").read_text())
     assert teacher["final"]["backend"] == "deepspeed" and len(teacher["epochs"]) == 2 and (out / "teacher.pt").is_file()
     assert all(0 < r["bytes_per_iter"] < 2000 for r in teacher["epochs"]), teacher["epochs"]
+
+
+def test_onebit_adam_at_stage_0_takes_the_torch_backends_steps_and_resumes_exactly(zero_runs, torch_onebit: Path) -> None:
+    """1-bit Adam as DeepSpeed's client optimizer (the engine's allreduce off, the optimizer's exchange over
+    deepspeed.comm): the torch backend's weights (1e-5) and bytes; resumed after epoch 1, the uninterrupted end."""
+    ds, ref = load_checkpoint(zero_runs[0] / "onebit_adam"), load_checkpoint(torch_onebit / "ddp")
+    assert_same_weights(ds["model"], ref["model"], atol=1e-5)
+    for rec, want in zip(ds["records"], ref["records"]):
+        assert rec["bytes_per_iter"] == pytest.approx(want["bytes_per_iter"], rel=1e-9)
+    assert_same_weights(load_checkpoint(zero_runs[0] / "onebit_part")["model"], ds["model"], atol=0.0)
 
 
 def test_collectives(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers.collective_checks import read_results
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
+from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
 # The same assertions as for the torch backend, collected here on this module's ``checks`` fixture.
 from test_compress_dist import (  # noqa: F401
@@ -75,6 +76,10 @@ RUNS: dict[str, list[str]] = {
     # the wire check: an 8192-unit hidden layer (a 2 MB gradient per step) next to Horovod's negotiation, which
     # bytes_per_iter leaves out (7-16 KB per step here, more on a slower machine: one round per 1 ms cycle)
     "wide": ["model.kwargs.hidden=8192"],
+    # 1-bit Adam (test_onebit_optim.ONEBIT): the torch backend's steps; resumed after its first epoch, the same end
+    "onebit_adam": ONEBIT,
+    "onebit_part": [*ONEBIT, "train.epochs=1"],
+    "onebit_resumed": [*ONEBIT, "train.resume=true", "train.output_dir=onebit_part"],
 }
 _RUNNER = """
 import json, os, sys
@@ -88,7 +93,8 @@ for name, args in json.loads(sys.argv[1]).items():
     if os.environ["HOROVOD_RANK"] == "0":
         print(f"=== run {name}", flush=True)
     os.environ["DATKIT_TEST_WIRE_RUN"] = name
-    main(["backend=horovod", *args, f"train.output_dir={name}"])
+    own = [] if any(a.startswith("train.output_dir=") for a in args) else [f"train.output_dir={name}"]
+    main(["backend=horovod", *args, *own])
 hvd.shutdown()
 """
 
@@ -133,6 +139,19 @@ def test_matches_the_torch_backend(name: str, torch_run: dict, hvd_runs: tuple[P
     # every gradient once, in float32, by the ring model: the bytes of DDP's buckets; and C was measured
     assert rec["bytes_per_iter"] == pytest.approx(ref["bytes_per_iter"], rel=1e-9) and rec["bytes_per_iter"] > 0
     assert rec["C_s"] > 0
+
+
+@needs_horovod
+def test_onebit_adam_takes_the_torch_backends_steps_and_resumes_exactly(hvd_runs: tuple[Path, str],
+                                                                        torch_onebit: Path) -> None:
+    """1-bit Adam's own exchange over Horovod's collectives: the torch backend's weights (1e-5) and bytes after the
+    warm-up and the compressed epoch; a run resumed after its first epoch ends where the uninterrupted one does."""
+    assert "gradients=OnebitAdam's own exchange" in _stdout_of(hvd_runs, "onebit_adam")
+    hvd, ref = load_checkpoint(hvd_runs[0] / "onebit_adam"), load_checkpoint(torch_onebit / "ddp")
+    assert_same_weights(hvd["model"], ref["model"], atol=1e-5)
+    for rec, want in zip(hvd["records"], ref["records"]):
+        assert rec["bytes_per_iter"] == pytest.approx(want["bytes_per_iter"], rel=1e-9)
+    assert_same_weights(load_checkpoint(hvd_runs[0] / "onebit_part")["model"], hvd["model"], atol=0.0)
 
 
 @needs_horovod

@@ -70,18 +70,22 @@ class MethodConfig:
 class OptimConfig:
     """Optimizer and the linear scaling rule."""
 
-    name: str = "adam"  # sgd | adam | lalr (DAT's layer-wise adaptive learning rate, see lalr_base, c_l, c_u) | your own: MODULE:CALLABLE(params, lr, optim_cfg) -> torch.optim.Optimizer
+    name: str = "adam"  # sgd | adam | lalr (DAT's layer-wise adaptive learning rate, see lalr_base, c_l, c_u) | onebit_adam | onebit_lamb (1-bit Adam / 1-bit LAMB: frozen variance and compressed momentum after freeze_step) | your own: MODULE:CALLABLE(params, lr, optim_cfg) -> torch.optim.Optimizer
     lr: float = 3e-3  # learning rate at `base_batch_size` (before linear scaling, if enabled)
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0  # L2 weight decay
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, lalr (base adam), onebit_adam, onebit_lamb
     scale_lr: bool = False  # linear scaling rule (Goyal et al. 2017): lr *= global_batch / base_batch_size
     base_batch_size: int = 256  # reference global batch size for `scale_lr`
     lalr_base: str = "adam"  # lalr only: adam | sgd -- the base direction u (Adam moments / momentum, weight decay folded in) normalized per tensor
-    c_l: float = 0.0  # lalr only: lower clip of the trust coefficient tau = min(max(||theta||, c_l), c_u); each tensor moves tau*lr per step
-    c_u: float = 10.0  # lalr only: upper clip of tau (DAT authors' code: [0, 10])
-    lalr_exclude: str = "bias_and_norm"  # lalr only: bias_and_norm (tensors with ndim <= 1 get the plain base update, no trust ratio) | none
+    c_l: float = 0.0  # lalr, onebit_lamb: lower clip of the trust coefficient tau = min(max(||theta||, c_l), c_u); each tensor moves tau*lr per step
+    c_u: float = 10.0  # lalr, onebit_lamb: upper clip of tau (DAT authors' code: [0, 10])
+    lalr_exclude: str = "bias_and_norm"  # lalr, onebit_lamb: bias_and_norm (tensors with ndim <= 1 get the plain base update, no trust ratio) | none
+    freeze_step: float = 0.25  # onebit_adam / onebit_lamb: uncompressed warm-up steps before the variance freezes and the momentum is compressed; a value in (0, 1) is that fraction of the run's optimizer steps
+    onebit_block_size: int = 1024  # onebit_adam / onebit_lamb: elements per float32 scale of the 1-bit momentum codec (multiple of 8)
+    onebit_variance_floor: float = 0.01  # onebit_adam / onebit_lamb: after the freeze, each tensor's variance is floored at this fraction of its mean (a unit that never fired during the warm-up would otherwise step by lr*m/eps); 0 = Tang et al.'s update
+    onebit_error_feedback: bool = True  # onebit_adam / onebit_lamb: error feedback on the worker and the server side (false: plain scaled signs, for comparison)
 
 
 @dataclass

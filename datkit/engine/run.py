@@ -120,6 +120,8 @@ def build_run(cfg, backend, *, model: nn.Module | None = None, train_set: Datase
         raise ConfigError(f"train.batch_size={t.batch_size}: {err}") from None
     steps = len(sampler) if t.max_steps <= 0 else min(len(sampler), t.max_steps)
     scheduler = build_scheduler(cfg.schedule, optimizer, steps, t.epochs)
+    if hasattr(optimizer, "plan"):  # an optimizer whose phases are fractions of the run (1-bit Adam's freeze_step)
+        optimizer.plan(steps * t.epochs)
     return Run(cfg=cfg, backend=backend, data=data, model=wrapped, raw=backend.unwrap(wrapped), optimizer=optimizer,
                scheduler=scheduler, method=method, sampler=sampler, steps_per_epoch=steps, resume_from=resume_from,
                recipe_info=recipe_info)

@@ -268,7 +268,8 @@ class Trainer:
         """Checkpoint after ``epoch``: the backend saves model and optimizer its way, with this run state."""
         run_state = {"epoch": epoch, "scheduler": self.scheduler.state_dict(), "records": self.records,
                      "config": OmegaConf.to_yaml(self.cfg, resolve=True), "world_size": self.backend.world_size,
-                     "compression": self.backend.compression_state()}
+                     "compression": self.backend.compression_state(),
+                     "optimizer_exchange": self.backend.optimizer_exchange_state()}
         self.backend.save_training_state(os.path.join(self.out, CHECKPOINT), self.model, self.optimizer, run_state)
 
     def _load(self, path: str) -> list[dict[str, Any]]:
@@ -283,7 +284,9 @@ class Trainer:
             raise CheckpointError(RESUME_KEY, path, f"its 'scheduler' state has the keys {saved[:8]}, this run's "
                                   f"schedule {own[:8]} (another schedule.name?)", shown=f"true ({path})")
         for what, restore, saved in (("scheduler", self.scheduler.load_state_dict, state["scheduler"]),
-                                     ("compression", self.backend.load_compression_state, state.get("compression"))):
+                                     ("compression", self.backend.load_compression_state, state.get("compression")),
+                                     ("optimizer_exchange", self.backend.load_optimizer_exchange_state,
+                                      state.get("optimizer_exchange"))):
             try:
                 restore(saved)
             except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:

@@ -1,4 +1,4 @@
-"""Optimizers (registry ``OPTIMIZERS``: sgd, adam, lalr) and the linear scaling rule.
+"""Optimizers (registry ``OPTIMIZERS``: sgd, adam, lalr, onebit_adam, onebit_lamb) and the linear scaling rule.
 
 Linear scaling (Goyal et al., "Accurate, Large Minibatch SGD", 2017): with ``optim.scale_lr`` the
 learning rate is ``lr * global_batch / base_batch_size``.
@@ -12,6 +12,7 @@ import torch
 from ..config import ConfigError, at_least, choices, raise_errors
 from ..registry import PluginError, Registry, is_import_path
 from .lalr import BASES, EXCLUDE_CHOICES, LALR
+from .onebit import OnebitAdam
 from .schedules import schedule_errors
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
@@ -44,9 +45,35 @@ def _lalr(params: Iterable, lr: float, cfg) -> torch.optim.Optimizer:
 _lalr.needs_whole_layers = True  # type: ignore[attr-defined]  # its trust ratio is per layer: not on ZeRO >= 1 partitions
 
 
+def _onebit(lamb: bool) -> Callable[..., torch.optim.Optimizer]:
+    def build(params: Iterable, lr: float, cfg) -> torch.optim.Optimizer:
+        return OnebitAdam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                          freeze_step=cfg.freeze_step, block_size=cfg.onebit_block_size,
+                          error_feedback=cfg.onebit_error_feedback, lamb=lamb, c_l=cfg.c_l, c_u=cfg.c_u,
+                          exclude=cfg.lalr_exclude, variance_floor=cfg.onebit_variance_floor)
+
+    build.__doc__ = (f"1-bit {'LAMB (LALR trust ratio)' if lamb else 'Adam'}: frozen variance after optim.freeze_step, "
+                     "compressed momentum (``datkit.optim.onebit``)")
+    build.communicates = True  # type: ignore[attr-defined]  # reduces over workers itself (datkit.optim.communicating)
+    return build
+
+
+OPTIMIZERS.register("onebit_adam")(_onebit(lamb=False))
+OPTIMIZERS.register("onebit_lamb")(_onebit(lamb=True))
+
+
 def optim_config_errors(cfg) -> list[str]:
-    """Errors in ``cfg.optim`` and ``cfg.schedule``."""
-    return optimizer_errors(cfg.optim) + schedule_errors(cfg.schedule)
+    """Errors in ``cfg.optim`` and ``cfg.schedule``; a communicating optimizer with gradient compression."""
+    e = optimizer_errors(cfg.optim) + schedule_errors(cfg.schedule)
+    try:
+        talks = getattr(OPTIMIZERS.get(cfg.optim.name), "communicates", False)
+    except (KeyError, PluginError):
+        talks = False
+    if talks and cfg.compression.name != "none":
+        e.append(f"compression.name={cfg.compression.name!r} with optim.name={cfg.optim.name}: this optimizer compresses "
+                 "its own momentum after optim.freeze_step (optim.onebit_block_size, optim.onebit_error_feedback); "
+                 "use compression.name=none")
+    return e
 
 
 def optimizer_errors(o) -> list[str]:
@@ -67,6 +94,12 @@ def optimizer_errors(o) -> list[str]:
     choices(e, "optim.lalr_base", o.lalr_base, BASES)
     choices(e, "optim.lalr_exclude", o.lalr_exclude, EXCLUDE_CHOICES)
     at_least(e, "optim.c_l", o.c_l, 0.0)
+    f = o.freeze_step
+    if not f > 0 or (f >= 1 and f != int(f)):
+        e.append(f"optim.freeze_step={f!r} must be a whole number of steps >= 1 or a fraction of the run in (0, 1)")
+    at_least(e, "optim.onebit_variance_floor", o.onebit_variance_floor, 0.0)
+    if o.onebit_block_size < 8 or o.onebit_block_size % 8:
+        e.append(f"optim.onebit_block_size={o.onebit_block_size!r} must be a positive multiple of 8")
     if o.c_u < o.c_l:
         e.append(f"optim.c_u={o.c_u!r} must be >= optim.c_l={o.c_l!r} (tau = min(max(||theta||, c_l), c_u))")
     return e
