@@ -8,7 +8,7 @@
 - a 2-host training run per backend, each with its own multi-node launch (torchrun c10d rendezvous,
   horovodrun -H through the ssh shim, deepspeed --no_ssh per node), reports world_size 2;
 - SIGTERM to ``run`` mid-job tears everything down; one ``bench network`` launch (2 hosts, 100 Mbit/s, none,
-  int8-2s, onebit) writes its files and goal lines, with byte ratios and C orderings that hold on any CPU
+  int8-2s, onebit, onebit-adam) writes its files and goal lines, with byte ratios and C orderings that hold on any CPU
   (the goals themselves are the bench's to report, not a test's to assert).
 
 They need root and iproute2 (CI runs as root); elsewhere they are skipped saying so.
@@ -170,16 +170,18 @@ def test_sigterm_mid_run_tears_down(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def bench_network(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
     """ONE ``bench network`` launch on the bench's own job (cnn_small: 3.4 MB of float32 gradient per step), 2 hosts
-    at 100 Mbit/s, none / int8-2s / onebit, checked many ways by the tests below."""
+    at 100 Mbit/s, none / int8-2s / onebit / onebit-adam (1-bit Adam, compressed from the second epoch), checked many
+    ways by the tests below."""
     if REASON is not None:
         pytest.skip(REASON)
     out = tmp_path_factory.mktemp("bench") / "bench"
     proc = run_python(["-m", "datkit.bench", "network", "--hosts", "2", "--rates", "100mbit", "--compressors", "none",
-                       "int8-2s", "onebit", "--steps", "4", "--epochs", "2", "--prefix", _prefix("n"), "--out", str(out)],
+                       "int8-2s", "onebit", "onebit-adam", "--steps", "4", "--epochs", "2", "--prefix", _prefix("n"), "--out", str(out)],
                       cwd=out.parent, timeout=480)
     assert proc.returncode == 0, describe(proc)
     rows = json.loads((out / "bench_network.json").read_text())["rows"]
-    assert [(r["hosts"], r["rate"], r["compressor"]) for r in rows] == [(2, "100mbit", c) for c in ("none", "int8-2s", "onebit")]
+    assert [(r["hosts"], r["rate"], r["compressor"]) for r in rows] == [(2, "100mbit", c) for c in
+                                                                       ("none", "int8-2s", "onebit", "onebit-adam")]
     return out, {r["compressor"]: r for r in rows}
 
 
@@ -192,7 +194,7 @@ def test_bench_network_writes_its_table_plot_and_goals(bench_network: tuple[Path
     table = (out / "bench_network.md").read_text()
     assert "| 2 | 100mbit |" in table and "int8-2s" in table and "onebit" in table
     # the goals are reported, reached or not, next to this machine's plain s/step -- never asserted
-    for comp, goal in (("int8-2s", 0.3), ("onebit", 0.06)):
+    for comp, goal in (("int8-2s", 0.3), ("onebit", 0.06), ("onebit-adam", 0.06)):
         assert f"goal C({comp})/C(none) <= {goal} at 2 hosts x 100mbit: **" in table, table
         assert rows[comp]["goal_reached"] == (rows[comp]["C_ratio"] <= goal)
     assert "s/step" in table and 0.01 < json.loads((out / "bench_network.json").read_text())["setup"]["plain_step_s"] < 30
@@ -207,6 +209,8 @@ def test_bench_network_bytes_and_link(bench_network: tuple[Path, dict[str, dict]
     none, int8, onebit = rows["none"], rows["int8-2s"], rows["onebit"]
     assert 0.2 < int8["bytes_ratio"] < 0.35, int8  # int8 two-sided: ~1/4 of float32 plus the scales
     assert 0.02 < onebit["bytes_ratio"] < 0.05, onebit  # signs: 1/32 of float32, plus one scale per 1,024
+    # 1-bit Adam after its warm-up (the counted epoch): its momentum through the same codec, the same bytes
+    assert rows["onebit-adam"]["bytes_per_iter"] == onebit["bytes_per_iter"], (rows["onebit-adam"], onebit)
     # the probed link: tbf caps it at the rate; the floor is generous (a loaded machine, TCP's slow start)
     assert 50e6 < none["probe_bps"] < 115e6, none
 
@@ -216,11 +220,13 @@ def test_bench_network_bytes_and_link(bench_network: tuple[Path, dict[str, dict]
 @pytest.mark.timeout(500)
 def test_bench_network_c_follows_the_wire_at_100mbit(bench_network: tuple[Path, dict[str, dict]]) -> None:
     """Orderings that hold on any CPU: float32's C is at least its bytes' time on the probed link (the tbf burst is
-    4% of a step's 3.4 MB), and both compressors, sending 1/4 and 1/32 of the bytes, take less C than none."""
+    4% of a step's 3.4 MB), and the compressors and 1-bit Adam, sending 1/4 and 1/32 of the bytes, take less C than
+    none."""
     _, rows = bench_network
     none, int8, onebit = rows["none"], rows["int8-2s"], rows["onebit"]
     assert none["C_s"] >= 0.85 * none["C_wire_s"], none
     assert int8["C_s"] < none["C_s"] and onebit["C_s"] < none["C_s"], (none, int8, onebit)
+    assert rows["onebit-adam"]["C_s"] < none["C_s"], (none, rows["onebit-adam"])
 
 
 def test_launcher_script_help() -> None:

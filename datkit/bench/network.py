@@ -3,7 +3,8 @@
 For each number of hosts (``--hosts 2 4``) and link rate (``--rates 100mbit 1gbit 10gbit``) it creates the
 emulated hosts (:mod:`datkit.netemu`: network namespaces on a switch, ``tc tbf`` on both ends of every
 link), measures the link once with a TCP probe (host 1 -> host 0), then for each compressor
-(``--compressors none fp16 int8 int8-2s onebit``) runs a short ``datkit.train`` job across the hosts with
+(``--compressors none fp16 int8 int8-2s onebit``, and ``onebit-adam``: 1-bit Adam, its momentum compressed from
+the second epoch, the first being its warm-up) runs a short ``datkit.train`` job across the hosts with
 the backend's own multi-node launch (``--backend torch`` by default; 1 worker per host), one run at a
 time, and reads the run's ``results.json``. Per run it reports the median over the epochs after the
 first (the first carries start-up: DDP's bucket rebuild, allocator warm-up) of
@@ -51,18 +52,25 @@ from datkit.netemu.runner import Interrupted, hosts_up, launch_on_hosts
 COMPRESSORS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}), "fp16": ("fp16", {}), "bf16": ("bf16", {}), "int8": ("int8", {}),
     "int8-2s": ("int8", {"two_sided": True}), "onebit": ("onebit", {}),
+    "onebit-adam": ("onebit", {}),  # 1-bit Adam: the optimizer's own exchange, the same codec (OPTIMIZER_VARIANTS)
 }
+# bench names that are an optimizer communicating itself (datkit.optim.communicating), not a gradient compressor: their
+# overrides; the warm-up is the first epoch (optim.freeze_step = --steps), which the bench does not count anyway.
+OPTIMIZER_VARIANTS: dict[str, list[str]] = {"onebit-adam": ["optim.name=onebit_adam"]}
 
 
 # The performance goals (issue 9), on 2 hosts at 100 Mbit/s: C(compressor) / C(none) at most this. They are this
 # bench's business (reported as reached / not reached, next to the machine's plain s/step), never a test's: the
 # compressors' codec is CPU work, so the ratio a machine reaches depends on its speed.
-GOALS: dict[str, float] = {"int8-2s": 0.3, "onebit": 0.06}
+GOALS: dict[str, float] = {"int8-2s": 0.3, "onebit": 0.06, "onebit-adam": 0.06}
 GOAL_HOSTS, GOAL_RATE = 2, "100mbit"
 
 
-def compression_overrides(comp: str) -> list[str]:
-    """The datkit overrides of bench compressor ``comp``, e.g. int8-2s -> compression.name=int8 two_sided=true."""
+def compression_overrides(comp: str, steps: int = 10) -> list[str]:
+    """The datkit overrides of bench compressor ``comp``, e.g. int8-2s -> compression.name=int8 two_sided=true;
+    onebit-adam -> optim.name=onebit_adam optim.freeze_step=<steps> (compressed from the second epoch on)."""
+    if comp in OPTIMIZER_VARIANTS:
+        return [*OPTIMIZER_VARIANTS[comp], f"optim.freeze_step={steps}"]
     name, opts = COMPRESSORS[comp]
     return [f"compression.name={name}", *(f"compression.{k}={str(v).lower()}" for k, v in opts.items())]
 # The short job: cnn_small (0.84M parameters, 3.4 MB of float32 gradients per step) on the embedded MNIST.
@@ -80,7 +88,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="numbers of emulated hosts (default 2 4)")
     p.add_argument("--rates", nargs="+", default=["100mbit", "1gbit", "10gbit"], help="link rates (tc syntax)")
     p.add_argument("--compressors", nargs="+", default=["none", "fp16", "int8", "int8-2s", "onebit"],
-                   help=f"compressors, from: {', '.join(COMPRESSORS)} (default: all but bf16)")
+                   help=f"compressors, from: {', '.join(COMPRESSORS)} (default: none fp16 int8 int8-2s onebit; onebit-adam: 1-bit Adam)")
     p.add_argument("--backend", default="torch", choices=list(LAUNCHES), help="whose multi-node launch (default torch)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per epoch (train.max_steps, default 10)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not counted (default 4)")
@@ -116,7 +124,7 @@ def one_run(topo: Topology, comp: str, args: argparse.Namespace, out: Path) -> d
     name = f"h{topo.hosts}_{topo.rate}_{comp}"
     run_dir, log_path = out / "runs" / name, out / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    overrides = [*JOB, *compression_overrides(comp), f"train.max_steps={args.steps}", f"train.epochs={args.epochs}",
+    overrides = [*JOB, *compression_overrides(comp, args.steps), f"train.max_steps={args.steps}", f"train.epochs={args.epochs}",
                  f"train.output_dir={run_dir}", *args.overrides]
     start = time.monotonic()
     with open(log_path, "w") as log:
