@@ -84,6 +84,7 @@ def test_a_fractional_freeze_step_is_a_share_of_the_run() -> None:
     ("optim.freeze_step=2.5", "optim.freeze_step=2.5 must be a whole number"),
     ("optim.freeze_step=0", "optim.freeze_step=0"),
     ("optim.onebit_block_size=12", "optim.onebit_block_size=12 must be a positive multiple of 8"),
+    ("train.grad_clip=1.0", "train.grad_clip=1.0 with optim.name=onebit_adam"),
 ])
 def test_bad_settings_fail_at_start_up(override: str, needle: str) -> None:
     from datkit.config import ConfigError, load_config

@@ -73,6 +73,10 @@ def optim_config_errors(cfg) -> list[str]:
         e.append(f"compression.name={cfg.compression.name!r} with optim.name={cfg.optim.name}: this optimizer compresses "
                  "its own momentum after optim.freeze_step (optim.onebit_block_size, optim.onebit_error_feedback); "
                  "use compression.name=none")
+    if talks and cfg.train.grad_clip > 0:
+        e.append(f"train.grad_clip={cfg.train.grad_clip} with optim.name={cfg.optim.name}: this optimizer averages the "
+                 "gradients itself, inside its step, so clipping before it would clip each worker's own gradient; "
+                 "use train.grad_clip=0")
     return e
 
 
