@@ -57,6 +57,8 @@ def test_one_step(method: str, optimizer: str) -> None:
         assert any(float(g.abs().max()) > 0 for g in grads.values())
 
         opt = build_optimizer(cfg.optim, model.parameters(), cfg.train.batch_size)
+        if hasattr(opt, "plan"):  # as build_run does: phases given as fractions of the run (1-bit Adam's freeze_step)
+            opt.plan(10)
         before = [p.detach().clone() for p in model.parameters()]
         opt.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "the optimizer step changed nothing"
