@@ -181,3 +181,21 @@ def test_onebit_lamb_trains(torch_onebit: Path) -> None:
     assert ckpt["records"][1]["bytes_per_iter"] == pytest.approx(_onebit_bytes(ckpt["model"]), rel=1e-9)
     adam = load_checkpoint(torch_onebit / "ddp")["model"]
     assert any(not torch.equal(ckpt["model"][k], adam[k]) for k in adam)  # the trust ratio changed the steps
+
+
+def test_a_frozen_variance_stays_frozen_when_a_resumed_run_plans_more_steps() -> None:
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = OnebitAdam([p], freeze_step=0.25)
+    opt.plan(8)  # freezes after step 2
+    for _ in range(3):
+        p.grad = torch.ones(4)
+        opt.step()
+    saved = opt.state_dict()
+    resumed = OnebitAdam([p], freeze_step=0.25)
+    resumed.plan(40)  # the resumed run is longer: 0.25 of it would be step 10
+    resumed.load_state_dict(saved)
+    assert resumed.freeze_at == 2 and resumed.frozen(4)
+    early = OnebitAdam([p], freeze_step=0.25)
+    early.plan(40)
+    early.load_state_dict({**saved, "freeze_at": 5})  # not frozen yet when saved: the new plan decides
+    assert early.freeze_at == 10

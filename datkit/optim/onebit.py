@@ -102,6 +102,19 @@ class OnebitAdam(torch.optim.Optimizer):
     def load_exchange_state(self, state: dict[str, Any]) -> None:
         self.codec.load_local_state(state)
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer``'s, plus the step at which the variance froze (or will freeze)."""
+        return {**super().state_dict(), "freeze_at": self.freeze_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state; a variance that had already frozen stays frozen at the same step (a run resumed with
+        more epochs must not re-plan a fractional ``freeze_step`` past it)."""
+        saved = state_dict.get("freeze_at")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "freeze_at"})
+        steps = [int(st.get("step", 0)) for st in self.state.values()]
+        if saved is not None and steps and max(steps) > int(saved):
+            self.freeze_at = int(saved)
+
     def frozen(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) runs with the frozen variance and the compressed momentum."""
         if self.freeze_at is None:
