@@ -174,25 +174,27 @@ class HorovodBackend(Backend):
         if self.world_size == 1:
             return tensor
         hop = getattr(self.hvd, _OPS["sum" if op == "mean" else op])
-        tensor.copy_(self.hvd.allreduce(tensor.detach().contiguous(), op=hop))
+        tensor.copy_(self.hvd.allreduce(tensor.detach().contiguous(), op=hop, name=_stable_name(f"allreduce.{op}", tensor)))
         return tensor.div_(self.world_size) if op == "mean" else tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor.unsqueeze(0)
-        return self.hvd.allgather(tensor.detach().contiguous().unsqueeze(0))  # concatenated along dim 0
+        return self.hvd.allgather(tensor.detach().contiguous().unsqueeze(0),  # concatenated along dim 0
+                                  name=_stable_name("allgather", tensor))
 
     def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor
         if tensor.shape[0] % self.world_size:
             raise ValueError(f"all_to_all: dim 0 ({tensor.shape[0]}) is not a multiple of the world size {self.world_size}")
-        out = self.hvd.alltoall(tensor.detach().contiguous())  # equal splits of dim 0
+        out = self.hvd.alltoall(tensor.detach().contiguous(), name=_stable_name("alltoall", tensor))  # equal splits
         return out[0] if isinstance(out, tuple) else out
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world_size > 1:
-            tensor.copy_(self.hvd.broadcast(tensor.detach().contiguous(), root_rank=src))
+            tensor.copy_(self.hvd.broadcast(tensor.detach().contiguous(), root_rank=src,
+                                            name=_stable_name(f"broadcast.{src}", tensor)))
         return tensor
 
     def barrier(self) -> None:
@@ -205,3 +207,10 @@ class HorovodBackend(Backend):
             self._alive = False
             self.hvd.shutdown()
 
+
+def _stable_name(op: str, tensor: torch.Tensor) -> str:
+    """The same name for the same collective on the same shape at every step. Horovod names an unnamed op uniquely
+    (``allgather.noname.<n>``), so its response cache never hits and every call pays a full negotiation with the
+    coordinator; a stable name lets the second and later steps agree by the cache's bit vector. The collectives here
+    are synchronous (one in flight per process), so a name is never in use twice at once."""
+    return f"datkit.{op}.{str(tensor.dtype).removeprefix('torch.')}.{'x'.join(map(str, tensor.shape)) or 'scalar'}"
