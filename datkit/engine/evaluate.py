@@ -106,12 +106,22 @@ def evaluate_per_image(backend, model: nn.Module, dataset: Dataset, indices: Seq
     return out, per_image
 
 
-def subset_accuracy(per_image: dict[str, torch.Tensor], indices: Sequence[int], subset: Sequence[int]
-                    ) -> dict[str, float] | None:
-    """``{name: accuracy, "n"}`` on ``subset`` read from :func:`evaluate_per_image`'s outcomes on ``indices``;
-    None when ``subset`` is not inside ``indices``."""
+def subset_outcomes(per_image: dict[str, torch.Tensor], indices: Sequence[int], subset: Sequence[int]
+                    ) -> dict[str, torch.Tensor] | None:
+    """:func:`evaluate_per_image`'s outcomes on ``indices`` restricted to ``subset`` (in its order); None when
+    ``subset`` is not inside ``indices``."""
     position = {idx: k for k, idx in enumerate(indices)}
     if not subset or any(i not in position for i in subset):
         return None
     where = torch.tensor([position[i] for i in subset], dtype=torch.long)
-    return {**{name: float(hit[where].double().mean()) for name, hit in per_image.items()}, "n": len(subset)}
+    return {name: hit[where] for name, hit in per_image.items()}
+
+
+def subset_accuracy(per_image: dict[str, torch.Tensor], indices: Sequence[int], subset: Sequence[int]
+                    ) -> dict[str, float] | None:
+    """``{name: accuracy, "n"}`` on ``subset`` read from :func:`evaluate_per_image`'s outcomes on ``indices``;
+    None when ``subset`` is not inside ``indices``."""
+    hits = subset_outcomes(per_image, indices, subset)
+    if hits is None:
+        return None
+    return {**{name: float(hit.double().mean()) for name, hit in hits.items()}, "n": len(subset)}

@@ -26,7 +26,7 @@ from datkit.data import eval_subset, iterate_batches, random_shift
 from datkit.methods import StepInfo
 
 from . import fault_injection
-from .evaluate import evaluate_per_image, ra_attack, subset_accuracy
+from .evaluate import evaluate_per_image, ra_attack, subset_accuracy, subset_outcomes
 from .nonfinite import NonFiniteGuard
 from .overfitting import OverfittingCheck
 from .results import ResultsWriter
@@ -255,9 +255,8 @@ class Trainer:
 
         cfg = self.cfg
         idx = eval_subset(len(self.data.test), cfg.eval.aa_samples, seed=cfg.train.seed)
-        position, robust = {i: k for k, i in enumerate(final_idx)}, None
-        if "RA" in per_image and all(i in position for i in idx):  # the final evaluation attacked them already
-            robust = (per_image["TA"] & per_image["RA"])[[position[i] for i in idx]]
+        known = subset_outcomes(per_image, final_idx, idx)  # the final evaluation attacked them already
+        robust = known["TA"] & known["RA"] if known is not None and "RA" in known else None
         aa = AutoAttack(self.ra.eps, cfg.attack.norm, version="standard", n_classes=self.data.spec.num_classes,
                         seed=cfg.train.seed)
         return evaluate_autoattack(self.backend, self.raw, self.data.test, idx, cfg.eval.batch_size, self.ra, aa,

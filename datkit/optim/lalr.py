@@ -53,6 +53,18 @@ def trust_coefficient(weight_norm: torch.Tensor, c_l: float, c_u: float) -> torc
     return weight_norm.clamp(min=c_l, max=c_u)
 
 
+def trust_ratio_step(p: torch.Tensor, u: torch.Tensor, lr: float, c_l: float, c_u: float, excluded: bool) -> None:
+    """LALR's per-tensor step on ``p`` along ``u`` (overwritten): ``theta -= tau(||theta||) * lr * u / ||u||``, nothing
+    when ``||u|| = 0``; an ``excluded`` tensor takes the plain ``theta -= lr * u``."""
+    if excluded:
+        p.add_(u, alpha=-lr)
+        return
+    u_norm = torch.linalg.vector_norm(u)
+    tau = trust_coefficient(torch.linalg.vector_norm(p), c_l, c_u)
+    scale = torch.where(u_norm > 0, tau * lr / u_norm.clamp(min=torch.finfo(u.dtype).tiny), torch.zeros_like(u_norm))
+    p.sub_(u.mul_(scale))
+
+
 class LALR(torch.optim.Optimizer):
     """Layer-wise adaptive learning rate over an Adam or SGD-momentum direction (see the module docstring).
 
@@ -148,13 +160,5 @@ class LALR(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                u = self._direction(p, group)
-                if excluded(p):
-                    p.add_(u, alpha=-group["lr"])
-                    continue
-                u_norm = torch.linalg.vector_norm(u)
-                tau = trust_coefficient(torch.linalg.vector_norm(p), group["c_l"], group["c_u"])
-                scale = torch.where(u_norm > 0, tau * group["lr"] / u_norm.clamp(min=torch.finfo(u.dtype).tiny),
-                                    torch.zeros_like(u_norm))
-                p.sub_(u.mul_(scale))
+                trust_ratio_step(p, self._direction(p, group), group["lr"], group["c_l"], group["c_u"], excluded(p))
         return loss

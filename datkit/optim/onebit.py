@@ -44,7 +44,7 @@ import torch
 from datkit.compress import OneBit
 
 from .communicating import Exchange
-from .lalr import ExcludeSpec, _exclude_fn, trust_coefficient
+from .lalr import ExcludeSpec, _exclude_fn, trust_ratio_step
 
 
 class OnebitAdam(torch.optim.Optimizer):
@@ -146,17 +146,19 @@ class OnebitAdam(torch.optim.Optimizer):
                 self._warmup_step(params, group, t)
         return loss
 
-    def _mean(self, tensors: list[torch.Tensor]) -> None:
-        """Average ``tensors`` over the workers in place (one flat float32 allreduce)."""
-        if self.exchange is None or self.exchange.world_size == 1:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        self.exchange.mean(flat)
-        torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+    def _reduce_flat(self, tensors: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` concatenated into one flat vector, ``reduce``d over the workers, cut back into their shapes
+        (views of the result)."""
+        flat = reduce(torch.cat([t.reshape(-1) for t in tensors]))
+        return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def _many_workers(self) -> bool:
+        return self.exchange is not None and self.exchange.world_size > 1
 
     def _warmup_step(self, params: list[torch.Tensor], group: dict[str, Any], t: int) -> None:
         grads = [p.grad for p in params]
-        self._mean(grads)
+        if self._many_workers():  # one float32 allreduce of every gradient
+            torch._foreach_copy_(grads, self._reduce_flat(grads, self.exchange.mean))
         b1, b2 = group["betas"]
         for p, g in zip(params, grads):
             state = self.state[p]
@@ -183,9 +185,8 @@ class OnebitAdam(torch.optim.Optimizer):
             g = p.grad.add(p, alpha=wd) if wd and not self.lamb else p.grad
             m.lerp_(g, 1 - b1)  # this worker's momentum
         dirs = [m / d for m, d in zip(moms, denoms)]  # in the frozen preconditioner's coordinates
-        if self.exchange is not None and self.exchange.world_size > 1:
-            flat = self.exchange.compressed_mean(self.codec, torch.cat([u.reshape(-1) for u in dirs]), key)
-            dirs = [c.view_as(m) for c, m in zip(flat.split([m.numel() for m in moms]), moms)]
+        if self._many_workers():
+            dirs = self._reduce_flat(dirs, lambda flat: self.exchange.compressed_mean(self.codec, flat, key))
             torch._foreach_copy_(moms, torch._foreach_mul(dirs, denoms))  # the momentum every worker now shares
         for p, u in zip(params, dirs):
             if self.lamb:
@@ -204,14 +205,7 @@ class OnebitAdam(torch.optim.Optimizer):
 
     @staticmethod
     def _lamb_update(p: torch.Tensor, u: torch.Tensor, group: dict[str, Any]) -> None:
-        """LALR's per-tensor step: ``theta -= tau(||theta||) * lr * u / ||u||`` (excluded tensors: ``lr * u``)."""
+        """LALR's per-tensor step along ``u + wd * theta`` (``datkit.optim.lalr.trust_ratio_step``)."""
         if group["weight_decay"]:
             u.add_(p, alpha=group["weight_decay"])
-        if _exclude_fn(group["exclude"])(p):
-            p.add_(u, alpha=-group["lr"])
-            return
-        u_norm = torch.linalg.vector_norm(u)
-        tau = trust_coefficient(torch.linalg.vector_norm(p), group["c_l"], group["c_u"])
-        scale = torch.where(u_norm > 0, tau * group["lr"] / u_norm.clamp(min=torch.finfo(u.dtype).tiny),
-                            torch.zeros_like(u_norm))
-        p.sub_(u.mul_(scale))
+        trust_ratio_step(p, u, group["lr"], group["c_l"], group["c_u"], _exclude_fn(group["exclude"])(p))
