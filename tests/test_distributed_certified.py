@@ -1,5 +1,5 @@
 """Certified training on 2 CPU workers (torchrun, gloo): a 2-worker run equals the 1-worker run with the same
-global batch, for IBP and CROWN-IBP, on a BatchNorm model.
+global batch, for IBP, CROWN-IBP, MTL-IBP and SABR, on a BatchNorm model.
 
 With ``model.sync_bn=true`` every BatchNorm becomes a GlobalBatchNorm (torch's SyncBatchNorm is GPU-only):
 the clean pass and the bounds normalize with the statistics of the global batch, so the gradients and the
@@ -27,7 +27,10 @@ RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "data.name=digits", "
        "optim.name=sgd", "optim.lr=0.05", "eval.num_samples=50", "eval.final_num_samples=50", "eval.batch_size=50",
        "eval.pgd_steps=2", "log.progress=false", "log.tensorboard=false", "log.plot=false"]
 METHODS = {"ibp": ["method.name=ibp", "bounds.eps_length=0"],  # eps_max from the start
-           "crown-ibp": ["method.name=crown-ibp", "bounds.eps_length=2"]}  # mid-ramp: beta > 0 (CROWN-IBP bounds used)
+           "crown-ibp": ["method.name=crown-ibp", "bounds.eps_length=2"],  # mid-ramp: beta > 0 (CROWN-IBP bounds used)
+           # a PGD point in the loss: the attack's forward passes normalize with the global batch too
+           "mtl-ibp": ["method.name=mtl-ibp", "bounds.alpha=0.5", "bounds.eps_length=0", "attack.steps=2"],
+           "sabr": ["method.name=sabr", "bounds.lambda_box=0.5", "bounds.eps_length=0", "attack.steps=2"]}
 
 
 def _train(nproc: int, args: list[str], out: Path) -> dict:
