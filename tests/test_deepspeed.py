@@ -21,6 +21,7 @@ from helpers.collective_checks import read_results
 from helpers.ports import reserve_port
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 from helpers.wire import wire_records
+from test_certified_attacked import CROSS_BACKEND
 from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]'; the dev extra has it)")
@@ -80,6 +81,7 @@ def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     runs["onebit_adam"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0"]
     runs["onebit_part"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0", "train.epochs=1"]
     runs["onebit_resumed"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0", "train.resume=true"]
+    runs.update({name: [*_tiny(), *args, "deepspeed.zero_stage=0"] for name, args in CROSS_BACKEND.items()})  # MTL-IBP, SABR
     runs["zero3"] = [*_tiny(), *ZERO, "deepspeed.zero_stage=3"]  # last: ZeRO-3 leaves hooks in DeepSpeed's globals
     runs = {name: ["backend=deepspeed", *args, f"train.output_dir={tmp / ('onebit_part' if name == 'onebit_resumed' else name)}"]
             for name, args in runs.items()}
@@ -169,6 +171,15 @@ def test_onebit_adam_at_stage_0_takes_the_torch_backends_steps_and_resumes_exact
     for rec, want in zip(ds["records"], ref["records"]):
         assert rec["bytes_per_iter"] == pytest.approx(want["bytes_per_iter"], rel=1e-9)
     assert_same_weights(load_checkpoint(zero_runs[0] / "onebit_part")["model"], ds["model"], atol=0.0)
+
+
+@pytest.mark.parametrize("name", list(CROSS_BACKEND))
+def test_certified_training_with_a_pgd_point_matches_the_torch_backend(name: str, zero_runs, torch_onebit: Path) -> None:
+    """MTL-IBP and SABR at ZeRO-0: the torch backend's weights (the bound rules read the modules' weights)."""
+    ds, ref = load_checkpoint(zero_runs[0] / name), load_checkpoint(torch_onebit / name)
+    assert ds["world_size"] == 2 and ref["world_size"] == 2
+    assert_same_weights(ds["model"], ref["model"], atol=1e-5)
+    assert ds["records"][0]["VA"] == ref["records"][0]["VA"]
 
 
 def test_collectives(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Certified training on 2 CPU workers (torchrun, gloo): a 2-worker run equals the 1-worker run with the same
-global batch, for IBP, CROWN-IBP, MTL-IBP and SABR, on a BatchNorm model.
+global batch, for IBP, CROWN-IBP, MTL-IBP and SABR, on a BatchNorm model (CC-IBP differs from MTL-IBP only in how it combines the two losses).
 
 With ``model.sync_bn=true`` every BatchNorm becomes a GlobalBatchNorm (torch's SyncBatchNorm is GPU-only):
 the clean pass and the bounds normalize with the statistics of the global batch, so the gradients and the

@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers.collective_checks import read_results
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
+from test_certified_attacked import CROSS_BACKEND
 from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
 # The same assertions as for the torch backend, collected here on this module's ``checks`` fixture.
@@ -80,6 +81,7 @@ RUNS: dict[str, list[str]] = {
     "onebit_adam": ONEBIT,
     "onebit_part": [*ONEBIT, "train.epochs=1"],
     "onebit_resumed": [*ONEBIT, "train.resume=true", "train.output_dir=onebit_part"],
+    **CROSS_BACKEND,  # MTL-IBP and SABR: the torch backend's weights (torch_onebit's launch)
 }
 _RUNNER = """
 import json, os, sys
@@ -139,6 +141,17 @@ def test_matches_the_torch_backend(name: str, torch_run: dict, hvd_runs: tuple[P
     # every gradient once, in float32, by the ring model: the bytes of DDP's buckets; and C was measured
     assert rec["bytes_per_iter"] == pytest.approx(ref["bytes_per_iter"], rel=1e-9) and rec["bytes_per_iter"] > 0
     assert rec["C_s"] > 0
+
+
+@needs_horovod
+@pytest.mark.parametrize("name", list(CROSS_BACKEND))
+def test_certified_training_with_a_pgd_point_matches_the_torch_backend(name: str, hvd_runs: tuple[Path, str],
+                                                                        torch_onebit: Path) -> None:
+    """MTL-IBP and SABR: the attack, the bounds and the gradient exchange give the torch backend's weights."""
+    hvd, ref = load_checkpoint(hvd_runs[0] / name), load_checkpoint(torch_onebit / name)
+    assert hvd["world_size"] == 2 and ref["world_size"] == 2
+    assert_same_weights(hvd["model"], ref["model"], atol=1e-5)
+    assert hvd["records"][0]["VA"] == ref["records"][0]["VA"]
 
 
 @needs_horovod

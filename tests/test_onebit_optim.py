@@ -26,6 +26,7 @@ from datkit.optim.onebit import OnebitAdam
 ONEBIT = ["optim.name=onebit_adam", "optim.freeze_step=2", "optim.lr=0.01", "schedule.name=constant", "train.epochs=2",
           "train.max_steps=3", "model.kwargs.hidden=512"]
 WIRE = REPO / "tests" / "helpers" / "wire_train.py"
+from test_certified_attacked import CROSS_BACKEND  # noqa: E402
 
 
 def _tiny() -> list[str]:
@@ -107,7 +108,9 @@ def test_zero_stage_1_is_refused_with_the_reason() -> None:
 # --- one torchrun launch --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def torch_onebit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every torch-backend run of this module in ONE 2-worker torchrun launch; returns the folder of their outputs."""
+    """Every torch-backend run of this module in ONE 2-worker torchrun launch, with the certified runs that
+    test_horovod and test_deepspeed compare with (``test_certified_attacked.CROSS_BACKEND``); returns the folder
+    of their outputs."""
     tmp = tmp_path_factory.mktemp("onebit")
     base = ["backend=torch", *_tiny(), *ONEBIT]
     runs = {"ddp": base, "noddp": [*base, "dist.ddp=false"],
@@ -115,6 +118,7 @@ def torch_onebit(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "onebit_warm": [*base, "train.epochs=1", "train.max_steps=2"],
             "part": [*base, "train.epochs=1"], "resumed": [*base, "train.resume=true"],
             "lamb": [*base, "optim.name=onebit_lamb"]}
+    runs.update({name: ["backend=torch", *_tiny(), *args] for name, args in CROSS_BACKEND.items()})
     runs = {name: [*args, f"train.output_dir={tmp / ('part' if name == 'resumed' else name)}"] for name, args in runs.items()}
     proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WIRE), json.dumps(runs)],
                       cwd=tmp, timeout=300, DATKIT_TEST_WIRE_DIR=str(tmp))

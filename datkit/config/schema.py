@@ -61,7 +61,7 @@ class AttackConfig:
 class MethodConfig:
     """What one training step minimizes."""
 
-    name: str = "pgd"  # clean | pgd | fgsm | nfgsm (N-FGSM: noise 2*eps, step eps, no clipping) | trades | smoothing (Gaussian noise, see smoothing.*) | ibp | crown-ibp | mtl-ibp | sabr (certified training, see bounds.*) | your own: MODULE:CALLABLE(cfg) -> datkit.methods.Method
+    name: str = "pgd"  # clean | pgd | fgsm | nfgsm (N-FGSM: noise 2*eps, step eps, no clipping) | trades | smoothing (Gaussian noise, see smoothing.*) | ibp | crown-ibp | mtl-ibp | cc-ibp | sabr (certified training, see bounds.*) | your own: MODULE:CALLABLE(cfg) -> datkit.methods.Method
     lam: float = 0.25  # DAT objective lam*loss(clean) + loss(adversarial); 0 = Madry AT
     beta: float = 6.0  # trades only: weight of the KL robustness term
 
@@ -201,7 +201,7 @@ class SmoothingConfig:
 
 @dataclass
 class BoundsConfig:
-    """Certified training with bound propagation (methods ibp / crown-ibp / mtl-ibp / sabr; Shi et al. 2021) and verified accuracy (VA)."""
+    """Certified training with bound propagation (methods ibp / crown-ibp / mtl-ibp / cc-ibp / sabr; Shi et al. 2021) and verified accuracy (VA)."""
 
     engine: str = "native"  # native (datkit.certify.bounds) | auto_lirpa (needs auto_LiRPA installed from source; PyPI's 0.3 does not run on current torch)
     eps_schedule: str = "smoothed"  # linear | smoothed: ramp of the training eps (attack.eps is its maximum; attack.eps_warmup_epochs is not used)
@@ -211,8 +211,8 @@ class BoundsConfig:
     reg_lambda: float = 0.5  # weight lambda of the warm-up regularizers, applied as lambda*(1 - eps_t/eps_max); 0 = vanilla IBP
     reg_tol: float = 0.5  # tolerance tau of the tightness and ReLU-balance regularizers
     reg_terms: List[str] = field(default_factory=lambda: ["tightness", "relu"])  # which warm-up regularizers: tightness, relu
-    alpha: float = 0.5  # mtl-ibp only: loss on alpha * (IBP margin bounds) + (1 - alpha) * (margins at a PGD point), in [0, 1]; 1 = IBP, 0 = PGD training (De Palma et al., ICLR 2024)
-    lambda_box: float = 0.4  # sabr only: IBP over a box of radius lambda_box * eps_t around a PGD point of the (1 - lambda_box) * eps_t ball, in (0, 1]; 1 = IBP (Mueller et al., ICLR 2023)
+    alpha: float = 0.5  # mtl-ibp: alpha * (IBP loss) + (1 - alpha) * (loss at a PGD point); cc-ibp: the loss of alpha * (IBP margin bounds) + (1 - alpha) * (margins at the PGD point); in [0, 1]; 1 = IBP, 0 = PGD training (De Palma et al., ICLR 2024)
+    lambda_box: float = 0.4  # sabr only: IBP over a box of radius lambda_box * eps_t around a PGD point pulled into the (1 - lambda_box) * eps_t box, in (0, 1]; 1 = IBP (Mueller et al., ICLR 2023)
     verify: str = "ibp"  # bound of the verified accuracy VA at eval.eps: ibp | crown-ibp (an example counts if either bound certifies it)
 
 
