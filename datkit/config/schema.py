@@ -211,7 +211,7 @@ class BoundsConfig:
     reg_lambda: float = 0.5  # weight lambda of the warm-up regularizers, applied as lambda*(1 - eps_t/eps_max); 0 = vanilla IBP
     reg_tol: float = 0.5  # tolerance tau of the tightness and ReLU-balance regularizers
     reg_terms: List[str] = field(default_factory=lambda: ["tightness", "relu"])  # which warm-up regularizers: tightness, relu
-    verify: str = "ibp"  # bound of the verified accuracy VA at eval.eps: ibp | crown-ibp (an example counts if either bound certifies it)
+    verify: Any = field(default_factory=lambda: ["ibp"])  # verification cascade of VA at eval.eps: a list of stages from ibp, crown-ibp, crown (full CROWN), each run on the examples the earlier ones left unverified, e.g. [ibp, crown-ibp, crown]; legacy strings ibp = [ibp], crown-ibp = [ibp, crown-ibp]
 
 
 @dataclass
