@@ -73,21 +73,23 @@ def test_cascade_verifies_the_union_of_its_stages() -> None:
 
 def test_each_stage_receives_only_what_earlier_stages_left(monkeypatch: pytest.MonkeyPatch) -> None:
     net, x, y = trained_net()
-    seen: list[tuple[str, torch.Tensor]] = []
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def recording(model, xs, ys, eps, stage, *args):
-        seen.append((stage, xs.clone()))
-        return stage_verified(model, xs, ys, eps, stage, *args)
+        ok = stage_verified(model, xs, ys, eps, stage, *args)
+        seen.append((stage, xs.clone(), ok.clone()))
+        return ok
 
     monkeypatch.setattr(cascade, "stage_verified", recording)
     res = run_cascade(net, x, y, EPS, STAGES)
     with torch.no_grad():
-        left = net(x).argmax(1) == y
-    assert [s for s, _ in seen] == list(STAGES)
-    for k, (stage, xs) in enumerate(seen):
+        left = (net(x).argmax(1) == y).nonzero().squeeze(1)
+    assert [s for s, _, _ in seen] == list(STAGES)
+    for k, (stage, xs, ok) in enumerate(seen):
         assert torch.equal(xs, x[left]), f"stage {stage} got other examples than the earlier stages left"
-        assert res.received[k] == len(xs)
-        left = left & (res.stage != k)
+        assert res.received[k] == len(xs) and bool(ok.any())
+        left = left[~ok]
+    assert int(res.verified.sum()) == sum(int(ok.sum()) for _, _, ok in seen)
 
 
 class _Backend:
