@@ -229,7 +229,7 @@ def test_auto_lirpa_engine_says_it_is_not_installed() -> None:
 
 @pytest.mark.parametrize("override, key", [("bounds.engine=lirpa", "bounds.engine"), ("bounds.eps_schedule=cosine", "bounds.eps_schedule"),
                                            ("bounds.init=xavier", "bounds.init"), ("bounds.reg_lambda=-1", "bounds.reg_lambda"),
-                                           ("bounds.reg_terms=[std]", "bounds.reg_terms"), ("bounds.verify=crown", "bounds.verify"),
+                                           ("bounds.reg_terms=[std]", "bounds.reg_terms"), ("bounds.verify=[ibp,lp]", "bounds.verify"),
                                            ("bounds.eps_length=-2", "bounds.eps_length")])
 def test_bad_bounds_values_are_named(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,5 +1,7 @@
 """Certified training on 2 CPU workers (torchrun, gloo): a 2-worker run equals the 1-worker run with the same
-global batch, for IBP, CROWN-IBP, MTL-IBP and SABR, on a BatchNorm model (CC-IBP differs from MTL-IBP only in how it combines the two losses).
+global batch, for IBP, CROWN-IBP, MTL-IBP and SABR, on a BatchNorm model (CC-IBP differs from MTL-IBP only in how
+it combines the two losses); the crown-ibp runs evaluate VA by the verification cascade ``[ibp, crown-ibp, crown]``,
+whose per-stage columns must agree too.
 
 With ``model.sync_bn=true`` every BatchNorm becomes a GlobalBatchNorm (torch's SyncBatchNorm is GPU-only):
 the clean pass and the bounds normalize with the statistics of the global batch, so the gradients and the
@@ -27,10 +29,13 @@ RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "data.name=digits", "
        "optim.name=sgd", "optim.lr=0.05", "eval.num_samples=50", "eval.final_num_samples=50", "eval.batch_size=50",
        "eval.pgd_steps=2", "log.progress=false", "log.tensorboard=false", "log.plot=false"]
 METHODS = {"ibp": ["method.name=ibp", "bounds.eps_length=0"],  # eps_max from the start
-           "crown-ibp": ["method.name=crown-ibp", "bounds.eps_length=2"],  # mid-ramp: beta > 0 (CROWN-IBP bounds used)
+           # mid-ramp: beta > 0 (CROWN-IBP bounds used); VA by the whole verification cascade (datkit.certify.cascade) at an
+           # eval.eps where IBP verifies none of these 50 images and full CROWN the clean-correct ones
+           "crown-ibp": ["method.name=crown-ibp", "bounds.eps_length=2", "bounds.verify=[ibp,crown-ibp,crown]", "eval.eps=0.05"],
            # a PGD point in the loss: the attack's forward passes normalize with the global batch too
            "mtl-ibp": ["method.name=mtl-ibp", "bounds.alpha=0.5", "bounds.eps_length=0", "attack.steps=2"],
            "sabr": ["method.name=sabr", "bounds.lambda_box=0.5", "bounds.eps_length=0", "attack.steps=2"]}
+CASCADE = ["VA", "VA_gap", "VA_gain_ibp", "VA_gain_crown-ibp", "VA_gain_crown"]  # the cascade's counts, sharded over workers
 
 
 def _train(nproc: int, args: list[str], out: Path) -> dict:
@@ -57,6 +62,10 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(method: str, tm
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert_same_weights(two["model"], one["model"], atol=1e-5)
     assert two["records"][0]["train_loss"] == pytest.approx(one["records"][0]["train_loss"], rel=1e-5)
+    if method == "crown-ibp":  # the cascade's per-stage fractions: the same for 1 and 2 workers
+        assert {k: two["records"][0][k] for k in CASCADE} == pytest.approx({k: one["records"][0][k] for k in CASCADE})
+        assert sum(one["records"][0][f"VA_gain_{s}"] for s in ("ibp", "crown-ibp", "crown")) == pytest.approx(one["records"][0]["VA"])
+        assert one["records"][0]["VA_gain_crown"] > 0 and one["records"][0]["VA_time_crown_s"] > 0
     init = _initial(tmp_path)
     moved = max((one["model"][k].double() - init[k].double()).abs().max().item() for k in init if init[k].is_floating_point())
     assert moved > 1e-3, "the weights did not change in 3 steps"

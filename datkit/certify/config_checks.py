@@ -1,14 +1,15 @@
 """Checks of the ``smoothing.*`` and ``bounds.*`` sections, owned by the certification plug-ins (randomized
-smoothing: ``method.name=smoothing`` and ``python -m datkit.certify``; bound propagation: ``ibp`` / ``crown-ibp``)."""
+smoothing: ``method.name=smoothing`` and ``python -m datkit.certify``; bound propagation: ``ibp`` / ``crown-ibp``,
+and the verification cascade ``bounds.verify``: ``datkit.certify.cascade``)."""
 from __future__ import annotations
 
 from datkit.config import at_least, choices
 
 from .bounds.engines import ENGINES, require_engine
+from .cascade import verify_errors
 from .regularizers import TERMS
 from .schedules import SCHEDULES
 
-VERIFY_CHOICES = ("ibp", "crown-ibp")
 
 
 def smoothing_config_errors(cfg) -> list[str]:
@@ -47,7 +48,7 @@ def bounds_config_errors(cfg) -> list[str]:
     if bad:
         errors.append(f"bounds.reg_terms={list(b.reg_terms)!r}: unknown term(s) {', '.join(map(repr, bad))}; "
                       f"allowed: {', '.join(TERMS)}")
-    choices(errors, "bounds.verify", b.verify, VERIFY_CHOICES)
+    errors += verify_errors(b.verify, b.engine)
     return errors
 
 

@@ -36,14 +36,28 @@ def shard_batches(items: list[int], rank: int, world_size: int, batch_size: int)
 class Metric(Protocol):
     """An evaluation column that is not an attack (e.g. verified accuracy): ``correct(model, x, y)`` is the
     number of examples of the batch that count as correct. ``complement`` (optional) names a second
-    column reported as ``1 - accuracy`` (verified error)."""
+    column reported as ``1 - accuracy`` (verified error).
+
+    Extra columns (optional): a metric with ``columns`` (a tuple of names, the same on every rank) is called as
+    ``correct_columns(model, x, y) -> (count, {name: sum over the batch})`` instead; the sums are reduced with
+    the counts, and ``summarize(sums, accuracy, record)`` (when defined; else ``sum / n``) turns them into the
+    columns added to the record (``record`` holds the reduced accuracies and ``n``)."""
 
     def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int: ...
 
 
-def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, entry: Attack | Metric | None) -> torch.Tensor | int:
-    """Per-image correctness (bool vector) clean (None) or under an attack; a metric's count (int)."""
+def _columns(entry: Attack | Metric | None) -> tuple[str, ...]:
+    return tuple(getattr(entry, "columns", ())) if isinstance(entry, Metric) else ()
+
+
+def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, entry: Attack | Metric | None
+          ) -> torch.Tensor | int | tuple[int, dict[str, float]]:
+    """Per-image correctness (bool vector) clean (None) or under an attack; a metric's count (int), with its
+    extra columns' sums when it has some."""
     if isinstance(entry, Metric):
+        if _columns(entry):
+            count, sums = entry.correct_columns(model, x, y)
+            return int(count), sums
         return int(entry.correct(model, x, y))
     return _correct_mask(model, x if entry is None else entry(model, x, y), y)
 
@@ -78,14 +92,21 @@ def evaluate_per_image(backend, model: nn.Module, dataset: Dataset, indices: Seq
     batches = shard_batches(list(indices), backend.rank, backend.world_size, batch_size)
     position = {idx: k for k, idx in enumerate(indices)}
     counts = torch.zeros(len(attacks) + 1, dtype=torch.float64)
+    columns = [(name, c) for name, entry in attacks.items() for c in _columns(entry)]  # metrics' extra sums
+    sums = torch.zeros(len(columns), dtype=torch.float64)
+    slot = {key: j for j, key in enumerate(columns)}
     hits = torch.zeros(len(attacks), len(indices), dtype=torch.float64)
     try:
         for batch, (x, y) in zip(batches, iterate_batches(dataset, batches)):
             x, y = x.to(backend.device), y.to(backend.device)
             where = torch.tensor([position[i] for i in batch], dtype=torch.long)
-            for k, atk in enumerate(attacks.values()):
+            for k, (name, atk) in enumerate(attacks.items()):
                 with randomness.keyed(randomness.sample_keys(seed, randomness.EVAL_STREAM, batch)):
                     got = _hits(model, x, y, atk)
+                if isinstance(got, tuple):
+                    got, extra = got
+                    for c in _columns(atk):
+                        sums[slot[name, c]] += float(extra.get(c, 0.0))
                 if isinstance(got, int):
                     counts[k] += got
                 else:
@@ -94,14 +115,20 @@ def evaluate_per_image(backend, model: nn.Module, dataset: Dataset, indices: Seq
             counts[-1] += len(y)
     finally:
         model.train(was_training)
-    flat = backend.all_reduce(torch.cat([counts, hits.flatten()]).to(backend.device), op="sum").cpu()
-    counts, hits = flat[: len(counts)], flat[len(counts):].view(len(attacks), len(indices))
+    flat = backend.all_reduce(torch.cat([counts, sums, hits.flatten()]).to(backend.device), op="sum").cpu()
+    counts, sums = flat[: len(counts)], flat[len(counts): len(counts) + len(sums)]
+    hits = flat[len(counts) + len(sums):].view(len(attacks), len(indices))
     n = max(1.0, float(counts[-1]))
     out = {name: float(counts[k]) / n for k, name in enumerate(attacks)}
     for name, entry in attacks.items():
         if isinstance(entry, Metric) and getattr(entry, "complement", None):
             out[entry.complement] = 1.0 - out[name]
     out["n"] = int(counts[-1])
+    for name, entry in attacks.items():
+        if _columns(entry):
+            mine = {c: float(sums[slot[name, c]]) for c in _columns(entry)}
+            summarize = getattr(entry, "summarize", None)
+            out.update(summarize(mine, out[name], dict(out)) if summarize else {c: v / n for c, v in mine.items()})
     per_image = {name: hits[k] > 0.5 for k, (name, entry) in enumerate(attacks.items()) if not isinstance(entry, Metric)}
     return out, per_image
 

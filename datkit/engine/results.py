@@ -5,7 +5,8 @@ Per-epoch record keys: ``epoch, train_loss, TA, RA, C_s, T_s`` (plus ``eval_s``,
 ``n_eval``). ``C_s`` = seconds of gradient communication in the epoch; ``T_s`` = wall time of the
 epoch's training (evaluation excluded, it is ``eval_s``); ``bytes_per_iter`` = bytes of gradient
 communication one worker sent per optimizer step (``datkit.compress.accounting``'s model). Certified
-training adds ``VA`` / ``VE`` (verified accuracy / error at ``eval.eps``), shown next to TA and RA.
+training adds ``VA`` / ``VE`` (verified accuracy / error at ``eval.eps``), shown next to TA and RA, ``VA_gap``
+(RA - VA) and the verification cascade's ``VA_gain_<stage>`` / ``VA_time_<stage>_s`` (``datkit.certify.cascade``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "loss", "{:.4f}"), ("TA", "T
            ("C_s", "C (s)", "{:.2f}"), ("T_s", "T (s)", "{:.2f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
 # Columns shown (after RA) only when some record has them: the evaluation columns of certified training and the
 # catastrophic-overfitting check's probe (co_RA, co_own: datkit.engine.overfitting).
-OPTIONAL_COLUMNS = [("VA", "VA", "{:.4f}"), ("VE", "verified err", "{:.4f}"),
+OPTIONAL_COLUMNS = [("VA", "VA", "{:.4f}"), ("VE", "verified err", "{:.4f}"), ("VA_gap", "RA - VA", "{:.4f}"),
                     ("co_RA", "RA (train probe)", "{:.4f}"), ("co_own", "own attack (train probe)", "{:.4f}")]
 # The final evaluation in the DAT paper's Table 1 columns (AA, VA: when evaluated).
 FINAL_COLUMNS = [("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"), ("AA", "AA", "{:.4f}"), ("VA", "VA", "{:.4f}"),
@@ -29,6 +30,22 @@ def _fmt(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return spec.format(value)
+
+
+def cascade_table(final: dict[str, Any]) -> list[str]:
+    """The verification cascade's lines (``datkit.certify.cascade``): per stage the fraction it added and its
+    seconds, then VA, RA and the gap RA - VA; none when the record has no stage columns."""
+    stages = [k[len("VA_gain_"):] for k in final if k.startswith("VA_gain_")]
+    if not stages:
+        return []
+    lines = ["", f"Verification cascade at eps={final.get('eps')} (each stage bounds only what the earlier ones left "
+             "unverified; seconds summed over workers):", "", "| stage | verified (added) | time (s) |", "|---|---|---|"]
+    lines += [f"| {s} | +{final[f'VA_gain_{s}']:.4f} | {_fmt(final.get(f'VA_time_{s}_s'), '{:.2f}')} |" for s in stages]
+    total = sum(final.get(f"VA_time_{s}_s") or 0.0 for s in stages)
+    lines.append(f"| **VA** (all stages) | **{final['VA']:.4f}** | {total:.2f} |")
+    if final.get("RA") is not None:
+        lines += [f"| RA (PGD) | {final['RA']:.4f} | |", f"| unresolved gap RA - VA | {_fmt(final.get('VA_gap'), '{:.4f}')} | |"]
+    return lines
 
 
 def markdown_table(records: list[dict[str, Any]], final: dict[str, Any] | None = None) -> str:
@@ -42,6 +59,7 @@ def markdown_table(records: list[dict[str, Any]], final: dict[str, Any] | None =
         cols = [c for c in FINAL_COLUMNS if final.get(c[0]) is not None]
         lines += ["", "Final evaluation:", "", "| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols),
                   "| " + " | ".join(_fmt(final.get(k), f) for k, _, f in cols) + " |"]
+        lines += cascade_table(final)
         if final.get("AA") is not None:
             lines += ["", f"AA: standard AutoAttack (torchattacks) at eps={final.get('eps')} on n={final.get('n_aa')} test "
                       f"examples ({final.get('n_aa_attacked')} PGD-robust ones attacked), {final.get('aa_s', 0):.1f} s."]

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..certify.bounds import record_batch_stats, verified
+from ..certify.bounds import record_batch_stats
+from ..certify.cascade import VerifiedAccuracy  # noqa: F401  (VA's home is the cascade module; kept importable here)
 from ..certify.config_checks import certified_method_errors
 from ..certify.bounds.engines import certified_margins, require_engine
 from ..certify.ibp_init import ibp_init
@@ -40,23 +41,6 @@ def robust_cross_entropy(margin_lower: torch.Tensor) -> torch.Tensor:
     """``CE([0, -m_1, ..., -m_{K-1}], 0)`` averaged over the batch, for margin lower bounds ``m`` (B, K-1)."""
     logits = torch.cat([torch.zeros_like(margin_lower[:, :1]), -margin_lower], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
-
-
-class VerifiedAccuracy:
-    """Evaluation column VA (and its complement VE): the fraction of examples whose every margin is certified
-    positive over the eps-box by ``method`` (``ibp``, or ``crown-ibp`` = certified by IBP or by CROWN-IBP)."""
-
-    complement = "VE"
-
-    def __init__(self, eps: float, method: str, engine: str = "native", num_classes: int | None = None) -> None:
-        self.eps, self.method, self.engine, self.num_classes = eps, method, engine, num_classes
-
-    @torch.no_grad()
-    def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-        if self.engine == "native":
-            return int(verified(model, x, y, self.eps, self.method, num_classes=self.num_classes).sum())
-        m = certified_margins(self.engine, model, x, y, self.eps, self.method, beta=1.0, num_classes=self.num_classes)
-        return int((m.lower > 0).all(dim=1).sum())
 
 
 class CertifiedTraining(Method):

@@ -3,6 +3,7 @@
     from datkit.certify import ibp_bounds, crown_ibp_bounds
     lb, ub = ibp_bounds(model, x, eps)        # bounds of the logits over {x' : |x'-x|_inf <= eps} ∩ [0,1]^d
     lb, ub = crown_ibp_bounds(model, x, eps)  # CROWN-IBP: backward linear bounds with IBP intermediates
+    lb, ub = crown_bounds(model, x, eps)      # full CROWN: intermediates by CROWN too (never looser than CROWN-IBP)
     m = margin_bounds(model, x, y, eps, "crown-ibp", beta=0.5)  # lower bounds of f_y - f_j, j != y
 
 The model is traced with ``torch.fx`` (:mod:`.graph`); each layer type has one small rule
@@ -13,14 +14,15 @@ with :class:`UnsupportedLayer` naming it; a new layer type gets its rule with ``
 :class:`Rule` subclass. ``auto_lirpa`` (:mod:`.lirpa`) is an optional second engine.
 """
 from . import batchnorm, rules_affine, rules_relu, rules_shape  # noqa: F401  (register the rules)
-from .api import (METHODS, MarginBounds, bound_state, crown_ibp_bounds, ibp_bounds, input_box, margin_bounds,
+from .api import (METHODS, VERIFY_METHODS, MarginBounds, bound_state, crown_ibp_bounds, ibp_bounds, input_box, margin_bounds,
                   num_classes_of, spec_matrix, verified)
 from .batchnorm import clean_batch_stats, record_batch_stats
+from .crown import crown_bounds
 from .core import Interval, Rule, UnsupportedLayer, register_function, register_method, register_module, supported_layers
 from .graph import BoundGraph, graph_of
 from .propagate import BoundState
 
-__all__ = ["METHODS", "BoundGraph", "BoundState", "Interval", "MarginBounds", "Rule", "UnsupportedLayer", "bound_state",
-           "clean_batch_stats", "crown_ibp_bounds", "graph_of", "ibp_bounds", "input_box", "margin_bounds",
+__all__ = ["METHODS", "VERIFY_METHODS", "BoundGraph", "BoundState", "Interval", "MarginBounds", "Rule", "UnsupportedLayer",
+           "bound_state", "clean_batch_stats", "crown_bounds", "crown_ibp_bounds", "graph_of", "ibp_bounds", "input_box", "margin_bounds",
            "num_classes_of", "record_batch_stats", "register_function", "register_method", "register_module",
            "spec_matrix", "supported_layers", "verified"]

@@ -5,7 +5,7 @@
   With a specification matrix ``C`` the last layer, when it is linear, is merged with ``C`` (bounds of
   ``C W h + C b`` rather than ``C`` times the logits' box), as in IBP / CROWN-IBP training.
 - :func:`backward_pass`: the backward linear bound of CROWN (Zhang et al. 2018) from ``C`` (rows) at the
-  output to the input, with every ReLU relaxed on its IBP interval: CROWN-IBP (Zhang et al., ICLR
+  output (or at any step) to the input, with every ReLU relaxed on its IBP interval: CROWN-IBP (Zhang et al., ICLR
   2020). The bound is concretized on the input box: ``A x + c >= A center - |A| radius + c``.
 """
 from __future__ import annotations
@@ -107,12 +107,15 @@ def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor
     return state
 
 
-def backward_pass(state: BoundState, C: torch.Tensor) -> torch.Tensor:
-    """CROWN lower bound of ``C @ logits`` (shape ``(batch, rows)``) using the IBP intervals of ``state``."""
+def backward_pass(state: BoundState, C: torch.Tensor, start: str | None = None) -> torch.Tensor:
+    """CROWN lower bound of ``C @ value`` (shape ``(batch, rows)``) using the intervals of ``state``: of the logits,
+    or of step ``start``'s output when given (``C`` is then ``(batch, rows, *shape of that output[1:])``; full CROWN
+    bounds intermediate layers this way, :mod:`.crown`)."""
     graph = state.graph
-    if len(state.values[graph.output_name].shape) != 2:
+    start = start or graph.output_name
+    if start == graph.output_name and len(state.values[start].shape) != 2:
         raise UnsupportedLayer("datkit.certify: CROWN-IBP needs logits of shape (batch, classes)")
-    pending: dict[str, torch.Tensor] = {graph.output_name: C}
+    pending: dict[str, torch.Tensor] = {start: C}
     bias = torch.zeros(C.shape[:2], dtype=C.dtype, device=C.device)
     lower = None
     for step in reversed(state.steps):
