@@ -211,6 +211,7 @@ class BoundsConfig:
     reg_lambda: float = 0.5  # weight lambda of the warm-up regularizers, applied as lambda*(1 - eps_t/eps_max); 0 = vanilla IBP
     reg_tol: float = 0.5  # tolerance tau of the tightness and ReLU-balance regularizers
     reg_terms: List[str] = field(default_factory=lambda: ["tightness", "relu"])  # which warm-up regularizers: tightness, relu
+    loss_fusion: bool = True  # crown-ibp: bound the cross-entropy itself with one backward row (Xu et al. 2020) instead of one per margin; native engine only (with engine=auto_lirpa set false); false = the margin form
     verify: str = "ibp"  # bound of the verified accuracy VA at eval.eps: ibp | crown-ibp (an example counts if either bound certifies it)
 
 
