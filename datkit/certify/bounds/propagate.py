@@ -107,6 +107,18 @@ def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor
     return state
 
 
+def _batchnorms_after_layers(state: BoundState) -> dict[str, Step]:
+    """``{BatchNorm step name: the Linear/Conv step it is the only consumer of}`` (see :func:`_batchnorm_after`)."""
+    out = {}
+    for i, step in enumerate(state.steps):
+        if isinstance(step.rule, AffineRule) and step.op != "placeholder":
+            shapes = [state.values[a.name] for a in step.args if isinstance(a, Ref)]
+            bn = _batchnorm_after(state.graph, state.steps, i, shapes)
+            if bn is not None:
+                out[bn.name] = step
+    return out
+
+
 def backward_pass(state: BoundState, C: torch.Tensor) -> torch.Tensor:
     """CROWN lower bound of ``C @ logits`` (shape ``(batch, rows)``) using the IBP intervals of ``state``."""
     graph = state.graph
@@ -115,9 +127,18 @@ def backward_pass(state: BoundState, C: torch.Tensor) -> torch.Tensor:
     pending: dict[str, torch.Tensor] = {graph.output_name: C}
     bias = torch.zeros(C.shape[:2], dtype=C.dtype, device=C.device)
     lower = None
+    folded = _batchnorms_after_layers(state)
     for step in reversed(state.steps):
         A = pending.pop(step.name, None)
         if A is None:
+            continue
+        if step.name in folded:  # BatchNorm after a Linear/Conv: both as one affine map (as the IBP pass does)
+            layer = folded[step.name]
+            contributions, b = layer.rule.backward_then(layer, A, state, *step.rule.affine(step, state))
+            if b is not None:
+                bias = bias + b
+            ((name, A_in),) = contributions
+            pending[name] = A_in if name not in pending else pending[name] + A_in
             continue
         if step.op == "placeholder":
             box = state.values[step.name]

@@ -54,6 +54,17 @@ class AffineRule(Rule):
     def ibp_then(self, step, iv: Interval, scale: torch.Tensor, shift: torch.Tensor) -> Interval:
         return self._ibp(step, iv, *folded(step.module.weight, step.module.bias, scale, shift))
 
+    def backward_with(self, step, A: torch.Tensor, ctx, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``backward`` of the layer with ``weight`` / ``bias`` in place of its own."""
+        raise NotImplementedError
+
+    def backward(self, step, A, ctx):
+        return self.backward_with(step, A, ctx, step.module.weight, step.module.bias)
+
+    def backward_then(self, step, A: torch.Tensor, ctx, scale: torch.Tensor, shift: torch.Tensor):
+        """``backward`` of the layer followed by a per-channel affine map (a BatchNorm), as one affine map."""
+        return self.backward_with(step, A, ctx, *folded(step.module.weight, step.module.bias, scale, shift))
+
 
 @register_module(nn.Linear)
 class LinearRule(AffineRule):
@@ -71,10 +82,8 @@ class LinearRule(AffineRule):
             center = center + C @ m.bias
         return Interval.from_center_radius(center, (W.abs() @ iv.radius.unsqueeze(-1)).squeeze(-1))
 
-    def backward(self, step, A, ctx):
-        m = step.module
-        bias = rows_sum(A @ m.bias) if m.bias is not None else None
-        return [(step.args[0].name, A @ m.weight)], bias
+    def backward_with(self, step, A, ctx, weight, bias):
+        return [(step.args[0].name, A @ weight)], (rows_sum(A @ bias) if bias is not None else None)
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
@@ -104,11 +113,10 @@ class Conv2dRule(AffineRule):
         m = step.module
         return F.conv2d(h, weight, bias, m.stride, _conv_padding(m), m.dilation, m.groups)
 
-    def backward(self, step, A, ctx):
+    def backward_with(self, step, A, ctx, weight, bias):
         m, name = step.module, step.args[0].name
-        A_in = transposed(A, m.weight, ctx.shape(name), m.stride, _conv_padding(m), m.dilation, m.groups)
-        bias = A.flatten(3).sum(-1) @ m.bias if m.bias is not None else None
-        return [(name, A_in)], bias
+        A_in = transposed(A, weight, ctx.shape(name), m.stride, _conv_padding(m), m.dilation, m.groups)
+        return [(name, A_in)], (A.flatten(3).sum(-1) @ bias if bias is not None else None)
 
 
 @register_module(Normalize)
