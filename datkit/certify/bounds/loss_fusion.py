@@ -59,7 +59,7 @@ def logit_row(slopes: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.
 
 
 def fused_upper(state: BoundState, y: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M, ub')`` with ``log ub = M + log ub'``: the scaled upper bound ``ub' = ub exp(-M)`` of ``S`` per example.
+    """``(M, ub')`` per example with ``log ub = M + log ub'``: the scaled upper bound ``ub' = ub exp(-M)`` of ``S``.
 
     ``state`` is the IBP state of the specification ``C`` (rows ``e_y - e_j``), so ``state.output`` bounds the
     margins and ``d_j = -margin_j``. ``beta = 0`` runs no backward pass."""
@@ -72,23 +72,26 @@ def fused_upper(state: BoundState, y: torch.Tensor, beta: float) -> tuple[torch.
     if beta <= 0:
         return M, ub_ibp
     a = eu * chord_factor((u - l).clamp(min=0.0))  # scaled chord slopes, >= 0
-    classes = margins.lower.shape[1] + 1
-    A = logit_row(a, y, classes)
-    # chord around u: exp(d) <= exp(u) + a (d - u); sum over j: sum_j (exp(u_j) - a_j u_j) + A . z
-    linear_ub = -backward_pass(state, -A).squeeze(1)  # CROWN-IBP upper bound of A . z over the box
+    A = logit_row(a, y, margins.lower.shape[1] + 1)
+    # chord around u: exp(d) <= exp(u) + a (d - u); summed over j: sum_j (exp(u_j) - a_j u_j) + A . z
+    linear_ub = -backward_pass(state, -A).squeeze(1)  # CROWN-IBP upper bound of A . z over the box (one row)
     ub_crown = ey + (eu - a * u).sum(1) + linear_ub
-    ub = beta * ub_crown + (1.0 - beta) * ub_ibp if beta < 1 else ub_crown
-    return M, ub
+    return M, (ub_crown if beta >= 1 else beta * ub_crown + (1.0 - beta) * ub_ibp)
 
 
-def fused_cross_entropy(state: BoundState, y: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """Upper bound of the worst-case cross-entropy over the box, averaged over the batch: ``mean(log ub)`` with
+def fused_bound(state: BoundState, y: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Per-example upper bounds ``log ub`` (B,) of the worst-case cross-entropy over the box, with
     ``ub = beta * ub_crown + (1 - beta) * ub_ibp`` (see the module docstring); ``beta`` in [0, 1]."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1]; got {beta!r}")
     M, ub = fused_upper(state, y, beta)
-    floor = torch.exp(-M).clamp(min=torch.finfo(ub.dtype).tiny)  # S >= 1, i.e. ub' >= exp(-M)
-    return (M + torch.log(torch.maximum(ub, floor))).mean()
+    floor = torch.exp(-M).clamp(min=torch.finfo(ub.dtype).tiny)  # S >= 1, i.e. ub' >= exp(-M): absorbs rounding
+    return M + torch.log(torch.maximum(ub, floor))
+
+
+def fused_cross_entropy(state: BoundState, y: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """The loss: :func:`fused_bound` averaged over the batch."""
+    return fused_bound(state, y, beta).mean()
 
 
 @dataclass
