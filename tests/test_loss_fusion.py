@@ -235,3 +235,35 @@ def test_loss_fusion_is_refused_with_the_auto_lirpa_engine() -> None:
         except ConfigError as err:  # auto_LiRPA is not installed here: only that may be reported
             assert msg not in str(err), err
     validate_config(load_config(None, ["method.name=crown-ibp", "bounds.loss_fusion=false"]))
+
+
+def test_relu_backward_step_equals_the_composed_ops_in_value_and_gradient() -> None:
+    """The ReLU rule's single autograd node (hand-written gradient) against the relaxation composed from torch ops."""
+    from datkit.certify.bounds import Interval
+    from datkit.certify.bounds.rules_relu import ReLUBackwardStep, relu_relaxation
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    l, u = torch.minimum(a, b).requires_grad_(True), torch.maximum(a, b).requires_grad_(True)
+    with torch.no_grad():  # active, inactive, and exactly-zero neurons next to the unstable ones
+        l[0, 0], u[0, 0] = 0.5, 1.0
+        l[0, 1], u[0, 1] = -1.0, -0.5
+    for rows in (1, 3):
+        A = torch.randn(2, rows, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+
+        def composed(A, l, u):
+            lower, slope, intercept = (t.unsqueeze(1) for t in relu_relaxation(Interval(l, u)))
+            pos, neg = A.clamp(min=0), A.clamp(max=0)
+            return pos * lower + neg * slope, (neg * intercept).flatten(2).sum(-1)
+
+        def fused(A, l, u):
+            lower = ((l + u) > 0).to(l.dtype).detach()
+            return ReLUBackwardStep.apply(A, l, u, lower)
+
+        for x, y in zip(fused(A, l, u), composed(A, l, u)):
+            torch.testing.assert_close(x, y)
+        assert torch.autograd.gradcheck(fused, (A, l, u))
+        gf = torch.autograd.grad(sum(t.sum() * w for t, w in zip(fused(A, l, u), (1.0, 0.7))), (A, l, u))
+        gc = torch.autograd.grad(sum(t.sum() * w for t, w in zip(composed(A, l, u), (1.0, 0.7))), (A, l, u))
+        for x, y in zip(gf, gc):
+            torch.testing.assert_close(x, y)
