@@ -19,7 +19,7 @@ from torch import nn
 from .core import Interval, UnsupportedLayer
 from .graph import BoundGraph, Ref, Step
 from .batchnorm import BatchNormRule
-from .rules_affine import AffineRule, LinearRule, NormalizeRule
+from .rules_affine import AffineRule, LinearRule, NormalizeRule, folded
 from .rules_relu import ReLURule
 
 
@@ -76,6 +76,15 @@ def _batchnorm_after(graph: BoundGraph, steps: list[Step], i: int, args: Any) ->
     return nxt
 
 
+def _folded(state: BoundState, layer: Step, bn: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``layer`` followed by BatchNorm ``bn`` as one affine map, computed once per state (the IBP
+    pass and the backward pass share them)."""
+    key = ("folded", bn.name)
+    if key not in state.cache:
+        state.cache[key] = folded(layer.module.weight, layer.module.bias, *bn.rule.affine(bn, state))
+    return state.cache[key]
+
+
 def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor | None = None,
              batch_stats: dict | None = None) -> BoundState:
     """Intervals of every step of ``model`` for inputs in ``box``; ``state.output`` bounds ``C @ logits`` if given."""
@@ -95,7 +104,7 @@ def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor
             return state
         bn = _batchnorm_after(graph, steps, i, args)
         if bn is not None:  # layer + BatchNorm as one affine map (the layer's own interval is not needed)
-            state.values[bn.name] = step.rule.ibp_then(step, args[0], *bn.rule.affine(bn, state))
+            state.values[bn.name] = step.rule.ibp_with(step, args[0], *_folded(state, step, bn))
             fused.add(bn.name)
             continue
         state.values[step.name] = step.rule.ibp(step, args, state)
@@ -134,7 +143,7 @@ def backward_pass(state: BoundState, C: torch.Tensor) -> torch.Tensor:
             continue
         if step.name in folded:  # BatchNorm after a Linear/Conv: both as one affine map (as the IBP pass does)
             layer = folded[step.name]
-            contributions, b = layer.rule.backward_then(layer, A, state, *step.rule.affine(step, state))
+            contributions, b = layer.rule.backward_with(layer, A, state, *_folded(state, layer, step))
             if b is not None:
                 bias = bias + b
             ((name, A_in),) = contributions

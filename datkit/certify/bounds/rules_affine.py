@@ -39,7 +39,8 @@ def folded(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
 
 class AffineRule(Rule):
     """A layer ``W h + b`` (``forward(step, h, W, b)``): IBP is ``forward(center) -+ |W|-forward(radius)``;
-    ``ibp_then`` bounds it together with a per-channel affine map (a BatchNorm) that follows it."""
+    ``ibp_then`` bounds it together with a per-channel affine map (a BatchNorm) that follows it; ``ibp_with`` /
+    ``backward_with`` take the (folded) weight and bias explicitly."""
 
     def forward(self, step, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -51,6 +52,10 @@ class AffineRule(Rule):
     def ibp(self, step, args, ctx):
         return self._ibp(step, args[0], step.module.weight, step.module.bias)
 
+    def ibp_with(self, step, iv: Interval, weight: torch.Tensor, bias: torch.Tensor | None) -> Interval:
+        """``ibp`` of the layer with ``weight`` / ``bias`` in place of its own (e.g. folded with a BatchNorm)."""
+        return self._ibp(step, iv, weight, bias)
+
     def ibp_then(self, step, iv: Interval, scale: torch.Tensor, shift: torch.Tensor) -> Interval:
         return self._ibp(step, iv, *folded(step.module.weight, step.module.bias, scale, shift))
 
@@ -60,10 +65,6 @@ class AffineRule(Rule):
 
     def backward(self, step, A, ctx):
         return self.backward_with(step, A, ctx, step.module.weight, step.module.bias)
-
-    def backward_then(self, step, A: torch.Tensor, ctx, scale: torch.Tensor, shift: torch.Tensor):
-        """``backward`` of the layer followed by a per-channel affine map (a BatchNorm), as one affine map."""
-        return self.backward_with(step, A, ctx, *folded(step.module.weight, step.module.bias, scale, shift))
 
 
 @register_module(nn.Linear)

@@ -45,8 +45,8 @@ class ReLUBackwardStep(torch.autograd.Function):
     The same values (and gradients, also through the relaxation's dependence on ``l`` and ``u``) as composing
     :func:`relaxation_parts` with ``A_in = A+ * lower + A- * slope``, ``bias = A- . (-l- * slope)`` from torch
     ops, in fewer passes over the activations: autograd would save and revisit a dozen intermediates (the
-    clamps' and the division's backward alone cost more than the forward). ``tests/test_bounds.py`` checks the
-    gradient against the composed version with ``torch.autograd.gradcheck``.
+    clamps' and the division's backward alone cost more than the forward). ``tests/test_loss_fusion.py`` checks
+    values and gradients against the composed version (and ``torch.autograd.gradcheck``).
     Inputs: ``A`` (B, K, ...), ``l``, ``u`` (B, ...), ``lower`` (B, ...) 1.0 where the lower line is the identity."""
 
     @staticmethod
@@ -58,26 +58,26 @@ class ReLUBackwardStep(torch.autograd.Function):
         t = negative * slope.unsqueeze(1)
         A_in = (A - negative).mul_(lower.unsqueeze(1)).add_(t)
         bias = -(t.flatten(2) @ l_neg.flatten(1).unsqueeze(-1)).squeeze(-1)  # (B, K, D) @ (B, D, 1)
-        ctx.save_for_backward(negative, slope, l_neg, den, lower)
+        ctx.save_for_backward(negative, t, slope, l_neg, den, lower)
         return A_in, bias
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_A_in: torch.Tensor, g_bias: torch.Tensor):  # type: ignore[override]
-        negative, slope, l_neg, den, lower = ctx.saved_tensors
+        negative, t, slope, l_neg, den, lower = ctx.saved_tensors
         g_A = g_l = g_u = None
         gb = g_bias.reshape(g_bias.shape + (1,) * (negative.dim() - 2))
-        slope1, l_neg1 = slope.unsqueeze(1), l_neg.unsqueeze(1)
-        q = torch.addcmul(g_A_in, gb, l_neg1, value=-1.0)  # what reaches A- (through A_in and through the bias)
-        if ctx.needs_input_grad[0]:  # A > 0: lower line; A < 0: upper line and its intercept (masks as 0/1 floats:
-            # torch.where and bool operands cost several times a multiplication on CPU)
-            g_A = torch.lerp(g_A_in * lower.unsqueeze(1), q * slope1, _float_mask(torch.lt, negative))
+        slope1 = slope.unsqueeze(1)
+        q = torch.addcmul(g_A_in, gb, l_neg.unsqueeze(1), value=-1.0)  # what reaches A- (through A_in and the bias)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             k = _sum_rows(negative * q).div_(den)  # d/d slope, over (u+ - l-)
-            # slope = u+ / (u+ - l-): d/du+ = (1 - slope) / den, d/dl- = slope / den; the bias also reads l- directly
-            g_u = torch.addcmul(k, k, slope, value=-1.0).mul_(_float_mask(torch.gt, slope))  # u > 0 where slope > 0
-            direct = _sum_rows((negative * slope1).mul_(gb)).neg_()
-            g_l = torch.addcmul(direct, k, slope).mul_(_float_mask(torch.lt, l_neg))
+            # slope = u+ / (u+ - l-): d/du+ = (1 - slope) / den, d/dl- = slope / den; the bias also reads l- directly.
+            # Masks as 0/1 floats (torch.where and bool operands cost several multiplications on CPU): u > 0 where
+            # slope > 0, i.e. ceil(slope) (0 <= slope <= 1); l < 0 where l- < 0
+            g_u = torch.addcmul(k, k, slope, value=-1.0).mul_(torch.ceil(slope))
+            g_l = _sum_rows(t * gb).neg_().addcmul_(k, slope).mul_(_float_mask(torch.lt, l_neg))
+        if ctx.needs_input_grad[0]:  # A > 0: the lower line; A < 0: the upper line and its intercept
+            g_A = (g_A_in * lower.unsqueeze(1)).lerp_(q.mul_(slope1), _float_mask(torch.lt, negative))
         return g_A, g_l, g_u, None
 
 
