@@ -47,13 +47,14 @@ class ReLUBackwardStep(torch.autograd.Function):
     ops, in fewer passes over the activations: autograd would save and revisit a dozen intermediates (the
     clamps' and the division's backward alone cost more than the forward). ``tests/test_loss_fusion.py`` checks
     values and gradients against the composed version (and ``torch.autograd.gradcheck``).
-    Inputs: ``A`` (B, K, ...), ``l``, ``u`` (B, ...), ``lower`` (B, ...) 1.0 where the lower line is the identity."""
+    Inputs: ``A`` (B, K, ...), ``l``, ``u+ = relu(u)`` (B, ...; the IBP pass's upper bound of the ReLU's output, whose
+    own backward then masks ``u <= 0``), ``lower`` (B, ...) 1.0 where the lower line is the identity."""
 
     @staticmethod
-    def forward(ctx, A: torch.Tensor, l: torch.Tensor, u: torch.Tensor, lower: torch.Tensor):  # type: ignore[override]
-        u_pos, l_neg = torch.relu(u), torch.clamp(l, max=0.0)
+    def forward(ctx, A: torch.Tensor, l: torch.Tensor, u_pos: torch.Tensor, lower: torch.Tensor):  # type: ignore[override]
+        l_neg = torch.clamp(l, max=0.0)
         den = (u_pos - l_neg).clamp_(min=1e-12)
-        slope = u_pos.div_(den)  # u+ / (u+ - l-), in place of u+
+        slope = u_pos / den
         negative = A.clamp(max=0.0)
         t = negative * slope.unsqueeze(1)
         A_in = (A - negative).mul_(lower.unsqueeze(1)).add_(t)
@@ -72,9 +73,8 @@ class ReLUBackwardStep(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             k = _sum_rows(negative * q).div_(den)  # d/d slope, over (u+ - l-)
             # slope = u+ / (u+ - l-): d/du+ = (1 - slope) / den, d/dl- = slope / den; the bias also reads l- directly.
-            # Masks as 0/1 floats (torch.where and bool operands cost several multiplications on CPU): u > 0 where
-            # slope > 0, i.e. ceil(slope) (0 <= slope <= 1); l < 0 where l- < 0
-            g_u = torch.addcmul(k, k, slope, value=-1.0).mul_(torch.ceil(slope))
+            # The mask l < 0 as a 0/1 float (torch.where and bool operands cost several multiplications on CPU)
+            g_u = torch.addcmul(k, k, slope, value=-1.0)
             g_l = _sum_rows(t * gb).neg_().addcmul_(k, slope).mul_(_float_mask(torch.lt, l_neg))
         if ctx.needs_input_grad[0]:  # A > 0: the lower line; A < 0: the upper line and its intercept
             g_A = (g_A_in * lower.unsqueeze(1)).lerp_(q.mul_(slope1), _float_mask(torch.lt, negative))
@@ -104,5 +104,5 @@ class ReLURule(Rule):
         name = step.args[0].name
         iv = ctx.interval(name)
         lower = _float_mask(torch.gt, iv.center.detach())
-        A_in, bias = ReLUBackwardStep.apply(A, iv.lower, iv.upper, lower)
+        A_in, bias = ReLUBackwardStep.apply(A, iv.lower, ctx.interval(step.name).upper, lower)  # relu(u) from IBP
         return [(name, A_in)], bias
