@@ -6,7 +6,9 @@
   ``C W h + C b`` rather than ``C`` times the logits' box), as in IBP / CROWN-IBP training.
 - :func:`backward_pass`: the backward linear bound of CROWN (Zhang et al. 2018) from ``C`` (rows) at the
   output to the input, with every ReLU relaxed on its IBP interval: CROWN-IBP (Zhang et al., ICLR
-  2020). The bound is concretized on the input box: ``A x + c >= A center - |A| radius + c``.
+  2020). The bound is concretized on the input box: ``A x + c >= A center - |A| radius + c``. A BatchNorm
+  that is the only consumer of a Linear/Conv is folded into it in both passes (one affine map; the folded
+  weight and bias are computed once per state).
 """
 from __future__ import annotations
 
@@ -136,13 +138,13 @@ def backward_pass(state: BoundState, C: torch.Tensor) -> torch.Tensor:
     pending: dict[str, torch.Tensor] = {graph.output_name: C}
     bias = torch.zeros(C.shape[:2], dtype=C.dtype, device=C.device)
     lower = None
-    folded = _batchnorms_after_layers(state)
+    bn_layers = _batchnorms_after_layers(state)
     for step in reversed(state.steps):
         A = pending.pop(step.name, None)
         if A is None:
             continue
-        if step.name in folded:  # BatchNorm after a Linear/Conv: both as one affine map (as the IBP pass does)
-            layer = folded[step.name]
+        if step.name in bn_layers:  # BatchNorm after a Linear/Conv: both as one affine map (as the IBP pass does)
+            layer = bn_layers[step.name]
             contributions, b = layer.rule.backward_with(layer, A, state, *_folded(state, layer, step))
             if b is not None:
                 bias = bias + b
