@@ -150,14 +150,15 @@ def test_regularizer_weight_decays_over_the_warmup() -> None:
 
 
 def test_crown_ibp_mixes_with_beta_and_is_ibp_after_the_ramp() -> None:
-    """The method's loss against bounds computed without datkit's engine (``tests/helpers/bounds_reference.py``,
+    """The method's loss (margin form, ``bounds.loss_fusion=false``; the fused form: ``tests/test_loss_fusion.py``)
+    against bounds computed without datkit's engine (``tests/helpers/bounds_reference.py``,
     itself checked against an LP in ``tests/test_bounds.py``), on a ReLU network where CROWN-IBP and IBP differ:
     CROWN-IBP returning IBP's bounds, or a wrong mixing weight, fails here."""
     from helpers import bounds_reference as ref
 
     from datkit.models import Normalize, NormalizedModel
 
-    _, m, _, x, y = _setup("crown-ibp", "bounds.reg_lambda=0")
+    _, m, _, x, y = _setup("crown-ibp", "bounds.reg_lambda=0", "bounds.loss_fusion=false")  # the margin form
     _, mi, *_ = _setup("ibp", "bounds.reg_lambda=0")
     torch.manual_seed(0)
     net = NormalizedModel(Normalize((0.3,), (0.4,)), nn.Sequential(

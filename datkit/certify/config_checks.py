@@ -35,7 +35,8 @@ def smoothing_config_errors(cfg) -> list[str]:
 
 
 def bounds_config_errors(cfg) -> list[str]:
-    """Certified training (``bounds.*``): known engine / schedule / init / regularizers / verify bound."""
+    """Certified training (``bounds.*``): known engine / schedule / init / regularizers / verify bound; loss fusion
+    (``bounds.loss_fusion``, CROWN-IBP) on the native engine only."""
     b, errors = cfg.bounds, []
     choices(errors, "bounds.engine", b.engine, ENGINES)
     choices(errors, "bounds.eps_schedule", b.eps_schedule, SCHEDULES)
@@ -49,6 +50,9 @@ def bounds_config_errors(cfg) -> list[str]:
         errors.append(f"bounds.reg_terms={list(b.reg_terms)!r}: unknown term(s) {', '.join(map(repr, bad))}; "
                       f"allowed: {', '.join(TERMS)}")
     errors += verify_errors(b.verify, b.engine)
+    if b.loss_fusion and b.engine == "auto_lirpa" and cfg.method.name == "crown-ibp":
+        errors.append("bounds.loss_fusion=true is implemented by the native engine only: with bounds.engine=auto_lirpa "
+                      "set bounds.loss_fusion=false (CROWN-IBP's margin form)")
     return errors
 
 

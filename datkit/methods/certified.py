@@ -11,7 +11,10 @@ Per step, with ``eps_t`` from the warm-up schedule (``bounds.eps_schedule`` over
    ``beta * CROWN-IBP + (1 - beta) * IBP`` with ``beta = 1 - eps_t / eps_max`` (CROWN-IBP's decay of
    beta from 1 to 0 over the ramp; after the ramp it is IBP);
 3. ``loss = CE([0, -m], 0)``: cross-entropy of the worst-case logits (Wong & Kolter 2018; the true class
-   at 0, class j at ``-m_j``); while ``eps_t = 0`` the loss is the clean ``CE(f(x), y)``;
+   at 0, class j at ``-m_j``); while ``eps_t = 0`` the loss is the clean ``CE(f(x), y)``. CROWN-IBP with
+   ``bounds.loss_fusion=true`` (the default) bounds the cross-entropy itself with one backward row instead
+   (Xu et al. 2020's loss fusion, ``datkit/certify/bounds/loss_fusion.py``) and mixes the two upper bounds of
+   ``sum_j exp(f_j - f_y)`` with the same beta;
 4. during the warm-up (``eps_t < eps_max``) the regularizers of Shi et al. are added with weight
    ``bounds.reg_lambda * (1 - eps_t / eps_max)``, on bounds at ``max(eps_t, 1e-6)`` (as the authors' code).
 
@@ -21,6 +24,8 @@ vanilla IBP / CROWN-IBP. Evaluation adds the verified accuracy VA (and verified 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +33,7 @@ from torch import nn
 from ..certify.bounds import record_batch_stats
 from ..certify.cascade import VerifiedAccuracy  # noqa: F401  (VA's home is the cascade module; kept importable here)
 from ..certify.config_checks import certified_method_errors
-from ..certify.bounds.engines import certified_margins, require_engine
+from ..certify.bounds.engines import certified_fused_loss, certified_margins, require_engine
 from ..certify.ibp_init import ibp_init
 from ..certify.regularizers import warmup_regularizer
 from ..certify.schedules import eps_schedule
@@ -86,9 +91,10 @@ class CertifiedTraining(Method):
             return F.cross_entropy(logits, y)
         beta = 1.0 - eps / eps_max if eps_max > 0 else 0.0
         method = self.bound if eps > 0 else "ibp"  # at eps_t = 0 only the regularizers' IBP intervals are needed
-        m = certified_margins(b.engine, raw, x, y, max(eps, MIN_REG_EPS), method, beta=beta, batch_stats=stats,
-                              num_classes=self.num_classes)
-        loss = robust_cross_entropy(m.lower) if eps > 0 else F.cross_entropy(logits, y)
+        fused = method == "crown-ibp" and beta > 0 and b.loss_fusion  # one backward row for the loss (loss_fusion.py)
+        bound = certified_fused_loss if fused else partial(certified_margins, method=method)
+        m = bound(b.engine, raw, x, y, max(eps, MIN_REG_EPS), beta=beta, batch_stats=stats, num_classes=self.num_classes)
+        loss = (m.loss if fused else robust_cross_entropy(m.lower)) if eps > 0 else F.cross_entropy(logits, y)
         if reg > 0:
             loss = loss + reg * warmup_regularizer(m.relu_inputs, m.network_input, b.reg_tol, b.reg_terms)
         return loss

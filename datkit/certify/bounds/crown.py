@@ -60,7 +60,11 @@ def refine_interval(state: BoundState, name: str, max_rows: int = DEFAULT_MAX_RO
         bound = backward_pass(state, A.view(batch, 2 * k, *shape), start=name)
         new_lower[:, idx] = torch.maximum(new_lower[:, idx], bound[:, :k])
         new_upper[:, idx] = torch.minimum(new_upper[:, idx], -bound[:, k:])
-    state.values[name] = Interval(new_lower.view(iv.shape), new_upper.view(iv.shape))
+    refined = Interval(new_lower.view(iv.shape), new_upper.view(iv.shape))
+    state.values[name] = refined
+    for step in state.steps:  # the ReLUs it feeds: their backward rule reads relu(u) from their own interval
+        if isinstance(step.rule, ReLURule) and step.args[0].name == name:
+            state.values[step.name] = step.rule.ibp(step, [refined], state)
     return len(rows)
 
 

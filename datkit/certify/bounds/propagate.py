@@ -6,7 +6,9 @@
   ``C W h + C b`` rather than ``C`` times the logits' box), as in IBP / CROWN-IBP training.
 - :func:`backward_pass`: the backward linear bound of CROWN (Zhang et al. 2018) from ``C`` (rows) at the
   output (or at any step) to the input, with every ReLU relaxed on its IBP interval: CROWN-IBP (Zhang et al., ICLR
-  2020). The bound is concretized on the input box: ``A x + c >= A center - |A| radius + c``.
+  2020). The bound is concretized on the input box: ``A x + c >= A center - |A| radius + c``. A BatchNorm
+  that is the only consumer of a Linear/Conv is folded into it in both passes (one affine map; the folded
+  weight and bias are computed once per state).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch import nn
 from .core import Interval, UnsupportedLayer
 from .graph import BoundGraph, Ref, Step
 from .batchnorm import BatchNormRule
-from .rules_affine import AffineRule, LinearRule, NormalizeRule
+from .rules_affine import AffineRule, LinearRule, NormalizeRule, folded
 from .rules_relu import ReLURule
 
 
@@ -76,6 +78,15 @@ def _batchnorm_after(graph: BoundGraph, steps: list[Step], i: int, args: Any) ->
     return nxt
 
 
+def _folded(state: BoundState, layer: Step, bn: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``layer`` followed by BatchNorm ``bn`` as one affine map, computed once per state (the IBP
+    pass and the backward pass share them)."""
+    key = ("folded", bn.name)
+    if key not in state.cache:
+        state.cache[key] = folded(layer.module.weight, layer.module.bias, *bn.rule.affine(bn, state))
+    return state.cache[key]
+
+
 def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor | None = None,
              batch_stats: dict | None = None) -> BoundState:
     """Intervals of every step of ``model`` for inputs in ``box``; ``state.output`` bounds ``C @ logits`` if given."""
@@ -95,7 +106,7 @@ def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor
             return state
         bn = _batchnorm_after(graph, steps, i, args)
         if bn is not None:  # layer + BatchNorm as one affine map (the layer's own interval is not needed)
-            state.values[bn.name] = step.rule.ibp_then(step, args[0], *bn.rule.affine(bn, state))
+            state.values[bn.name] = step.rule.ibp_with(step, args[0], *_folded(state, step, bn))
             fused.add(bn.name)
             continue
         state.values[step.name] = step.rule.ibp(step, args, state)
@@ -105,6 +116,18 @@ def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor
                                           (C.abs() @ out.radius.unsqueeze(-1)).squeeze(-1))
     state.output = out
     return state
+
+
+def _batchnorms_after_layers(state: BoundState) -> dict[str, Step]:
+    """``{BatchNorm step name: the Linear/Conv step it is the only consumer of}`` (see :func:`_batchnorm_after`)."""
+    out = {}
+    for i, step in enumerate(state.steps):
+        if isinstance(step.rule, AffineRule) and step.op != "placeholder":
+            shapes = [state.values[a.name] for a in step.args if isinstance(a, Ref)]
+            bn = _batchnorm_after(state.graph, state.steps, i, shapes)
+            if bn is not None:
+                out[bn.name] = step
+    return out
 
 
 def backward_pass(state: BoundState, C: torch.Tensor, start: str | None = None) -> torch.Tensor:
@@ -118,9 +141,18 @@ def backward_pass(state: BoundState, C: torch.Tensor, start: str | None = None) 
     pending: dict[str, torch.Tensor] = {start: C}
     bias = torch.zeros(C.shape[:2], dtype=C.dtype, device=C.device)
     lower = None
+    bn_layers = _batchnorms_after_layers(state)
     for step in reversed(state.steps):
         A = pending.pop(step.name, None)
         if A is None:
+            continue
+        if step.name in bn_layers:  # BatchNorm after a Linear/Conv: both as one affine map (as the IBP pass does)
+            layer = bn_layers[step.name]
+            contributions, b = layer.rule.backward_with(layer, A, state, *_folded(state, layer, step))
+            if b is not None:
+                bias = bias + b
+            ((name, A_in),) = contributions
+            pending[name] = A_in if name not in pending else pending[name] + A_in
             continue
         if step.op == "placeholder":
             box = state.values[step.name]

@@ -39,7 +39,8 @@ def folded(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
 
 class AffineRule(Rule):
     """A layer ``W h + b`` (``forward(step, h, W, b)``): IBP is ``forward(center) -+ |W|-forward(radius)``;
-    ``ibp_then`` bounds it together with a per-channel affine map (a BatchNorm) that follows it."""
+    ``ibp_then`` bounds it together with a per-channel affine map (a BatchNorm) that follows it; ``ibp_with`` /
+    ``backward_with`` take the (folded) weight and bias explicitly."""
 
     def forward(self, step, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -51,8 +52,19 @@ class AffineRule(Rule):
     def ibp(self, step, args, ctx):
         return self._ibp(step, args[0], step.module.weight, step.module.bias)
 
+    def ibp_with(self, step, iv: Interval, weight: torch.Tensor, bias: torch.Tensor | None) -> Interval:
+        """``ibp`` of the layer with ``weight`` / ``bias`` in place of its own (e.g. folded with a BatchNorm)."""
+        return self._ibp(step, iv, weight, bias)
+
     def ibp_then(self, step, iv: Interval, scale: torch.Tensor, shift: torch.Tensor) -> Interval:
         return self._ibp(step, iv, *folded(step.module.weight, step.module.bias, scale, shift))
+
+    def backward_with(self, step, A: torch.Tensor, ctx, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``backward`` of the layer with ``weight`` / ``bias`` in place of its own."""
+        raise NotImplementedError
+
+    def backward(self, step, A, ctx):
+        return self.backward_with(step, A, ctx, step.module.weight, step.module.bias)
 
 
 @register_module(nn.Linear)
@@ -71,10 +83,8 @@ class LinearRule(AffineRule):
             center = center + C @ m.bias
         return Interval.from_center_radius(center, (W.abs() @ iv.radius.unsqueeze(-1)).squeeze(-1))
 
-    def backward(self, step, A, ctx):
-        m = step.module
-        bias = rows_sum(A @ m.bias) if m.bias is not None else None
-        return [(step.args[0].name, A @ m.weight)], bias
+    def backward_with(self, step, A, ctx, weight, bias):
+        return [(step.args[0].name, A @ weight)], (rows_sum(A @ bias) if bias is not None else None)
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
@@ -104,11 +114,10 @@ class Conv2dRule(AffineRule):
         m = step.module
         return F.conv2d(h, weight, bias, m.stride, _conv_padding(m), m.dilation, m.groups)
 
-    def backward(self, step, A, ctx):
+    def backward_with(self, step, A, ctx, weight, bias):
         m, name = step.module, step.args[0].name
-        A_in = transposed(A, m.weight, ctx.shape(name), m.stride, _conv_padding(m), m.dilation, m.groups)
-        bias = A.flatten(3).sum(-1) @ m.bias if m.bias is not None else None
-        return [(name, A_in)], bias
+        A_in = transposed(A, weight, ctx.shape(name), m.stride, _conv_padding(m), m.dilation, m.groups)
+        return [(name, A_in)], (A.flatten(3).sum(-1) @ bias if bias is not None else None)
 
 
 @register_module(Normalize)
