@@ -71,6 +71,19 @@ def test_cascade_verifies_the_union_of_its_stages() -> None:
     assert not bool(res.verified[0]) and res.received[0] == int(correct.sum()) == 63
 
 
+def test_a_falsifier_before_full_crown_saves_work_and_changes_nothing() -> None:
+    """A PGD that breaks an example proves it unverifiable: the crown stage receives fewer, VA is the same."""
+    from datkit.attacks import PGD
+
+    net, x, y = trained_net()
+    plain = run_cascade(net, x, y, 3 * EPS, STAGES)
+    pgd = PGD(eps=3 * EPS, alpha=3 * EPS / 4, steps=10, random_start=False, eval_mode=True)
+    falsified = run_cascade(net, x, y, 3 * EPS, STAGES, falsifier=pgd)
+    assert torch.equal(falsified.verified, plain.verified) and torch.equal(falsified.stage, plain.stage)
+    assert falsified.received[:2] == plain.received[:2]
+    assert falsified.received[2] < plain.received[2], (falsified.received, plain.received)
+
+
 def test_each_stage_receives_only_what_earlier_stages_left(monkeypatch: pytest.MonkeyPatch) -> None:
     net, x, y = trained_net()
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []

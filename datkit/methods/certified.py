@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks import PGD
 from ..certify.bounds import record_batch_stats
 from ..certify.cascade import VerifiedAccuracy  # noqa: F401  (VA's home is the cascade module; kept importable here)
 from ..certify.config_checks import certified_method_errors
@@ -101,7 +102,12 @@ class CertifiedTraining(Method):
 
     def eval_metrics(self) -> dict[str, VerifiedAccuracy]:
         eps = self.cfg.eval.eps if self.cfg.eval.eps is not None else self.cfg.attack.eps
-        return {"VA": VerifiedAccuracy(eps, self.cfg.bounds.verify, self.cfg.bounds.engine, self.num_classes)}
+        # before full CROWN, a deterministic PGD (no random start: the same on any number of workers) drops what it breaks
+        e = self.cfg.eval
+        alpha = e.pgd_alpha if e.pgd_alpha is not None else 2.5 * eps / e.pgd_steps
+        falsifier = PGD(eps=eps, alpha=max(alpha, 1e-12), steps=e.pgd_steps, random_start=False,
+                        eval_mode=True)
+        return {"VA": VerifiedAccuracy(eps, self.cfg.bounds.verify, self.cfg.bounds.engine, self.num_classes, falsifier)}
 
 
 @METHODS.register("ibp")
