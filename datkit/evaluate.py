@@ -35,7 +35,7 @@ OPTIONS: dict[str, Any] = {"checkpoint": None, "attacks": ["pgd", "autoattack"],
 _EVAL_KEYS = {"eps": "eps", "pgd_alpha": "pgd_alpha", "pgd_steps": "pgd_steps", "pgd_restarts": "pgd_restarts",
               "batch_size": "batch_size", "num_samples": "final_num_samples"}
 # attack name -> result column
-COLUMNS: dict[str, str] = {"clean": "TA", "pgd": "RA", "autoattack": "AA", "fgsm": "FGSM"}
+COLUMNS: dict[str, str] = {"clean": "TA", "pgd": "RA", "autoattack": "AA", "fgsm": "FGSM", "verified": "VA"}
 _ROOT_SCALARS = ("backend", "device")
 
 USAGE = """usage: python -m datkit.evaluate checkpoint=PATH [attacks=[pgd,autoattack]] [eps=0.3] [pgd_steps=20]
@@ -44,7 +44,8 @@ USAGE = """usage: python -m datkit.evaluate checkpoint=PATH [attacks=[pgd,autoat
        torchrun --nproc_per_node N -m datkit.evaluate checkpoint=PATH ...   (evaluation sharded over N workers)
 
 attacks: any of clean (TA, always reported), pgd (RA), autoattack (AA, needs pip install "datkit[autoattack]"),
-fgsm (FGSM: one step of size eps, no random start). eps defaults to the run's eval.eps, else attack.eps;
+fgsm (FGSM: one step of size eps, no random start), verified (VA by the verification cascade bounds.verify, e.g.
+bounds.verify=[ibp,crown-ibp,crown], with per-stage gains and times; any model with supported layers). eps defaults to the run's eval.eps, else attack.eps;
 num_samples=0 evaluates the whole test set; batch_size is global (split across workers). Numbers may be fractions
 (eps=8/255). The options are stored in the run's config as eval.eps, eval.pgd_steps, eval.pgd_alpha, eval.pgd_restarts,
 eval.batch_size and eval.final_num_samples; bare options win over eval.* overrides."""
@@ -128,7 +129,9 @@ def build_attacks(opts: dict[str, Any], cfg: Any, n_classes: int) -> dict[str, t
         col = COLUMNS[name]
         if col in out:
             continue
-        if name == "pgd":
+        if name == "verified":
+            out[col] = _verified_accuracy(cfg, n_classes)
+        elif name == "pgd":
             atk = ra_attack(cfg.eval, cfg.attack.eps, norm)
             out[col] = (atk, {"attack": "pgd", "norm": norm, "eps": atk.eps, "steps": atk.steps, "alpha": atk.alpha,
                               "restarts": atk.restarts})
@@ -144,6 +147,24 @@ def build_attacks(opts: dict[str, Any], cfg: Any, n_classes: int) -> dict[str, t
             extra = {"version": "standard"} if name == "autoattack" else {"steps": 1, "alpha": eps}
             out[col] = (atk, {"attack": name, "norm": norm, "eps": eps, **extra})
     return out
+
+
+def _verified_accuracy(cfg: Any, n_classes: int) -> tuple[Any, dict[str, Any]]:
+    """VA by the cascade ``bounds.verify`` at ``eval.eps``, with the RA attack's deterministic twin as the falsifier
+    before full CROWN (``datkit.certify.cascade``)."""
+    from datkit.attacks import PGD
+    from datkit.certify.cascade import VerifiedAccuracy, stages_of, verify_errors
+
+    if cfg.attack.norm != "linf":
+        raise ConfigError(f"attacks=verified: the bounds certify l_inf balls only (attack.norm={cfg.attack.norm})")
+    errors = verify_errors(cfg.bounds.verify, cfg.bounds.engine)
+    if errors:
+        raise ConfigError(errors[0])
+    eps, e = (cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps), cfg.eval
+    alpha = e.pgd_alpha if e.pgd_alpha is not None else 2.5 * eps / e.pgd_steps
+    falsifier = PGD(eps=eps, alpha=max(alpha, 1e-12), steps=e.pgd_steps, random_start=False, eval_mode=True)
+    metric = VerifiedAccuracy(eps, cfg.bounds.verify, cfg.bounds.engine, n_classes, falsifier)
+    return metric, {"attack": "verified", "eps": eps, "stages": list(stages_of(cfg.bounds.verify))}
 
 
 class _Timed:
@@ -168,6 +189,8 @@ def _settings(s: dict[str, Any]) -> str:
         return f"PGD-{s['steps']}, {s['norm']} eps={s['eps']:.4g}, alpha={s['alpha']:.4g}, restarts={s['restarts']}"
     if s["attack"] == "fgsm":
         return f"FGSM, {s['norm']} eps={s['eps']:.4g}, step {s['alpha']:.4g}"
+    if s["attack"] == "verified":
+        return f"verification cascade {' -> '.join(s['stages'])}, linf eps={s['eps']:.4g}"
     robust = s.get("pgd_robust_attacked")
     return f"AutoAttack ({s['version']}), {s['norm']} eps={s['eps']:.4g}" + (
         f", on the {robust} PGD-robust images" if robust is not None else "")
@@ -184,6 +207,10 @@ def markdown(res: dict[str, Any]) -> str:
     for c, s in res["attacks"].items():
         t = "-" if s.get("seconds") is None else f"{s['seconds']:.1f}"
         lines.append(f"| {c} | {s['attack']} | {_settings(s)} | {t} |")
+    if "VA" in res:
+        from datkit.engine.results import cascade_table
+
+        lines += cascade_table({"eps": res["attacks"]["VA"]["eps"], **res})
     return "\n".join(lines)
 
 
@@ -241,10 +268,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # AA goes its own way (datkit.engine.autoattack_eval): only PGD-robust images reach AutoAttack (the RA
         # column's per-image outcomes, when it was asked for), dealt out evenly over the workers
         per_image = {c: a for c, a in attacks.items() if c != "AA"}
-        timed = {c: (None if atk is None else _Timed(atk, sync)) for c, (atk, _) in per_image.items()}
+        timed = {c: (None if atk is None else atk if c == "VA" else _Timed(atk, sync)) for c, (atk, _) in per_image.items()}
         start = time.perf_counter()
         acc, outcomes = evaluate_per_image(backend, model, data.test, idx, cfg.eval.batch_size, timed, seed=cfg.train.seed)
-        seconds = [t.seconds for t in timed.values() if t is not None]
+        seconds = [t.seconds for t in timed.values() if isinstance(t, _Timed)]
         if "AA" in attacks:
             from datkit.engine import ra_attack
             from datkit.engine.autoattack_eval import evaluate_autoattack
@@ -259,12 +286,14 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         secs = torch.tensor([time.perf_counter() - start] + seconds, dtype=torch.float64)
         secs = backend.all_reduce(secs.to(backend.device), op="max").cpu().tolist()  # the slowest worker
         timings = iter(secs[1:])
-        order = [c for c in per_image if per_image[c][0] is not None] + (["AA"] if "AA" in attacks else [])
+        order = [c for c in per_image if isinstance(timed[c], _Timed)] + (["AA"] if "AA" in attacks else [])
         timing = dict(zip(order, timings))
         settings = {c: {**s, "seconds": timing.get(c)} for c, (atk, s) in attacks.items()}
         res: dict[str, Any] = {"checkpoint": os.path.abspath(opts["checkpoint"]), "epoch": state.get("epoch"),
                                "model": cfg.model.name, "data": cfg.data.name, "test_set": data.test_name,
-                               "n": acc["n"], **{c: acc[c] for c in attacks}, "attacks": settings, "eval_s": secs[0],
+                               "n": acc["n"], **{c: acc[c] for c in attacks},
+                               **{k: v for k, v in acc.items() if k.startswith(("VA_", "VE"))}, "attacks": settings,
+                               "eval_s": secs[0],
                                "world_size": backend.world_size, "backend": backend.name}
         if backend.is_main:
             table = markdown(res)

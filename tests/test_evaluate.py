@@ -125,3 +125,31 @@ def test_autoattack_without_torchattacks(checkpoint: Path, capsys: pytest.Captur
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # makes `import torchattacks` fail
     code, err = run_main([f"checkpoint={checkpoint}", "attacks=[autoattack]"], capsys)
     assert code == 2 and 'pip install "datkit[autoattack]"' in err
+
+
+def test_verified_accuracy_by_the_cascade(checkpoint: Path, tmp_path: Path) -> None:
+    """``attacks=verified``: VA by ``bounds.verify`` on any checkpoint, = the cascade run directly on the same images;
+    the per-stage gains sum to VA, and the JSON and Markdown carry them."""
+    from omegaconf import OmegaConf
+
+    from datkit.certify.cascade import run_cascade
+    from datkit.data.loaders import build_data, eval_subset
+    from datkit.engine.run import build_model
+
+    out = tmp_path / "ev.json"
+    res = evaluate.evaluate([f"checkpoint={checkpoint}", "attacks=[pgd,verified]", "num_samples=20", "pgd_steps=3",
+                             "eps=0.01", "bounds.verify=[ibp,crown-ibp,crown]", f"output={out}"])
+    cfg = OmegaConf.create(json.loads((checkpoint.parent / "results.json").read_text())["config"])
+    data = build_data(cfg.data)
+    model = build_model(cfg, data.spec)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+    model.eval()
+    idx = eval_subset(len(data.test), 20, seed=cfg.train.seed)
+    x = torch.stack([data.test[i][0] for i in idx])
+    y = torch.tensor([int(data.test[i][1]) for i in idx])
+    direct = run_cascade(model, x, y, 0.01, ["ibp", "crown-ibp", "crown"])
+    assert res["VA"] == pytest.approx(float(direct.verified.float().mean())) and res["VA"] > 0
+    gains = [res[f"VA_gain_{s}"] for s in ("ibp", "crown-ibp", "crown")]
+    assert sum(gains) == pytest.approx(res["VA"]) and res["VA"] <= res["RA"] + 1e-9
+    assert json.loads(out.read_text())["VA_gain_crown"] == res["VA_gain_crown"]
+    assert "| crown | +" in out.with_suffix(".md").read_text()
