@@ -11,7 +11,7 @@ model normalizes internally, see :class:`~datkit.models.NormalizedModel`). ``eps
   ``C f(x')`` for the specification matrix :func:`spec_matrix`; CROWN-IBP's training bound mixes
   ``beta * CROWN-IBP + (1 - beta) * IBP`` as in Zhang et al. 2020 and Shi et al. 2021;
 - :func:`~.crown.crown_bounds`: full CROWN (Zhang et al. 2018), intermediate bounds by CROWN too (:mod:`.crown`);
-- :func:`verified`: which examples are certified (every margin's lower bound > 0).
+- :func:`~.crown.verified`: which examples are certified (every margin's lower bound > 0).
 
 BatchNorm layers in training mode use the statistics of the clean batch (``batch_stats`` from
 :func:`~datkit.certify.bounds.batchnorm.record_batch_stats`; when omitted, a clean forward pass
@@ -30,7 +30,6 @@ from .graph import graph_of
 from .propagate import BoundState, backward_pass, ibp_pass
 
 METHODS = ("ibp", "crown-ibp")  # training bounds (margin_bounds)
-VERIFY_METHODS = ("ibp", "crown-ibp", "crown")  # bounds of verified()
 
 
 @dataclass
@@ -115,24 +114,3 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     if method == "crown-ibp" and beta > 0:
         lower = beta * backward_pass(state, C) + (1.0 - beta) * lower
     return MarginBounds(lower, state)
-
-
-@torch.no_grad()
-def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str = "ibp",
-             num_classes: int | None = None) -> torch.Tensor:
-    """Boolean ``(B,)``: every margin's lower bound is positive. ``crown-ibp`` certifies an example when
-    either IBP or CROWN-IBP does, ``crown`` when IBP or full CROWN (itself >= CROWN-IBP) does (all are sound)."""
-    if method not in VERIFY_METHODS:
-        raise ValueError(f"method must be one of {', '.join(VERIFY_METHODS)}; got {method!r}")
-    res = margin_bounds(model, x, y, eps, "ibp", num_classes=num_classes)
-    lower = res.lower
-    if method != "ibp":
-        C = spec_matrix(y, lower.shape[1] + 1).to(x.dtype)
-        if method == "crown":
-            from .crown import crown_bounds  # (crown imports this module)
-
-            lower = torch.maximum(lower, crown_bounds(model, x, eps, C, batch_stats=res.state.batch_stats or None,
-                                                      upper=False)[0])
-        else:
-            lower = torch.maximum(lower, backward_pass(res.state, C))
-    return (lower > 0).all(dim=1)
