@@ -21,7 +21,7 @@ declare -A METHOD=(
   [sabr]="method.name=sabr bounds.lambda_box=0.6 attack.steps=3 attack.eval_mode=true"
 )
 train() {
-  local name=$1
+  local name=$1; shift
   rm -rf "${OUT:?}/$name"
   # shellcheck disable=SC2086  # the method's overrides are words
   OMP_NUM_THREADS=1 $PY -m datkit.train "${COMMON[@]}" ${METHOD[$name]} "train.output_dir=$OUT/$name" "$@" \
