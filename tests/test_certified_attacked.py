@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers.runs import assert_same_weights, load_checkpoint, one_thread
 
 from datkit.attacks import PGD
-from datkit.certify.bounds import margin_bounds, spec_matrix
+from datkit.certify.bounds import margin_bounds
 from datkit.config import ConfigError, load_config
 from datkit.methods import StepInfo, create_method
 from datkit.methods.certified import robust_cross_entropy

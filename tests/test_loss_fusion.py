@@ -22,7 +22,7 @@ from test_bounds import every_layer_net, frozen_copy, sample_points, trained_mlp
 from torch import nn
 
 from datkit.certify.bounds import bound_state, loss_fusion, margin_bounds, spec_matrix
-from datkit.certify.bounds.loss_fusion import chord_factor, fused_bound, fused_cross_entropy, fused_loss, logit_row
+from datkit.certify.bounds.loss_fusion import chord_factor, fused_bound, fused_loss, logit_row
 from datkit.config import ConfigError, load_config
 from datkit.methods import StepInfo, create_method
 from datkit.methods.certified import robust_cross_entropy
