@@ -254,3 +254,20 @@ def test_tiny_run_reports_verified_accuracy(method: str, tmp_path: Path) -> None
     assert {"VA", "VE"} <= set(final)
     md = (tmp_path / "results.md").read_text()
     assert "| VA | verified err |" in md and f"VA {final['VA']:.4f}" in md
+
+
+def test_crown_ibp_beta_final_keeps_crown_ibp_after_the_ramp() -> None:
+    """``bounds.beta_final``: after the ramp the loss is IBP's at the default 0 and the fused CROWN-IBP bound at 1."""
+    from datkit.certify.bounds import fused_loss
+
+    _, m0, net, x, y = _setup("crown-ibp", "bounds.reg_lambda=0")
+    _, m1, _, _, _ = _setup("crown-ibp", "bounds.reg_lambda=0", "bounds.beta_final=1")
+    _, ibp, _, _, _ = _setup("ibp", "bounds.reg_lambda=0")
+    at_max = StepInfo(eps=0.2)
+    assert m0.loss(net, net, x, y, at_max).item() == pytest.approx(ibp.loss(net, net, x, y, at_max).item(), rel=1e-6)
+    want = fused_loss(net, x, y, 0.2, beta=1.0, num_classes=10).loss
+    got = m1.loss(net, net, x, y, at_max)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(got.item() - ibp.loss(net, net, x, y, at_max).item()) > 1e-2, "beta_final = 1 must not be IBP"
+    with pytest.raises(ConfigError, match=r"bounds\.beta_final"):
+        validate_config(load_config(None, ["method.name=crown-ibp", "bounds.beta_final=1.5"]))

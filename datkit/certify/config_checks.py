@@ -49,6 +49,8 @@ def bounds_config_errors(cfg) -> list[str]:
     if bad:
         errors.append(f"bounds.reg_terms={list(b.reg_terms)!r}: unknown term(s) {', '.join(map(repr, bad))}; "
                       f"allowed: {', '.join(TERMS)}")
+    if not 0.0 <= b.beta_final <= 1.0:
+        errors.append(f"bounds.beta_final={b.beta_final!r} must be in [0, 1] (CROWN-IBP's weight after the ramp)")
     errors += verify_errors(b.verify, b.engine)
     if b.loss_fusion and b.engine == "auto_lirpa" and cfg.method.name == "crown-ibp":
         errors.append("bounds.loss_fusion=true is implemented by the native engine only: with bounds.engine=auto_lirpa "

@@ -213,6 +213,7 @@ class BoundsConfig:
     reg_terms: List[str] = field(default_factory=lambda: ["tightness", "relu"])  # which warm-up regularizers: tightness, relu
     alpha: float = 0.5  # mtl-ibp: alpha * (IBP loss) + (1 - alpha) * (loss at a PGD point); cc-ibp: the loss of alpha * (IBP margin bounds) + (1 - alpha) * (margins at the PGD point); in [0, 1]; 1 = IBP, 0 = PGD training (De Palma et al., ICLR 2024)
     lambda_box: float = 0.4  # sabr only: IBP over a box of radius lambda_box * eps_t around a PGD point pulled into the (1 - lambda_box) * eps_t box, in (0, 1]; 1 = IBP (Mueller et al., ICLR 2023)
+    beta_final: float = 0.0  # crown-ibp: the weight of CROWN-IBP in beta * CROWN-IBP + (1 - beta) * IBP goes from 1 to beta_final over the eps ramp and stays there (Zhang et al. 2020's beta_end); 0 = IBP after the ramp, in [0, 1]
     loss_fusion: bool = True  # crown-ibp: bound the cross-entropy itself with one backward row (Xu et al. 2020) instead of one per margin; native engine only (with engine=auto_lirpa set false); false = the margin form
     verify: Any = field(default_factory=lambda: ["ibp"])  # verification cascade of VA at eval.eps: a list of stages from ibp, crown-ibp, crown (full CROWN), each run on the examples the earlier ones left unverified, e.g. [ibp, crown-ibp, crown]; legacy strings ibp = [ibp], crown-ibp = [ibp, crown-ibp]
 

@@ -8,8 +8,9 @@ Per step, with ``eps_t`` from the warm-up schedule (``bounds.eps_schedule`` over
    train-mode BatchNorm's batch statistics for the bounds (global over workers for SyncBatchNorm);
 2. lower bounds ``m`` of the margins ``f_y(x') - f_j(x')`` over ``{|x' - x|_inf <= eps_t} ∩ [0,1]^d``
    come from the unwrapped model: IBP (Gowal et al. 2018) or CROWN-IBP (Zhang et al., ICLR 2020),
-   ``beta * CROWN-IBP + (1 - beta) * IBP`` with ``beta = 1 - eps_t / eps_max`` (CROWN-IBP's decay of
-   beta from 1 to 0 over the ramp; after the ramp it is IBP);
+   ``beta * CROWN-IBP + (1 - beta) * IBP`` with ``beta = b + (1 - b)(1 - eps_t / eps_max)``, ``b =
+   bounds.beta_final`` (CROWN-IBP's decay of beta from 1 to ``b`` over the ramp; with the default ``b = 0`` it is
+   IBP after the ramp);
 3. ``loss = CE([0, -m], 0)``: cross-entropy of the worst-case logits (Wong & Kolter 2018; the true class
    at 0, class j at ``-m_j``); while ``eps_t = 0`` the loss is the clean ``CE(f(x), y)``. CROWN-IBP with
    ``bounds.loss_fusion=true`` (the default) bounds the cross-entropy itself with one backward row instead
@@ -90,7 +91,8 @@ class CertifiedTraining(Method):
         reg = self.reg_weight(eps)
         if eps <= 0 and reg == 0:
             return F.cross_entropy(logits, y)
-        beta = 1.0 - eps / eps_max if eps_max > 0 else 0.0
+        # CROWN-IBP's mixing weight: 1 -> bounds.beta_final over the ramp (Zhang et al. 2020's beta schedule)
+        beta = b.beta_final + (1.0 - b.beta_final) * (1.0 - eps / eps_max) if eps_max > 0 else b.beta_final
         method = self.bound if eps > 0 else "ibp"  # at eps_t = 0 only the regularizers' IBP intervals are needed
         fused = method == "crown-ibp" and beta > 0 and b.loss_fusion  # one backward row for the loss (loss_fusion.py)
         bound = certified_fused_loss if fused else partial(certified_margins, method=method)
