@@ -2,7 +2,8 @@
 dense implementation (MLP from its weight matrices, conv net from its convolutions' Jacobians), never looser than
 CROWN-IBP and strictly tighter on a random net (the intermediate refinement does something).
 
-The independent reference (below, numpy float64, written from Zhang et al. 2018, not calling the engine) uses the
+The independent reference (below and ``tests/helpers/bounds_reference.py``'s back-substitution, numpy float64, written
+from Zhang et al. 2018, not calling the engine) uses the
 same choices as the engine: adaptive lower slope (1 if u > -l else 0), each pre-activation's CROWN bounds
 intersected with its IBP interval (IBP from the input box), and the final bound's max with CROWN-IBP.
 """
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.bounds_reference import backsubstitute, ibp_layers
 from helpers.runs import one_thread
 from test_bounds import Residual, ViewFlatten, pgd_extremes, sample_points
 from torch import nn
@@ -121,40 +123,15 @@ def dense_layers(net: nn.Module, pieces: list[nn.Module], in_shape: tuple[int, .
     return layers
 
 
-def _backsub(layers, pre, A: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """min over the box of ``A @ net(x)`` by CROWN's back-substitution with pre-activation bounds ``pre``."""
-    bias = np.zeros(A.shape[0])
-    for k in range(len(layers) - 1, -1, -1):
-        W, b = layers[k]
-        bias, A = bias + A @ b, A @ W
-        if k == 0:
-            break
-        l, u = pre[k - 1]
-        active, inactive = l >= 0, u <= 0
-        unstable = ~(active | inactive)
-        s = np.where(active, 1.0, np.where(inactive, 0.0, u / np.where(unstable, u - l, 1.0)))
-        intercept = np.where(unstable, -s * l, 0.0)
-        alpha = np.where(active, 1.0, np.where(inactive, 0.0, (u > -l).astype(float)))
-        pos, neg = np.clip(A, 0, None), np.clip(A, None, 0)
-        bias, A = bias + neg @ intercept, pos * alpha + neg * s
-    return np.clip(A, 0, None) @ lo + np.clip(A, None, 0) @ hi + bias
-
-
 def reference_crown(layers, lo: np.ndarray, hi: np.ndarray, C: np.ndarray) -> np.ndarray:
     """Full CROWN lower bound of ``C @ net`` for one input box (see the module docstring)."""
-    ibp, l, u = [], lo, hi
-    for k, (W, b) in enumerate(layers[:-1]):
-        if k > 0:
-            l, u = np.maximum(l, 0), np.maximum(u, 0)
-        c, r = W @ ((l + u) / 2) + b, np.abs(W) @ ((u - l) / 2)
-        l, u = c - r, c + r
-        ibp.append((l, u))
+    ibp = ibp_layers(layers, lo, hi)[:-1]  # the pre-activations' IBP intervals
     pre = []
     for k, (l_ibp, u_ibp) in enumerate(ibp):
         eye = np.eye(len(l_ibp))
-        l_cr, u_cr = _backsub(layers[: k + 1], pre, eye, lo, hi), -_backsub(layers[: k + 1], pre, -eye, lo, hi)
+        l_cr, u_cr = backsubstitute(layers[: k + 1], pre, eye, lo, hi), -backsubstitute(layers[: k + 1], pre, -eye, lo, hi)
         pre.append((np.maximum(l_ibp, l_cr), np.minimum(u_ibp, u_cr)))
-    return np.maximum(_backsub(layers, pre, C, lo, hi), _backsub(layers, ibp, C, lo, hi))
+    return np.maximum(backsubstitute(layers, pre, C, lo, hi), backsubstitute(layers, ibp, C, lo, hi))
 
 
 def _compare(net: nn.Module, layers, x: torch.Tensor, eps: float) -> float:

@@ -1,5 +1,5 @@
 """Bounds of small fully connected ReLU networks computed without datkit's bound engine (the references of
-``tests/test_bounds.py`` and ``tests/test_certified.py``).
+``tests/test_bounds.py``, ``tests/test_certified.py`` and, through ``backsubstitute``, ``tests/test_crown_bounds.py``).
 
 A network is ``NormalizedModel(Normalize(mean, std), Sequential(Flatten, Linear, ReLU, ..., Linear))``; the
 normalization is folded into the first layer, and the input box is ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]``.
@@ -42,7 +42,7 @@ def input_box(x: torch.Tensor, eps: float) -> tuple[np.ndarray, np.ndarray]:
     return (flat - eps).clamp(0, 1).numpy(), (flat + eps).clamp(0, 1).numpy()
 
 
-def _ibp_layers(layers, lo: np.ndarray, hi: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def ibp_layers(layers, lo: np.ndarray, hi: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Interval of every Linear's output (pre-activations, then the logits) for one input box."""
     out = []
     for i, (W, b) in enumerate(layers):
@@ -63,36 +63,37 @@ def ibp(model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor) -> np.nd
     for i in range(lo.shape[0]):
         Ci = C[i].double().numpy()
         W, b = layers[-1]  # the spec folded into the last layer: C W, C b (as CROWN-IBP's IBP does)
-        l, u = _ibp_layers([*layers[:-1], (Ci @ W, Ci @ b)], lo[i], hi[i])[-1]
+        l, u = ibp_layers([*layers[:-1], (Ci @ W, Ci @ b)], lo[i], hi[i])[-1]
         res.append(l)
     return np.stack(res)
+
+
+def backsubstitute(layers, pre, A: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """min over the box ``[lo, hi]`` of ``A @ net(x)`` by CROWN's back-substitution (Zhang et al. 2018) with the
+    pre-activation bounds ``pre`` (one ``(l, u)`` per ReLU), see the module docstring."""
+    bias = np.zeros(A.shape[0])
+    for k in range(len(layers) - 1, -1, -1):
+        W, b = layers[k]
+        bias, A = bias + A @ b, A @ W
+        if k == 0:
+            break
+        l, u = pre[k - 1]  # the ReLU before layer k acts on layer k-1's output
+        active, inactive = l >= 0, u <= 0
+        unstable = ~(active | inactive)
+        s = np.where(active, 1.0, np.where(inactive, 0.0, u / np.where(unstable, u - l, 1.0)))
+        intercept = np.where(unstable, -s * l, 0.0)
+        alpha = np.where(active, 1.0, np.where(inactive, 0.0, (u > -l).astype(float)))
+        pos, neg = np.clip(A, 0, None), np.clip(A, None, 0)
+        bias, A = bias + neg @ intercept, pos * alpha + neg * s
+    return np.clip(A, 0, None) @ lo + np.clip(A, None, 0) @ hi + bias
 
 
 def crown_ibp(model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor) -> np.ndarray:
     """CROWN-IBP lower bounds of ``C[i] @ f(x')`` (``(B, K)``), see the module docstring."""
     layers = affine_layers(model)
     lo, hi = input_box(x, eps)
-    res = []
-    for i in range(lo.shape[0]):
-        pre = _ibp_layers(layers, lo[i], hi[i])
-        A, bias = C[i].double().numpy(), np.zeros(C.shape[1])
-        for k in range(len(layers) - 1, -1, -1):
-            W, b = layers[k]
-            bias = bias + A @ b
-            A = A @ W
-            if k == 0:
-                break
-            l, u = pre[k - 1]  # the ReLU before layer k acts on layer k-1's output
-            active, inactive = l >= 0, u <= 0
-            unstable = ~(active | inactive)
-            s = np.where(active, 1.0, np.where(inactive, 0.0, u / np.where(unstable, u - l, 1.0)))
-            intercept = np.where(unstable, -s * l, 0.0)
-            alpha = np.where(active, 1.0, np.where(inactive, 0.0, (u > -l).astype(float)))
-            pos, neg = np.clip(A, 0, None), np.clip(A, None, 0)
-            bias = bias + neg @ intercept
-            A = pos * alpha + neg * s
-        res.append(np.clip(A, 0, None) @ lo[i] + np.clip(A, None, 0) @ hi[i] + bias)
-    return np.stack(res)
+    return np.stack([backsubstitute(layers, ibp_layers(layers, lo[i], hi[i]), C[i].double().numpy(), lo[i], hi[i])
+                     for i in range(lo.shape[0])])
 
 
 def lp(model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor) -> np.ndarray:
@@ -103,7 +104,7 @@ def lp(model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor) -> np.nda
     lo, hi = input_box(x, eps)
     res = np.zeros(C.shape[:2])
     for i in range(lo.shape[0]):
-        pre = _ibp_layers(layers, lo[i], hi[i])
+        pre = ibp_layers(layers, lo[i], hi[i])
         # variables: the input z (d), then per hidden layer its pre-activation h and post-activation a
         sizes = [layers[0][0].shape[1]] + [n for k in range(len(layers) - 1) for n in (layers[k][0].shape[0],) * 2]
         offs = np.concatenate([[0], np.cumsum(sizes)])
