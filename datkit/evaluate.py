@@ -152,18 +152,15 @@ def build_attacks(opts: dict[str, Any], cfg: Any, n_classes: int) -> dict[str, t
 def _verified_accuracy(cfg: Any, n_classes: int) -> tuple[Any, dict[str, Any]]:
     """VA by the cascade ``bounds.verify`` at ``eval.eps``, with the RA attack's deterministic twin as the falsifier
     before full CROWN (``datkit.certify.cascade``)."""
-    from datkit.attacks import PGD
-    from datkit.certify.cascade import VerifiedAccuracy, stages_of, verify_errors
+    from datkit.certify.cascade import VerifiedAccuracy, pgd_falsifier, stages_of, verify_errors
 
     if cfg.attack.norm != "linf":
         raise ConfigError(f"attacks=verified: the bounds certify l_inf balls only (attack.norm={cfg.attack.norm})")
     errors = verify_errors(cfg.bounds.verify, cfg.bounds.engine)
     if errors:
         raise ConfigError(errors[0])
-    eps, e = (cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps), cfg.eval
-    alpha = e.pgd_alpha if e.pgd_alpha is not None else 2.5 * eps / e.pgd_steps
-    falsifier = PGD(eps=eps, alpha=max(alpha, 1e-12), steps=e.pgd_steps, random_start=False, eval_mode=True)
-    metric = VerifiedAccuracy(eps, cfg.bounds.verify, cfg.bounds.engine, n_classes, falsifier)
+    eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
+    metric = VerifiedAccuracy(eps, cfg.bounds.verify, cfg.bounds.engine, n_classes, pgd_falsifier(cfg.eval, eps))
     return metric, {"attack": "verified", "eps": eps, "stages": list(stages_of(cfg.bounds.verify))}
 
 

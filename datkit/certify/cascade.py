@@ -115,6 +115,15 @@ def run_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
     return CascadeResult(which >= 0, which, received, seconds)
 
 
+def pgd_falsifier(eval_cfg: Any, eps: float) -> Any:
+    """The falsifier of :func:`run_cascade`: the RA attack's settings (``eval.pgd_steps``, ``eval.pgd_alpha`` or
+    ``2.5 * eps / steps``) without a random start, so every worker count breaks the same images."""
+    from datkit.attacks import PGD
+
+    alpha = eval_cfg.pgd_alpha if eval_cfg.pgd_alpha is not None else 2.5 * eps / eval_cfg.pgd_steps
+    return PGD(eps=eps, alpha=max(alpha, 1e-12), steps=eval_cfg.pgd_steps, random_start=False, eval_mode=True)
+
+
 class VerifiedAccuracy:
     """Evaluation column VA (and its complement VE) by the cascade ``method`` (a list of stages or a legacy string,
     see the module docstring), with the per-stage columns of the Metric protocol's optional ``columns``."""

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import PGD
 from ..certify.bounds import record_batch_stats
-from ..certify.cascade import VerifiedAccuracy  # noqa: F401  (VA's home is the cascade module; kept importable here)
+from ..certify.cascade import VerifiedAccuracy, pgd_falsifier  # VerifiedAccuracy: kept importable from here
 from ..certify.config_checks import certified_method_errors
 from ..certify.bounds.engines import certified_fused_loss, certified_margins, require_engine
 from ..certify.ibp_init import ibp_init
@@ -98,17 +97,18 @@ class CertifiedTraining(Method):
         bound = certified_fused_loss if fused else partial(certified_margins, method=method)
         m = bound(b.engine, raw, x, y, max(eps, MIN_REG_EPS), beta=beta, batch_stats=stats, num_classes=self.num_classes)
         loss = (m.loss if fused else robust_cross_entropy(m.lower)) if eps > 0 else F.cross_entropy(logits, y)
+        return self.regularized(loss, m, eps)
+
+    def regularized(self, loss: torch.Tensor, m, eps: float) -> torch.Tensor:
+        """``loss`` plus the warm-up regularizers on the intervals of the bounds ``m`` (weight :meth:`reg_weight`)."""
+        reg, b = self.reg_weight(eps), self.cfg.bounds
         if reg > 0:
             loss = loss + reg * warmup_regularizer(m.relu_inputs, m.network_input, b.reg_tol, b.reg_terms)
         return loss
 
     def eval_metrics(self) -> dict[str, VerifiedAccuracy]:
         eps = self.cfg.eval.eps if self.cfg.eval.eps is not None else self.cfg.attack.eps
-        # before full CROWN, a deterministic PGD (no random start: the same on any number of workers) drops what it breaks
-        e = self.cfg.eval
-        alpha = e.pgd_alpha if e.pgd_alpha is not None else 2.5 * eps / e.pgd_steps
-        falsifier = PGD(eps=eps, alpha=max(alpha, 1e-12), steps=e.pgd_steps, random_start=False,
-                        eval_mode=True)
+        falsifier = pgd_falsifier(self.cfg.eval, eps)  # before full CROWN: drops what PGD breaks
         return {"VA": VerifiedAccuracy(eps, self.cfg.bounds.verify, self.cfg.bounds.engine, self.num_classes, falsifier)}
 
 

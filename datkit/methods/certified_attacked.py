@@ -34,7 +34,6 @@ from torch import nn
 from ..attacks import PGD
 from ..certify.bounds import record_batch_stats, spec_matrix
 from ..certify.bounds.engines import Margins, certified_margins
-from ..certify.regularizers import warmup_regularizer
 from .base import METHODS, StepInfo
 from .certified import MIN_REG_EPS, CertifiedTraining, robust_cross_entropy
 
@@ -64,12 +63,6 @@ class _AttackedCertifiedTraining(CertifiedTraining):
         """IBP margin bounds over the eps-box around ``x`` (``eps >= MIN_REG_EPS``), clean batch statistics."""
         return certified_margins(self.cfg.bounds.engine, raw, x, y, eps, "ibp", batch_stats=stats,
                                  num_classes=self.num_classes)
-
-    def regularized(self, loss: torch.Tensor, m: Margins, eps: float) -> torch.Tensor:
-        reg, b = self.reg_weight(eps), self.cfg.bounds
-        if reg > 0:
-            loss = loss + reg * warmup_regularizer(m.relu_inputs, m.network_input, b.reg_tol, b.reg_terms)
-        return loss
 
     def clean_loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         """While ``eps_t = 0``: the clean cross-entropy, plus the regularizers on bounds at ``MIN_REG_EPS``."""
