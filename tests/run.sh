@@ -6,6 +6,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launchers/setup_env.sh" dev
+# Slurm, munge and Open MPI (Debian packages; root) for the Slurm-cluster and MPI tests, before Horovod's build so that
+# it includes MPI. Not root / no apt-get: a message, and those tests skip saying why.
+bash "$ROOT/launchers/install_cluster_tools.sh" || true
 # Horovod for the Horovod backend's tests: built from source for the venv's torch on the first run (minutes),
 # then installed from the cached wheel. A failed build stops here (set -e): the tests are not run without it.
 PYTHON="$ROOT/.venv/bin/python" bash "$ROOT/launchers/install_horovod.sh"
