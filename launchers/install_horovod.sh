@@ -49,8 +49,12 @@ EOF
 )"
 [ "$TORCH_V" != none ] || die "torch is not installed in $PY (install datkit first: source launchers/setup_env.sh)"
 
-installed_ok() {  # Horovod $HV importable and built for this very torch (its metadata.json records it)
-  "$PY" - "$HV" <<'EOF' >/dev/null 2>&1
+# MPI goes into the build when Open MPI's compiler wrapper is there; a Horovod built without it then does not count
+# as installed (a machine that gained Open MPI after a gloo-only build rebuilds once, with both).
+WANT_MPI=0
+command -v mpicxx >/dev/null 2>&1 && WANT_MPI=1
+installed_ok() {  # Horovod $HV importable, built for this very torch (its metadata.json records it), with MPI if wanted
+  "$PY" - "$HV" "$WANT_MPI" <<'EOF' >/dev/null 2>&1
 import json, os, sys
 import horovod, torch
 meta = json.load(open(os.path.join(os.path.dirname(horovod.__file__), "metadata.json")))
@@ -58,6 +62,7 @@ assert horovod.__version__ == sys.argv[1], horovod.__version__
 assert meta.get("pytorch") == torch.__version__, meta
 import horovod.torch as hvd
 assert hvd.gloo_built()
+assert sys.argv[2] != "1" or hvd.mpi_built(), "built without MPI"
 EOF
 }
 if [ "${HOROVOD_INSTALL_FORCE:-0}" != 1 ] && installed_ok; then
@@ -67,13 +72,15 @@ fi
 
 # --- build flavour -----------------------------------------------------------------------------------
 declare -a ENVS=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1
-                 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo CMAKE_POLICY_VERSION_MINIMUM=3.5
+                 HOROVOD_WITHOUT_MXNET=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
                  "MAKEFLAGS=${MAKEFLAGS:--j$(nproc 2>/dev/null || echo 2)}")
 FLAVOUR=gloo
-if command -v mpicxx >/dev/null 2>&1; then
-  ENVS+=(HOROVOD_WITH_MPI=1); FLAVOUR+=-mpi
+if [ "$WANT_MPI" = 1 ]; then
+  # One build with both: under mpirun / srun Horovod's controller and CPU tensor operations are MPI (its
+  # defaults once MPI is built); `horovodrun --gloo` sets HOROVOD_CONTROLLER=gloo HOROVOD_CPU_OPERATIONS=gloo.
+  ENVS+=(HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=MPI); FLAVOUR+=-mpi
 else
-  ENVS+=(HOROVOD_WITHOUT_MPI=1)
+  ENVS+=(HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=gloo)
 fi
 CUDA_DIR=""
 if [ "$TORCH_CUDA" != none ]; then  # a CUDA build of torch: Horovod's CMake wants the toolkit if torch finds one
