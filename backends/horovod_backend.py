@@ -1,9 +1,11 @@
 """The ``horovod`` backend: Horovod's collectives and DistributedOptimizer, launched by ``horovodrun``.
 
 ``horovodrun -np 2 -H localhost:2 --gloo python -m datkit.train backend=horovod`` (one host, CPU or one
-GPU per local rank), ``horovodrun -np 16 -H a:8,b:8 ...`` or ``--hostfile`` (several hosts), or
-``mpirun``/``srun`` when Horovod was built with MPI. Horovod is built for the installed torch by
-``launchers/install_horovod.sh`` (its last release does not build against torch >= 2.1 as published).
+GPU per local rank), ``horovodrun -np 16 -H a:8,b:8 ...`` or ``--hostfile`` (several hosts), or, when
+Horovod was built with MPI, ``horovodrun --mpi``, ``mpirun -np 2 python -m datkit.train backend=horovod``
+and ``srun --mpi=pmix`` (Horovod's MPI controller; nothing here differs, see docs/mpi.md). Horovod is built
+for the installed torch by ``launchers/install_horovod.sh`` (its last release does not build against
+torch >= 2.1 as published; with Open MPI present it builds gloo and MPI in one).
 
 - Set-up: ``hvd.init()``; rank/size/local rank/local size from Horovod; rank 0's parameters and buffers
   are broadcast (``hvd.broadcast_parameters``), and its optimizer state when it has any
@@ -20,6 +22,7 @@ GPU per local rank), ``horovodrun -np 16 -H a:8,b:8 ...`` or ``--hostfile`` (sev
 from __future__ import annotations
 
 import os
+import socket
 from typing import Mapping
 
 import torch
@@ -157,7 +160,7 @@ class HorovodBackend(Backend):
 
     def peer_store_address(self) -> tuple[str, int, int | None] | None:
         """Horovod has no key-value store the workers can use: rank 0 hosts a TCPStore for the lost-worker
-        heart-beats, reachable at its horovodrun host name (``HOROVOD_HOSTNAME``, as given to ``-H``)."""
+        heart-beats, reachable at :func:`advertised_address`."""
         if self.world_size == 1:
             return None
         where = None
@@ -165,7 +168,7 @@ class HorovodBackend(Backend):
             import torch.distributed as dist
 
             self._watch_store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False)
-            where = (os.environ.get("HOROVOD_HOSTNAME", "localhost"), int(self._watch_store.port))
+            where = (advertised_address(os.environ), int(self._watch_store.port))
         host, port = self.hvd.broadcast_object(where, root_rank=0, name="datkit.peer_store")
         return host, port, 0
 
@@ -206,6 +209,44 @@ class HorovodBackend(Backend):
         if getattr(self, "_alive", False):
             self._alive = False
             self.hvd.shutdown()
+
+
+# Interfaces the launcher confines its traffic to: Open MPI's (``--mca btl_tcp_if_include``, passed on to the ranks
+# as OMPI_MCA_*), horovodrun's (--network-interface -> HOROVOD_GLOO_IFACE under gloo), gloo's, NCCL's.
+_IFACE_VARS = ("OMPI_MCA_btl_tcp_if_include", "HOROVOD_GLOO_IFACE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def advertised_address(env: Mapping[str, str]) -> str:
+    """Where the other workers reach a server of this (rank 0's) process: horovodrun's host name for it
+    (``HOROVOD_HOSTNAME``, as given to ``-H``; gloo launches); under an MPI launcher, which sets no such name, the
+    IPv4 address of the first interface the launcher's transport is confined to, else of this host's name (resolved
+    here: the same name may resolve elsewhere on other hosts), else ``localhost``."""
+    if env.get("HOROVOD_HOSTNAME"):
+        return env["HOROVOD_HOSTNAME"]
+    for var in _IFACE_VARS:
+        for iface in env.get(var, "").split(","):
+            addr = _interface_address(iface.strip())
+            if addr:
+                return addr
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "localhost"
+
+
+def _interface_address(iface: str) -> str | None:
+    """IPv4 address of network interface ``iface`` (None: no such interface, no address, or not a name)."""
+    if not iface or "/" in iface or iface.startswith("^"):
+        return None
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:  # SIOCGIFADDR
+            raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", iface.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(raw[20:24])
 
 
 def _stable_name(op: str, tensor: torch.Tensor) -> str:

@@ -4,6 +4,8 @@
   compression): the weights agree to 1e-5 after a few steps, also with 2 accumulated micro-batches and
   gradient clipping (Horovod's ``backward_passes_per_step``, clipping after ``synchronize``), and the
   measured bytes per step equal the torch backend's, and match each worker's own socket writes within 10%;
+  the same under Open MPI's ``mpirun -np 2`` (Horovod's MPI controller and MPI allreduce), when Horovod was
+  built with MPI (``launchers/install_horovod.sh`` does when ``mpicxx`` is on PATH);
 - every collective of the Backend interface, and every compressor (the checks of
   ``tests/test_compress_dist.py``, on Horovod's collectives); training with fp16 / int8 / onebit;
 - bad input: no Horovod installed, or no horovodrun, fails at start-up with what to do.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.collective_checks import read_results
-from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
+from helpers.runs import REPO, TINY, assert_same_weights, child_env, describe, load_checkpoint, run_python
 from test_certified_attacked import CROSS_BACKEND
 from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
@@ -43,8 +46,21 @@ def _horovod_importable() -> bool:
     return True
 
 
+def _no_horovod_mpi() -> str | None:
+    """Why Horovod cannot run under mpirun here (None: it can)."""
+    if not HAVE_HOROVOD:
+        return NO_HOROVOD
+    import horovod.torch as hvd
+
+    if not hvd.mpi_built():
+        return "needs Horovod built with MPI (install Open MPI: launchers/install_cluster_tools.sh, then rebuild: " \
+               "HOROVOD_INSTALL_FORCE=1 launchers/install_horovod.sh)"
+    return None if shutil.which("mpirun") else "needs Open MPI's mpirun on PATH (launchers/install_cluster_tools.sh)"
+
+
 HAVE_HOROVOD = _horovod_importable()
 NO_HOROVOD = "needs Horovod (launchers/install_horovod.sh)"
+NO_HOROVOD_MPI = _no_horovod_mpi()
 needs_horovod = pytest.mark.skipif(not HAVE_HOROVOD, reason=NO_HOROVOD)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -55,10 +71,24 @@ def _tiny() -> list[str]:
     return [a for a in TINY if not a.startswith("backend=")]
 
 
+def _pythonpath(*first: Path) -> str:
+    """``first``, then this process's PYTHONPATH (a checkout whose datkit is not the installed one stays first)."""
+    return os.pathsep.join([*map(str, first), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def _horovodrun(args: list[str], cwd: Path, timeout: float = 360, **env: str):
-    env.setdefault("PYTHONPATH", str(REPO / "tests"))
+    env.setdefault("PYTHONPATH", _pythonpath(REPO / "tests"))
     return run_python(["-m", "horovod.runner.launch", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, *args],
                       cwd=cwd, timeout=timeout, **env)
+
+
+def _mpirun(args: list[str], cwd: Path, timeout: float = 360, **env: str) -> subprocess.CompletedProcess:
+    """``mpirun -np 2 python args`` (Open MPI; as root it needs --allow-run-as-root): Horovod's MPI controller.
+    ``env`` and the child environment's PYTHONPATH and thread counts go to the workers (``-x``)."""
+    env.setdefault("PYTHONPATH", _pythonpath(REPO / "tests"))
+    forward = [a for k in sorted({*env, "OMP_NUM_THREADS", "MKL_NUM_THREADS"}) for a in ("-x", k)]
+    cmd = ["mpirun", "--allow-run-as-root", "-np", "2", "--bind-to", "none", *forward, sys.executable, *args]
+    return subprocess.run(cmd, cwd=str(cwd), env=child_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
 # --- training: every Horovod run of this module in ONE horovodrun launch ---------------------------
@@ -92,7 +122,7 @@ from helpers import wire
 wire.install()  # every epoch's socket writes next to its bytes_per_iter (DATKIT_TEST_WIRE_DIR)
 HorovodBackend.close = lambda self: self.barrier()  # keep Horovod up for the next run
 for name, args in json.loads(sys.argv[1]).items():
-    if os.environ["HOROVOD_RANK"] == "0":
+    if os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK")) == "0":  # horovodrun --gloo, mpirun
         print(f"=== run {name}", flush=True)
     os.environ["DATKIT_TEST_WIRE_RUN"] = name
     own = [] if any(a.startswith("train.output_dir=") for a in args) else [f"train.output_dir={name}"]
@@ -117,6 +147,21 @@ def _stdout_of(hvd_runs: tuple[Path, str], name: str) -> str:
     return hvd_runs[1].split(f"=== run {name}\n", 1)[1].split("=== run ", 1)[0]
 
 
+EQUALITY = {"one_batch": "none", "two_micro_batches": "none_accum2"}  # the runs compared with the torch backend
+
+
+@pytest.fixture(scope="module")
+def mpi_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The equality runs of ``RUNS`` under ``mpirun -np 2`` (one launch): Horovod's MPI controller and allreduce."""
+    if NO_HOROVOD_MPI:
+        pytest.skip(NO_HOROVOD_MPI)
+    tmp = tmp_path_factory.mktemp("hvd_mpi_runs")
+    runs = {name: [*_tiny(), *STEPS, *RUNS[name]] for name in EQUALITY.values()}
+    proc = _mpirun(["-c", _RUNNER, json.dumps(runs)], tmp, DATKIT_TEST_WIRE_DIR=str(tmp))
+    assert proc.returncode == 0, describe(proc)
+    return tmp, proc.stdout
+
+
 @pytest.fixture(scope="module")
 def torch_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The torch backend's checkpoint after the same 3 steps (torchrun, 2 workers, grad_clip 0.05)."""
@@ -129,11 +174,14 @@ def torch_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @needs_horovod
-@pytest.mark.parametrize("name", ["none", "none_accum2"], ids=["one_batch", "two_micro_batches"])
-def test_matches_the_torch_backend(name: str, torch_run: dict, hvd_runs: tuple[Path, str]) -> None:
-    line = "backend=horovod world_size=2 device=cpu controller=gloo gradients=hvd.DistributedOptimizer(compression=none)"
-    assert line in _stdout_of(hvd_runs, name), hvd_runs[1][-3000:]
-    hvd = load_checkpoint(hvd_runs[0] / name)  # written by rank 0
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])  # horovodrun --gloo (hvd_runs), mpirun (mpi_runs)
+@pytest.mark.parametrize("name", list(EQUALITY.values()), ids=list(EQUALITY))
+def test_matches_the_torch_backend(name: str, controller: str, torch_run: dict, request: pytest.FixtureRequest) -> None:
+    runs = request.getfixturevalue("hvd_runs" if controller == "gloo" else "mpi_runs")
+    line = (f"backend=horovod world_size=2 device=cpu controller={controller} "
+            "gradients=hvd.DistributedOptimizer(compression=none)")
+    assert line in _stdout_of(runs, name), runs[1][-3000:]
+    hvd = load_checkpoint(runs[0] / name)  # written by rank 0
     assert hvd["world_size"] == 2
     assert_same_weights(hvd["model"], torch_run["model"], atol=1e-5)
     rec, ref = hvd["records"][0], torch_run["records"][0]
