@@ -384,6 +384,17 @@ def test_launch_problem(env: dict, mpi_built: bool, expected: str | None) -> Non
     assert (problem is None) if expected is None else (expected in problem), problem
 
 
+def test_rank_0_advertises_a_reachable_address() -> None:
+    """The heart-beat store's address: horovodrun's name for the host; under MPI launchers, which set none, the address
+    of the interface the launcher's transport uses (``--mca btl_tcp_if_include``), else of this host's name."""
+    from datkit.backends.horovod_backend import advertised_address
+
+    assert advertised_address({"HOROVOD_HOSTNAME": "10.1.2.3", "OMPI_MCA_btl_tcp_if_include": "lo"}) == "10.1.2.3"
+    assert advertised_address({"OMPI_MCA_btl_tcp_if_include": "nosuchif0,lo"}) == "127.0.0.1"
+    assert advertised_address({"OMPI_MCA_btl_tcp_if_include": "10.0.0.0/8", "GLOO_SOCKET_IFNAME": "lo"}) == "127.0.0.1"
+    assert advertised_address({}) != ""
+
+
 @needs_horovod
 def test_install_script_is_idempotent(tmp_path: Path) -> None:
     """Horovod already installed for this torch: the script says so and builds nothing (seconds)."""

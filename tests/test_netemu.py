@@ -6,7 +6,9 @@
 - a 100 Mbit/s link carries 5 MB at no more than 100 Mbit/s (+15%) and at least 60 Mbit/s;
 - the ssh shim runs a command inside the addressed host's namespace;
 - a 2-host training run per backend, each with its own multi-node launch (torchrun c10d rendezvous,
-  horovodrun -H through the ssh shim, deepspeed --no_ssh per node), reports world_size 2;
+  horovodrun -H through the ssh shim, deepspeed --no_ssh per node), reports world_size 2; Horovod over MPI
+  (``--launcher horovodrun-mpi`` and ``mpirun``: Open MPI's orteds through the shim) ends with the weights of
+  the gloo launch (1e-5);
 - SIGTERM to ``run`` mid-job tears everything down; one ``bench network`` launch (2 hosts, 100 Mbit/s, none,
   int8-2s, onebit, onebit-adam) writes its files and goal lines, with byte ratios and C orderings that hold on any CPU
   (the goals themselves are the bench's to report, not a test's to assert).
@@ -17,18 +19,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.runs import REPO, TINY, child_env, describe, run_python
+from helpers.runs import REPO, TINY, assert_same_weights, child_env, describe, load_checkpoint, run_python
 
 from datkit.netemu import hosts as H
 from datkit.netemu.hosts import NEEDS, NetemuError, Topology, available, down, existing_namespaces, up
-from datkit.netemu.launch import write_ssh_shim
+from datkit.netemu.launch import LaunchSpec, host_commands, write_ssh_shim
 from datkit.netemu.probe import measure_throughput
 
 REASON = available()
@@ -119,27 +123,68 @@ def _have(module: str) -> bool:
     return True
 
 
+def _horovod_mpi() -> str | None:
+    """Why Horovod cannot run over MPI here (None: it can)."""
+    if not _have("horovod.torch"):
+        return "needs Horovod (launchers/install_horovod.sh)"
+    import horovod.torch as hvd
+
+    if not hvd.mpi_built():
+        return "needs Horovod built with MPI (launchers/install_cluster_tools.sh, then launchers/install_horovod.sh)"
+    return None if shutil.which("mpirun") else "needs Open MPI's mpirun (launchers/install_cluster_tools.sh)"
+
+
+NO_HOROVOD = None if _have("horovod.torch") else "needs Horovod (launchers/install_horovod.sh)"
+NO_HOROVOD_MPI = _horovod_mpi()
 BACKENDS = [pytest.param("torch", id="torch"),
-            pytest.param("horovod", id="horovod", marks=pytest.mark.skipif(
-                not _have("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")),
+            pytest.param("horovod", id="horovod", marks=pytest.mark.skipif(NO_HOROVOD is not None, reason=str(NO_HOROVOD))),
             pytest.param("deepspeed", id="deepspeed", marks=pytest.mark.skipif(
                 not _have("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')"))]
+
+
+@pytest.fixture(scope="module")
+def two_host_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``run(backend, launcher=None)``: the output folder of one 2-host run of the tiny job (each launch once)."""
+    done: dict[tuple[str, str | None], Path] = {}
+
+    def run(backend: str, launcher: str | None = None) -> Path:
+        if (backend, launcher) not in done:
+            tmp = tmp_path_factory.mktemp(f"two_host_{launcher or backend}")
+            prefix, out = _prefix("r"), tmp / "out"
+            via = ["--launcher", launcher] if launcher else []
+            proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--rate", "1gbit", "--backend", backend, *via,
+                               "--prefix", prefix, "--timeout", "300", "--", *_tiny(), *FEW, f"train.output_dir={out}"],
+                              cwd=tmp, timeout=360)
+            assert proc.returncode == 0, describe(proc)
+            assert existing_namespaces(prefix) == []
+            done[backend, launcher] = out
+        return done[backend, launcher]
+
+    return run
 
 
 @needs_netns
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_host_run_per_backend(backend: str, tmp_path: Path) -> None:
-    prefix = _prefix("r")
-    out = tmp_path / "out"
-    proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--rate", "1gbit", "--backend", backend,
-                       "--prefix", prefix, "--timeout", "300", "--", *_tiny(), *FEW, f"train.output_dir={out}"],
-                      cwd=tmp_path, timeout=360)
-    assert proc.returncode == 0, describe(proc)
-    final = json.loads((out / "results.json").read_text())["final"]
+def test_two_host_run_per_backend(backend: str, two_host_run: Callable[..., Path]) -> None:
+    final = json.loads((two_host_run(backend) / "results.json").read_text())["final"]
     assert final["world_size"] == 2 and final["backend"] == backend
-    assert existing_namespaces(prefix) == []
+
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(NO_HOROVOD_MPI is not None, reason=str(NO_HOROVOD_MPI))
+@pytest.mark.parametrize("launcher", ["horovodrun-mpi", "mpirun"])
+def test_horovod_over_mpi_across_hosts_matches_gloo(launcher: str, two_host_run: Callable[..., Path]) -> None:
+    """horovodrun --mpi / mpirun across 2 hosts (Open MPI's orted on host 1 through the ssh shim, MPI's TCP transport on
+    the emulated interface): the gloo launch's results and weights."""
+    out, gloo = two_host_run("horovod", launcher), two_host_run("horovod")
+    final, ref = (json.loads((o / "results.json").read_text())["final"] for o in (out, gloo))
+    assert final["world_size"] == 2 and final["backend"] == "horovod"
+    assert final["TA"] == ref["TA"] and final["RA"] == ref["RA"], (final, ref)
+    assert_same_weights(load_checkpoint(out)["model"], load_checkpoint(gloo)["model"], atol=1e-5)
 
 
 @needs_netns
@@ -234,3 +279,25 @@ def test_launcher_script_help() -> None:
     assert proc.returncode == 0 and all(w in proc.stdout for w in ("up", "down", "run", "probe")), describe(proc)
     proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--backend", "mpi"], cwd=REPO)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr, describe(proc)
+
+
+def test_mpi_launches_and_a_launcher_of_another_backend(tmp_path: Path) -> None:
+    """The MPI launches' commands (no hosts needed): mpirun on host 0 only, orteds through the shim, Open MPI's traffic
+    on the emulated interface, the workers' environment forwarded, as root; a launcher of another backend is refused."""
+    topo = Topology(2, prefix="tq")
+    spec = LaunchSpec(topo, 2, ["train.epochs=1"], tmp_path)
+    (cmd,) = host_commands("horovod", spec, "mpirun")
+    argv = " ".join(cmd.argv)
+    assert cmd.host == 0 and argv.startswith("mpirun --allow-run-as-root -np 4 -H 198.18.0.1:2,198.18.0.2:2 ")
+    for want in (f"--mca plm_rsh_agent {tmp_path / 'bin' / 'ssh'}", "--mca btl_tcp_if_include tqeth",
+                 "--mca oob_tcp_if_include tqeth", "--bind-to none", "-x PATH", "-x GLOO_SOCKET_IFNAME",
+                 "-m datkit.train backend=horovod train.epochs=1"):
+        assert want in argv, (want, argv)
+    (cmd,) = host_commands("horovod", spec, "horovodrun-mpi")
+    assert "--mpi" in cmd.argv and "--gloo" not in cmd.argv and cmd.env["PATH"].startswith(str(tmp_path / "bin"))
+    assert host_commands("horovod", spec)[0].argv[cmd.argv.index("--mpi")] == "--gloo"  # horovod's own: gloo
+    with pytest.raises(ValueError, match="does not launch backend=torch"):
+        host_commands("torch", spec, "mpirun")
+    proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--backend", "torch", "--launcher", "mpirun"], cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
+    assert ("does not launch --backend torch" if REASON is None else NEEDS) in proc.stderr, describe(proc)

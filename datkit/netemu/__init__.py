@@ -3,7 +3,8 @@
 - :mod:`datkit.netemu.hosts`: network namespaces on a software switch, ``tc tbf``-limited links, teardown;
 - :mod:`datkit.netemu.probe`: a TCP throughput probe between two emulated hosts;
 - :mod:`datkit.netemu.launch`: each backend's own multi-node launch (torchrun rendezvous, horovodrun -H
-  through an ssh shim, deepspeed --no_ssh per node), started inside the hosts' namespaces;
+  through an ssh shim, deepspeed --no_ssh per node) and Horovod's MPI launches (horovodrun --mpi, Open MPI's
+  mpirun, both through the shim), started inside the hosts' namespaces;
 - :mod:`datkit.netemu.cli`: ``up`` / ``down`` / ``run`` / ``probe``.
 """
 from __future__ import annotations

@@ -5,8 +5,9 @@ Subcommands:
 - ``up --hosts N --rate 100mbit [--prefix dkt] [--probe]``: create N hosts on a switch (see
   :mod:`datkit.netemu.hosts`); ``--probe`` measures host 1 -> host 0 throughput afterwards;
 - ``down [--prefix dkt]``: remove them (and kill what still runs inside them); idempotent;
-- ``run --hosts N --rate R --backend torch|horovod|deepspeed [--workers-per-host K] -- key=value ...``:
-  up, the backend's own multi-node launch of ``datkit.train`` with those overrides, wait, down (also on
+- ``run --hosts N --rate R --backend torch|horovod|deepspeed [--launcher L] [--workers-per-host K] -- key=value ...``:
+  up, the backend's own multi-node launch of ``datkit.train`` with those overrides (or another launcher of that
+  backend: ``--launcher horovodrun-mpi`` or ``mpirun`` for horovod, Open MPI underneath), wait, down (also on
   Ctrl-C / SIGTERM / errors); exits with the job's exit code;
 - ``probe --prefix dkt [--bytes B]``: throughput between host 1 and host 0 of existing hosts.
 
@@ -19,7 +20,7 @@ import sys
 from typing import Sequence
 
 from datkit.netemu.hosts import NetemuError, Topology, down, existing_namespaces, require_tools, up
-from datkit.netemu.launch import DEFAULT_PORT, LAUNCHES
+from datkit.netemu.launch import DEFAULT_PORT, LAUNCHERS, LAUNCHES
 from datkit.netemu.probe import measure_throughput
 from datkit.netemu.runner import Interrupted, run_job
 
@@ -47,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="up, run a datkit job across the hosts with the backend's own launcher, down")
     _common(r)
     r.add_argument("--backend", required=True, choices=list(LAUNCHES), help="whose multi-node launch to use")
+    own = "; ".join(f"{b}: {', '.join(names)}" for b, names in LAUNCHES.items())
+    r.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                   help=f"which of the backend's launchers (default: its own, the first) -- {own}")
     r.add_argument("--workers-per-host", type=int, default=1, help="worker processes per host (default 1)")
     r.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"rendezvous / master port on host 0 (default {DEFAULT_PORT})")
     r.add_argument("--grace", type=float, default=60.0, help="after one host fails, seconds the others get to exit (default 60)")
@@ -81,9 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.workers_per_host < 1:
             raise NetemuError(f"--workers-per-host {args.workers_per_host}: must be >= 1")
+        if args.launcher is not None and args.launcher not in LAUNCHES[args.backend]:
+            raise NetemuError(f"--launcher {args.launcher} does not launch --backend {args.backend} (its launchers: "
+                              f"{', '.join(LAUNCHES[args.backend])})")
         rc = run_job(topo, args.backend, args.overrides, args.workers_per_host, port=args.port, grace=args.grace,
-                     timeout=args.timeout)
-        print(f"netemu run: {args.backend} on {topo.hosts} hosts x {args.workers_per_host} at {topo.rate}: exit {rc}; "
+                     timeout=args.timeout, launcher=args.launcher)
+        via = f" via {args.launcher}" if args.launcher else ""
+        print(f"netemu run: {args.backend}{via} on {topo.hosts} hosts x {args.workers_per_host} at {topo.rate}: exit {rc}; "
               f"namespaces removed", file=sys.stderr)
         return rc
     except NetemuError as e:

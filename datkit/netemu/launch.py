@@ -2,6 +2,9 @@
 
 A launch is a list of :class:`HostCommand` (host index, argv, extra environment); the runner starts each
 with ``ip netns exec <host namespace> argv``. Host 0 (``198.18.0.1``) is the master / rendezvous host.
+:data:`LAUNCHES` maps each backend to its launchers by name, its own first (the default of ``run
+--backend B``; ``--launcher`` picks another): torch: torchrun; horovod: horovodrun (gloo), horovodrun-mpi,
+mpirun; deepspeed: deepspeed. The launch differs, the job (``datkit.train backend=B``) does not.
 
 - ``torch``: on every host ``torchrun --nnodes N --nproc_per_node K --node_rank i --rdzv_backend c10d
   --rdzv_endpoint 198.18.0.1:P --rdzv_conf is_host=<i == 0> --local-addr <host address> -m datkit.train
@@ -15,6 +18,16 @@ with ``ip netns exec <host namespace> argv``. Host 0 (``198.18.0.1``) is the mas
   runs the command there with ``ip netns exec`` (no ssh server needed, and the traffic still crosses the
   emulated links). Every host's interface has the same name, so ``--network-interface`` names a common
   interface and horovodrun skips its interface discovery.
+- ``horovod`` with ``--launcher horovodrun-mpi``: the same, with ``--mpi`` instead of ``--gloo``: horovodrun
+  runs Open MPI's ``mpirun`` (it adds ``--allow-run-as-root``, ``-mca btl_tcp_if_include <iface>`` and
+  ``-x`` for its whole environment), which starts its ``orted`` daemons through the same ssh shim (found
+  on PATH; horovodrun also adds ``--bind-to none``); ``--mpi-args`` adds ``--mca oob_tcp_if_include <iface>``
+  (mpirun <-> orted). Horovod's controller and CPU collectives are then MPI.
+- ``horovod`` with ``--launcher mpirun``: Open MPI's ``mpirun --allow-run-as-root -np N*K -H
+  198.18.0.1:K,... --bind-to none --mca plm_rsh_agent <shim> --mca btl_tcp_if_include <iface> --mca
+  oob_tcp_if_include <iface> -x PATH -x PYTHONPATH ... python -m datkit.train backend=horovod ...`` on
+  host 0, no horovodrun at all (Horovod's MPI build reads its ranks from Open MPI); ``--bind-to none``: every
+  host's ranks share this machine's cores, and Open MPI would pin each host's first rank to the same core.
 - ``deepspeed``: on every host ``deepspeed --hostfile H --no_ssh --node_rank i --num_nodes N --num_gpus K
   --master_addr 198.18.0.1 --master_port P datkit/train.py backend=deepspeed ...`` (DeepSpeed 0.19.8 needs
   the hostfile even with ``--no_ssh``: without one it sets ``master_addr`` to 127.0.0.1 and refuses
@@ -134,6 +147,43 @@ def horovod_launch(spec: LaunchSpec) -> list[HostCommand]:
     return [HostCommand(0, argv, {"PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}"})]
 
 
+def _mpi_iface_args(iface: str) -> list[str]:
+    """Open MPI on the emulated network only: its TCP transport (the ranks' messages) and its out-of-band channel
+    (mpirun <-> orted) on ``iface``; ob1 over TCP (and shared memory between ranks of one host)."""
+    return ["--mca", "btl_tcp_if_include", iface, "--mca", "oob_tcp_if_include", iface,
+            "--mca", "pml", "ob1", "--mca", "btl", "self,vader,tcp"]
+
+
+def horovod_mpi_launch(spec: LaunchSpec) -> list[HostCommand]:
+    """horovodrun --mpi on host 0: Open MPI's mpirun underneath, its orteds started through the ssh shim."""
+    t, k = spec.topo, spec.workers_per_host
+    shim = write_ssh_shim(t, spec.workdir / "bin")
+    hosts = ",".join(f"{t.addr(i)}:{k}" for i in range(t.hosts))
+    argv = [_bin("horovodrun"), "-np", str(spec.world_size), "-H", hosts, "--mpi", "--network-interface", t.iface,
+            "--disable-cache", "--start-timeout", "120",
+            "--mpi-args", f"--mca oob_tcp_if_include {t.iface}",
+            sys.executable, "-m", "datkit.train", "backend=horovod", *spec.overrides]
+    return [HostCommand(0, argv, {"PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}"})]
+
+
+# The environment mpirun forwards to every rank (-x): what the job needs of the caller's, and base_env's additions.
+MPI_FORWARD = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "OMP_NUM_THREADS", "PYTHONUNBUFFERED",
+               "GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES")
+
+
+def mpirun_launch(spec: LaunchSpec) -> list[HostCommand]:
+    """Open MPI's mpirun on host 0 with ``-H`` listing every host; orteds through the ssh shim (plm_rsh_agent)."""
+    t, k = spec.topo, spec.workers_per_host
+    shim = write_ssh_shim(t, spec.workdir / "bin")
+    hosts = ",".join(f"{t.addr(i)}:{k}" for i in range(t.hosts))
+    env = base_env(spec)
+    forward = [a for v in MPI_FORWARD if v in env for a in ("-x", v)]
+    argv = ["mpirun", "--allow-run-as-root", "-np", str(spec.world_size), "-H", hosts, "--bind-to", "none",
+            "--mca", "plm_rsh_agent", str(shim), *_mpi_iface_args(t.iface), *forward,
+            sys.executable, "-m", "datkit.train", "backend=horovod", *spec.overrides]
+    return [HostCommand(0, argv)]
+
+
 def write_hostfile(spec: LaunchSpec) -> Path:
     """DeepSpeed's hostfile: ``<address> slots=K`` per host."""
     spec.workdir.mkdir(parents=True, exist_ok=True)
@@ -154,20 +204,28 @@ def deepspeed_launch(spec: LaunchSpec) -> list[HostCommand]:
             for i in range(t.hosts)]
 
 
-LAUNCHES: dict[str, Callable[[LaunchSpec], list[HostCommand]]] = {
-    "torch": torch_launch,
-    "horovod": horovod_launch,
-    "deepspeed": deepspeed_launch,
+Launch = Callable[[LaunchSpec], list[HostCommand]]
+# backend -> {launcher name: its per-host commands}; the backend's own launcher first (the default).
+LAUNCHES: dict[str, dict[str, Launch]] = {
+    "torch": {"torchrun": torch_launch},
+    "horovod": {"horovodrun": horovod_launch, "horovodrun-mpi": horovod_mpi_launch, "mpirun": mpirun_launch},
+    "deepspeed": {"deepspeed": deepspeed_launch},
 }
+LAUNCHERS: list[str] = list(dict.fromkeys(name for launches in LAUNCHES.values() for name in launches))
 
 
-def host_commands(backend: str, spec: LaunchSpec) -> list[HostCommand]:
-    """The commands of ``backend``'s multi-node launch (one of :data:`LAUNCHES`)."""
+def host_commands(backend: str, spec: LaunchSpec, launcher: str | None = None) -> list[HostCommand]:
+    """The commands of ``backend``'s multi-node launch by ``launcher`` (default: the backend's own; see
+    :data:`LAUNCHES`)."""
     try:
-        make = LAUNCHES[backend]
+        launches = LAUNCHES[backend]
     except KeyError:
         raise ValueError(f"--backend '{backend}': choose one of {', '.join(LAUNCHES)}") from None
-    return make(spec)
+    name = launcher or next(iter(launches))
+    if name not in launches:
+        raise ValueError(f"--launcher '{name}' does not launch backend={backend}: its launchers are "
+                         f"{', '.join(launches)}")
+    return launches[name](spec)
 
 
 def render(cmds: Sequence[HostCommand], topo: Topology) -> str:

@@ -89,16 +89,18 @@ def wait_all(procs: Sequence[subprocess.Popen], grace: float, timeout: float | N
 
 def launch_on_hosts(topo: Topology, backend: str, overrides: Sequence[str], workers_per_host: int = 1,
                     port: int = 29500, grace: float = 60.0, timeout: float | None = None, log: IO[str] | None = None,
-                    workdir: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None) -> int:
-    """Run ``backend``'s multi-node launch of ``datkit.train overrides`` on hosts that are up; returns the
-    job's exit code (124: ``timeout`` passed). Each launcher's output goes to ``log`` (default: this
-    process's stdout/stderr). Launchers still running when this returns or raises are killed."""
+                    workdir: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,
+                    launcher: str | None = None) -> int:
+    """Run ``backend``'s multi-node launch of ``datkit.train overrides`` on hosts that are up, by ``launcher``
+    (default: the backend's own, see :data:`datkit.netemu.launch.LAUNCHES`); returns the job's exit code (124:
+    ``timeout`` passed). Each launcher's output goes to ``log`` (default: this process's stdout/stderr).
+    Launchers still running when this returns or raises are killed."""
     own_tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix=f"netemu-{topo.prefix}-")) if own_tmp else Path(workdir)
     procs: list[subprocess.Popen] = []
     try:
         spec = LaunchSpec(topo, workers_per_host, list(overrides), work, port)
-        cmds = host_commands(backend, spec)
+        cmds = host_commands(backend, spec, launcher)
         env = base_env(spec)
         if log is not None:
             print(render(cmds, topo), file=log, flush=True)
