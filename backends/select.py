@@ -1,15 +1,19 @@
 """``backend: auto``: recognise the launcher from its environment.
 
-- horovodrun sets ``HOROVOD_RANK`` (gloo controller) or, under MPI, ``HOROVOD_*``/``OMPI_*`` with
-  ``HOROVOD_CONTROLLER`` -> ``horovod``;
+- horovodrun sets ``HOROVOD_RANK`` (gloo controller) -> ``horovod``;
 - the ``deepspeed`` launcher starts processes with ``CROSS_RANK``/``LOCAL_SIZE`` and appends
   ``--local_rank`` (torchrun sets ``TORCHELASTIC_RUN_ID`` instead) -> ``deepspeed``;
+- an MPI launcher (``mpirun``, ``horovodrun --mpi``, which sets no ``HOROVOD_*`` variable, ``srun
+  --mpi=pmix``) sets its rank variable (``OMPI_COMM_WORLD_RANK``, ``PMIX_RANK``, ``PMI_RANK``) -> ``horovod``
+  (Horovod's MPI controller; torch.distributed needs ``RANK``/``WORLD_SIZE``, and with those set it is torch);
 - anything else (torchrun, a plain ``python``) -> ``torch``.
 """
 from __future__ import annotations
 
 import os
 from typing import Mapping, Sequence
+
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 
 
 def detect_backend(env: Mapping[str, str] | None = None, argv: Sequence[str] = ()) -> str:
@@ -21,4 +25,6 @@ def detect_backend(env: Mapping[str, str] | None = None, argv: Sequence[str] = (
     local_rank_arg = any(a.startswith("--local_rank") or a.startswith("--local-rank") for a in argv)
     if not launched_by_torchrun and ("CROSS_RANK" in env or "LOCAL_SIZE" in env or local_rank_arg):
         return "deepspeed"
+    if not launched_by_torchrun and "WORLD_SIZE" not in env and any(k in env for k in _MPI_RANK_VARS):
+        return "horovod"
     return "torch"

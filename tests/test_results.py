@@ -178,6 +178,11 @@ def test_comm_timer_record_until_now() -> None:
     ({"TORCHELASTIC_RUN_ID": "x", "CROSS_RANK": "0"}, ["--local_rank=0"], "torch"),
     ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, [], "torch"),
     ({"HOROVOD_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}, [], "horovod"),
+    ({"OMPI_COMM_WORLD_RANK": "1", "PMIX_RANK": "1"}, [], "horovod"),  # mpirun, horovodrun --mpi (no HOROVOD_*)
+    ({"PMIX_RANK": "0", "SLURM_PROCID": "0"}, [], "horovod"),  # srun --mpi=pmix
+    ({"PMI_RANK": "0"}, [], "horovod"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "RANK": "0", "WORLD_SIZE": "2"}, [], "torch"),  # mpirun -x RANK -x WORLD_SIZE ...
+    ({"OMPI_COMM_WORLD_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}, [], "torch"),  # torchrun under mpirun
 ])
 def test_detect_backend(env: dict[str, str], argv: list[str], expected: str) -> None:
     assert detect_backend(env=env, argv=argv) == expected
