@@ -82,13 +82,20 @@ def exit_after_run(final: dict) -> None:
 
 
 def exit_now_under_a_launcher(exit_: SystemExit) -> None:
-    """A worker that stops (start-up error: 2; non-finite values: 4) ends with ``os._exit`` once stdout/stderr
-    are flushed (the backend is closed by then): a launcher stops the others as soon as one worker exits, and
+    """A worker that stops (start-up error: 2; non-finite values: 4; preempted: 75, also a single process) ends with
+    ``os._exit`` once stdout/stderr are flushed (the backend is closed by then; a flush into a pipe whose launcher
+    is gone is skipped, so that the code stays 75): a launcher stops the others as soon as one worker exits, and
     a worker still in the interpreter's finalization then dies of its SIGTERM (horovodrun: exit 143 for a
     worker that had decided on 4)."""
-    if isinstance(exit_.code, int) and int(os.environ.get("WORLD_SIZE", os.environ.get("HOROVOD_SIZE", "1"))) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    from datkit import EXIT_PREEMPTED
+
+    launched = int(os.environ.get("WORLD_SIZE", os.environ.get("HOROVOD_SIZE", "1"))) > 1
+    if isinstance(exit_.code, int) and (launched or exit_.code == EXIT_PREEMPTED):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # a pipe to a launcher that is gone (a preemption signal killed it): exit with the code anyway
+                pass
         os._exit(exit_.code)
 
 

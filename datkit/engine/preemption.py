@@ -12,9 +12,8 @@ one was signalled; rank 0 writes a mid-epoch ``checkpoint_last.pt``, prints ::
 and every worker exits with ``EXIT_PREEMPTED`` = 75 (``EX_TEMPFAIL``). The same command with
 ``train.resume=true`` continues at step S+1 of epoch E and ends with the uninterrupted run's weights.
 
-Exit codes of ``datkit.train``: 0 done, 2 start-up error (``datkit.cli.fail``), 3 lost worker
-(``backends/peer_watch.LOST_WORKER_EXIT``), 4 non-finite loss/gradient (``datkit.engine.nonfinite.NONFINITE_EXIT``),
-75 preempted (here). See docs/preemption.md for what each launcher does with the signals.
+Exit codes of ``datkit.train`` (listed in ``datkit/__init__.py``): 0 done, 2 start-up error, 3 lost worker,
+4 non-finite loss/gradient, 75 preempted. See docs/preemption.md for what each launcher does with the signals.
 """
 from __future__ import annotations
 
@@ -23,7 +22,11 @@ import threading
 from types import FrameType
 from typing import Any, Callable
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later" -- requeue and resume
+# 75, EX_TEMPFAIL; defined in datkit/__init__.py beside the list of every exit code
+from datkit import EXIT_PREEMPTED
+
+__all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "Preempted", "StopSignals", "signal_name", "who_got_what"]
+
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -150,7 +150,10 @@ class Trainer:
                    f"{os.path.join(self.out, CHECKPOINT)}; exit {EXIT_PREEMPTED} (requeue and resume with "
                    "train.resume=true)")
         if self.backend.is_main:
-            print(message, flush=True)
+            try:
+                print(message, flush=True)
+            except OSError:  # stdout is a pipe to a launcher that the signal killed (horovodrun on SIGUSR1)
+                pass
         if self.writer is not None:
             self.writer.close()
         raise Preempted(message)
