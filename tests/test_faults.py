@@ -334,17 +334,21 @@ def test_sigusr1_on_one_worker_stops_both_after_the_same_step_exit_75_and_resume
 
 def test_preemption_with_onebit_adam_and_grad_accum_resumes_exactly(tmp_path: Path) -> None:
     """The states that cross steps beyond the model's: 1-bit Adam's error-feedback residuals (per worker, past its
-    freeze step: ceil(0.25 * 6) = 2) and micro-batches (``train.grad_accum=2``). SIGTERM on rank 0 before step 1
-    of epoch 2; the resumed run ends with an uninterrupted run's weights bit for bit."""
-    extra = ["optim.name=onebit_adam", "train.grad_accum=2", "train.nonfinite=ignore"]  # ignore: the signals' own all-gather
-    full = run_python([*exact_cmd("torch"), *extra, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300)
+    freeze step: ceil(0.25 * 6) = 2), micro-batches (``train.grad_accum=2``) and each rank's global RNG (a model with
+    dropout). SIGTERM on rank 0 before step 1 of epoch 2; the resumed run ends with an uninterrupted run's weights bit
+    for bit."""
+    extra = ["optim.name=onebit_adam", "train.grad_accum=2", "train.nonfinite=ignore",  # ignore: the signals' all-gather
+             "model.name=helpers.good_plugins:dropout_mlp"]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+    full = run_python([*exact_cmd("torch"), *extra, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300,
+                      **env)
     assert full.returncode == 0, describe(full)
     cmd, out = [*exact_cmd("torch"), *extra, f"train.output_dir={tmp_path / 'cut'}"], tmp_path / "cut"
-    cut = run_python(cmd, cwd=tmp_path, timeout=300, DATKIT_TEST_SIGNAL_AT_STEP="0:2:1", DATKIT_TEST_SIGNAL="TERM")
+    cut = run_python(cmd, cwd=tmp_path, timeout=300, DATKIT_TEST_SIGNAL_AT_STEP="0:2:1", DATKIT_TEST_SIGNAL="TERM", **env)
     assert cut.returncode == 1 and "datkit: got SIGTERM on rank 0: checkpoint after epoch 2 step 1" in cut.stdout, \
         describe(cut)
     state = load_checkpoint(out)
     assert state["mid_epoch"]["next_step"] == 2 and state["optimizer_exchange"]["world_size"] == 2
-    again = run_python([*exact_cmd("torch"), *extra, f"train.output_dir={out}"], cwd=tmp_path, timeout=300)
+    again = run_python([*exact_cmd("torch"), *extra, f"train.output_dir={out}"], cwd=tmp_path, timeout=300, **env)
     assert again.returncode == 0 and "in epoch 2 after step 1 (mid-epoch)" in again.stdout, describe(again)
     assert_equals_reference(load_checkpoint(out), load_checkpoint(tmp_path / "full"))
