@@ -35,7 +35,10 @@ def train(cfg, argv: Sequence[str] = (), *, model=None, train_set=None, test_set
     """Check ``cfg``, build the backend and the run, train; returns the final results record (``datkit.train`` and
     ``datkit.fit`` share this function). A bad configuration or plug-in is found before any worker trains: with
     ``exit_on_error`` the process ends with exit code 2 and one line naming the key (rank 0 prints it), otherwise the
-    ``ConfigError`` is raised. A lost worker ends the process with code 3."""
+    ``ConfigError`` is raised. A lost worker ends the process with code 3. SIGUSR1/SIGTERM during training stop every
+    worker after the same step with a mid-epoch checkpoint and raise ``datkit.engine.preemption.Preempted`` (a
+    ``SystemExit`` with code 75, ``datkit.EXIT_PREEMPTED``); the signal handlers found are restored when training
+    ends (docs/preemption.md)."""
     from datkit.backends import BackendUnavailable, create_backend
     from datkit.preflight import validate_config
 
