@@ -318,6 +318,14 @@ class Backend(ABC):
             raise
         self.stop_peer_watch()  # a clean finish
 
+    def expect_exit(self) -> None:
+        """Every worker agreed to stop after this step (SIGUSR1/SIGTERM, ``datkit.engine.preemption``): from now on
+        a peer that exits, or the launcher whose store is gone (torchrun's agent killed by SIGUSR1), is no lost
+        worker -- the lost-worker watch reports nothing more. A peer lost while the checkpoint is written still fails
+        the checkpoint's collectives."""
+        if self._watch is not None:
+            self._watch.expect_exit()
+
     def stop_peer_watch(self) -> None:
         """Stop the heart-beats; after a clean run the peers are told this exit is not a loss."""
         if self._watch is not None:

@@ -184,7 +184,9 @@ class DeepSpeedBackend(Backend):
                             run_state: dict[str, Any]) -> None:
         """ZeRO shards via ``engine.save_checkpoint`` into ``<path>.deepspeed/<tag>``, then rank 0 writes
         ``path`` (full weights + run state + the tag) atomically, then older tags are removed."""
-        ds_dir, tag = path + ".deepspeed", f"epoch{run_state['epoch']}"
+        mid = run_state.get("mid_epoch")  # a mid-epoch checkpoint: a tag of its own, the epoch's stays until replaced
+        ds_dir, tag = path + ".deepspeed", (f"epoch{run_state['epoch']}" if mid is None else
+                                             f"epoch{mid['epoch']}_step{mid['next_step']}")
         self.engine.save_checkpoint(ds_dir, tag=tag)
         state = {**run_state, "model": self.model_state_dict(model), "deepspeed_dir": os.path.basename(ds_dir),
                  "deepspeed_tag": tag, "zero_stage": self.zero_stage}

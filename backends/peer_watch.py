@@ -120,6 +120,7 @@ class PeerWatch:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reported = False
+        self._exiting = False  # expect_exit(): every worker is stopping, nothing is reported any more
         self._thread = threading.Thread(target=self._run, args=(connect(),), name="datkit-peer-watch", daemon=True)
         self._thread.start()
         _ACTIVE.append(self)
@@ -201,10 +202,16 @@ class PeerWatch:
                 return lost
             time.sleep(min(0.1, self.interval_s))
 
+    def expect_exit(self) -> None:
+        """Every worker stops now (a preemption signal): peers exiting and the launcher's store going away are
+        expected; ``report`` does nothing from here on."""
+        with self._lock:
+            self._exiting = True
+
     def report(self, lost: list[tuple[int, str]], cause: str | None) -> None:
         """Print the lost-worker message (once) and exit with ``LOST_WORKER_EXIT``."""
         with self._lock:
-            if self._reported or self._stop.is_set():
+            if self._reported or self._stop.is_set() or self._exiting:
                 return
             self._reported = True
         for r, why in lost:

@@ -35,7 +35,10 @@ def train(cfg, argv: Sequence[str] = (), *, model=None, train_set=None, test_set
     """Check ``cfg``, build the backend and the run, train; returns the final results record (``datkit.train`` and
     ``datkit.fit`` share this function). A bad configuration or plug-in is found before any worker trains: with
     ``exit_on_error`` the process ends with exit code 2 and one line naming the key (rank 0 prints it), otherwise the
-    ``ConfigError`` is raised. A lost worker ends the process with code 3."""
+    ``ConfigError`` is raised. A lost worker ends the process with code 3. SIGUSR1/SIGTERM during training stop every
+    worker after the same step with a mid-epoch checkpoint and raise ``datkit.engine.preemption.Preempted`` (a
+    ``SystemExit`` with code 75, ``datkit.EXIT_PREEMPTED``); the signal handlers found are restored when training
+    ends (docs/preemption.md)."""
     from datkit.backends import BackendUnavailable, create_backend
     from datkit.preflight import validate_config
 
@@ -82,13 +85,20 @@ def exit_after_run(final: dict) -> None:
 
 
 def exit_now_under_a_launcher(exit_: SystemExit) -> None:
-    """A worker that stops (start-up error: 2; non-finite values: 4) ends with ``os._exit`` once stdout/stderr
-    are flushed (the backend is closed by then): a launcher stops the others as soon as one worker exits, and
+    """A worker that stops (start-up error: 2; non-finite values: 4; preempted: 75, also a single process) ends with
+    ``os._exit`` once stdout/stderr are flushed (the backend is closed by then; a flush into a pipe whose launcher
+    is gone is skipped, so that the code stays 75): a launcher stops the others as soon as one worker exits, and
     a worker still in the interpreter's finalization then dies of its SIGTERM (horovodrun: exit 143 for a
     worker that had decided on 4)."""
-    if isinstance(exit_.code, int) and int(os.environ.get("WORLD_SIZE", os.environ.get("HOROVOD_SIZE", "1"))) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    from datkit import EXIT_PREEMPTED
+
+    launched = int(os.environ.get("WORLD_SIZE", os.environ.get("HOROVOD_SIZE", "1"))) > 1
+    if isinstance(exit_.code, int) and (launched or exit_.code == EXIT_PREEMPTED):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # a pipe to a launcher that is gone (a preemption signal killed it): exit with the code anyway
+                pass
         os._exit(exit_.code)
 
 

@@ -85,6 +85,7 @@ def test_unknown_key_in_yaml_file_names_file_and_key(tmp_path: Path) -> None:
     ("train.epochs=abc", "train.epochs", "int"),
     ("attack.eps=big", "attack.eps", "float"),
     ("log.plot=maybe", "log.plot", "bool"),
+    ("train.checkpoint_every_steps=often", "train.checkpoint_every_steps", "int"),
 ])
 def test_wrong_type_names_key_and_type(override: str, key: str, expected: str) -> None:
     msg = _load_error(override)
@@ -112,6 +113,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
     ("attack.norm=l1", "attack.norm", "linf, l2"),
     ("train.epochs=0", "train.epochs", ">= 1"),
     ("train.grad_accum=0", "train.grad_accum", ">= 1"),
+    ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps", ">= 0"),
     ("train.batch_size=10", "train.batch_size", "divisible by train.grad_accum"),
     ("optim.lr=0", "optim.lr", "> 0"),
     ("optim.momentum=1.5", "optim.momentum", "[0, 1)"),

@@ -307,3 +307,48 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str |
     assert not list(run.glob(".tmp-*.pt"))  # the leftover of the killed write is cleaned up by the next save
     # the uninterrupted run was started like these (a subprocess: same thread count, so bit-equal weights)
     assert_equals_reference(load_checkpoint(run), reference(backend))
+
+
+def test_sigusr1_on_one_worker_stops_both_after_the_same_step_exit_75_and_resume_is_exact(reference,
+                                                                                          tmp_path: Path) -> None:
+    """Preemption (``datkit.engine.preemption``): rank 1 alone gets SIGUSR1 before step 0 of epoch 2; both workers stop
+    after that step (agreed in the step's all-gather), rank 0 writes the mid-epoch checkpoint, each worker exits 75
+    (torchrun itself then exits 1: a child failed); the same command again continues at step 1 of epoch 2 and ends
+    with the uninterrupted run's weights bit for bit."""
+    cmd, codes, out = launch_cmd("torch", record_exit=True), tmp_path / "codes", tmp_path / "cut"
+    codes.mkdir()
+    cut = watch_launch([*cmd, *_tiny(), *EXACT, f"train.output_dir={out}"], tmp_path, timeout=300,
+                       DATKIT_TEST_SIGNAL_AT_STEP="1:2:0", DATKIT_TEST_EXIT_LOG=str(codes))
+    assert exit_codes(codes) == {0: 75, 1: 75}, cut.describe()
+    assert cut.returncode == 1 and not cut.left_over, cut.describe()
+    assert cut.first(r"datkit: got SIGUSR1 on rank 1: checkpoint after epoch 2 step 0 written to .*checkpoint_last.pt; "
+                     r"exit 75 \(requeue and resume with train.resume=true\)"), cut.describe()
+    state = load_checkpoint(out)
+    assert (state["epoch"], state["mid_epoch"]["epoch"], state["mid_epoch"]["next_step"]) == (1, 2, 1)
+    assert len(state["mid_epoch"]["ranks"]["rng"]) == 2
+    again = run_exact("torch", out, tmp_path)
+    assert again.returncode == 0, describe(again)
+    assert "in epoch 2 after step 0 (mid-epoch)" in again.stdout, describe(again)
+    assert_equals_reference(load_checkpoint(out), reference("torch"))
+
+
+def test_preemption_with_onebit_adam_and_grad_accum_resumes_exactly(tmp_path: Path) -> None:
+    """The states that cross steps beyond the model's: 1-bit Adam's error-feedback residuals (per worker, past its
+    freeze step: ceil(0.25 * 6) = 2), micro-batches (``train.grad_accum=2``) and each rank's global RNG (a model with
+    dropout). SIGTERM on rank 0 before step 1 of epoch 2; the resumed run ends with an uninterrupted run's weights bit
+    for bit."""
+    extra = ["optim.name=onebit_adam", "train.grad_accum=2", "train.nonfinite=ignore",  # ignore: the signals' all-gather
+             "model.name=helpers.good_plugins:dropout_mlp"]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+    full = run_python([*exact_cmd("torch"), *extra, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300,
+                      **env)
+    assert full.returncode == 0, describe(full)
+    cmd, out = [*exact_cmd("torch"), *extra, f"train.output_dir={tmp_path / 'cut'}"], tmp_path / "cut"
+    cut = run_python(cmd, cwd=tmp_path, timeout=300, DATKIT_TEST_SIGNAL_AT_STEP="0:2:1", DATKIT_TEST_SIGNAL="TERM", **env)
+    assert cut.returncode == 1 and "datkit: got SIGTERM on rank 0: checkpoint after epoch 2 step 1" in cut.stdout, \
+        describe(cut)
+    state = load_checkpoint(out)
+    assert state["mid_epoch"]["next_step"] == 2 and state["optimizer_exchange"]["world_size"] == 2
+    again = run_python([*exact_cmd("torch"), *extra, f"train.output_dir={out}"], cwd=tmp_path, timeout=300, **env)
+    assert again.returncode == 0 and "in epoch 2 after step 1 (mid-epoch)" in again.stdout, describe(again)
+    assert_equals_reference(load_checkpoint(out), load_checkpoint(tmp_path / "full"))

@@ -153,3 +153,78 @@ def test_resume_from_an_older_checkpoint_lists_each_epoch_once(tmp_path: Path, m
     assert _epochs(tmp_path) == [1, 2, 3, 4]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+# --- mid-epoch checkpoints (train.checkpoint_every_steps) and preemption signals -------------------------------
+
+_TIMING = ("T_s", "C_s", "eval_s")
+
+
+def _same_records(a: list[dict], b: list[dict]) -> None:
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for r_a, r_b in zip(a, b):
+        assert {k: v for k, v in r_a.items() if k not in _TIMING} == {k: v for k, v in r_b.items() if k not in _TIMING}
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_after_a_crash_reproduces_the_uninterrupted_run(uninterrupted: dict, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # checkpoint_every_steps=5 counts from the run's start: after step 0 of epoch 3 (2 steps per epoch); the run
+    # dies (an exception) in step 1 of epoch 3; no epoch-end checkpoint before the last (checkpoint_every=0).
+    args = [*RUN, "schedule.name=cosine", "train.epochs=4", "train.checkpoint_every=0", "train.checkpoint_every_steps=5",
+            f"train.output_dir={tmp_path}"]
+    real_step = Trainer.train_step
+
+    def dying(self, *a, **kw):
+        if self.position == (3, 1):
+            raise _Interrupt("killed")
+        return real_step(self, *a, **kw)
+
+    import signal
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as mp:
+        mp.setattr(Trainer, "train_step", dying)
+        with pytest.raises(_Interrupt):
+            train_inprocess(args)
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+    cut = load_checkpoint(tmp_path)  # weights_only=True
+    assert cut["epoch"] == 2 and cut["mid_epoch"]["epoch"] == 3 and cut["mid_epoch"]["next_step"] == 1
+    assert cut["scheduler"]["last_epoch"] == 5 and len(cut["mid_epoch"]["ranks"]["rng"]) == 1
+
+    final = train_inprocess([*args, "train.resume=true"])
+    resumed, full = load_checkpoint(tmp_path), uninterrupted["cosine"]
+    assert_same_weights(resumed["model"], full["model"], atol=0.0)
+    assert "mid_epoch" not in resumed and resumed["epoch"] == 4
+    _same_records(resumed["records"], full["records"])
+    full_final = json.loads((full["dir"] / "results.json").read_text())["final"]
+    assert final["TA"] == full_final["TA"] and final["RA"] == full_final["RA"]
+
+
+@pytest.mark.slow
+def test_sigterm_in_process_checkpoints_mid_epoch_exits_75_and_resumes_exactly(
+        uninterrupted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import signal
+
+    from datkit.engine.preemption import EXIT_PREEMPTED, Preempted
+
+    args = [*RUN, "schedule.name=constant", "train.epochs=4", f"train.output_dir={tmp_path}"]
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as mp:
+        mp.setenv("DATKIT_TEST_SIGNAL_AT_STEP", "0:2:1")  # before the last step of epoch 2
+        mp.setenv("DATKIT_TEST_SIGNAL", "TERM")
+        with pytest.raises(Preempted) as stop:
+            train_inprocess(args)
+    assert stop.value.code == EXIT_PREEMPTED == 75
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert ("datkit: got SIGTERM on rank 0: checkpoint after epoch 2 step 1 written to "
+            f"{tmp_path / 'checkpoint_last.pt'}; exit 75 (requeue and resume with train.resume=true)") in capsys.readouterr().out
+    cut = load_checkpoint(tmp_path)
+    # the epoch's last step was trained: the checkpoint is mid-epoch (its evaluation and record are still to come)
+    assert (cut["epoch"], cut["mid_epoch"]["epoch"], cut["mid_epoch"]["next_step"]) == (1, 2, 2)
+    assert not (tmp_path / "results.json").exists()
+
+    train_inprocess([*args, "train.resume=true"])
+    resumed, full = load_checkpoint(tmp_path), uninterrupted["constant"]
+    assert_same_weights(resumed["model"], full["model"], atol=0.0)
+    _same_records(resumed["records"], full["records"])
+    assert _epochs(tmp_path) == [1, 2, 3, 4]

@@ -111,6 +111,7 @@ class TrainConfig:
     max_steps: int = 0  # stop an epoch after this many steps (0 = full epochs); for smoke tests
     resume: bool = False  # continue from output_dir/checkpoint_last.pt if it exists
     checkpoint_every: int = 1  # save a checkpoint every N epochs (0 = only the final one)
+    checkpoint_every_steps: int = 0  # also save a mid-epoch checkpoint every N optimizer steps (counted from the run's start; 0 = off); resume continues at the next step exactly. SIGUSR1/SIGTERM always write one and exit with code 75 (docs/preemption.md)
     output_dir: str = "runs/${path_safe:${data.name}}_${path_safe:${method.name}}"  # where results, logs and checkpoints go (path_safe: an import path's ':' becomes '-')
     threads: int = 0  # CPU intra-op threads per worker; 0 = auto: OMP_NUM_THREADS if set, else cores / workers on this host
     malloc_tuning: bool = True  # glibc: keep freed memory in the process (fewer page faults, ~10% faster CPU steps)

@@ -61,6 +61,7 @@ def core_errors(cfg) -> list[str]:
     at_least(e, "train.grad_clip", t.grad_clip, 0.0)
     at_least(e, "train.max_steps", t.max_steps, 0)
     at_least(e, "train.checkpoint_every", t.checkpoint_every, 0)
+    at_least(e, "train.checkpoint_every_steps", t.checkpoint_every_steps, 0)
     if t.grad_accum >= 1 and t.batch_size % t.grad_accum:
         e.append(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
     if (t.freeze_backbone or t.new_head) and not t.init_from:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -100,21 +100,25 @@ def build_data(data_cfg, train_set: Dataset | None = None, test_set: Dataset | N
 
 
 def iterate_batches(dataset: Dataset, sampler: ShardedBatchSampler | Sequence[Sequence[int]], num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) for each index list of ``sampler``; in-memory tensors are indexed directly."""
+    """Yield (x, y) for each index list of ``sampler``; in-memory tensors are indexed directly. A DataLoader's
+    iterator is created by this call (it draws its workers' base seed from the global RNG then), so a caller can
+    set the global RNG state after it (a mid-epoch resume) and the batches' own draws are those of the
+    uninterrupted epoch."""
     if isinstance(dataset, TensorDataset):
-        x_all, y_all = dataset.tensors
-        for idx in sampler:
-            t = torch.as_tensor(idx, dtype=torch.long)
-            yield x_all[t], y_all[t]
-        return
+        return _indexed(dataset.tensors, None, sampler)
     if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
-        base = torch.as_tensor(dataset.indices, dtype=torch.long)
-        x_all, y_all = dataset.dataset.tensors
-        for idx in sampler:
-            t = base[torch.as_tensor(idx, dtype=torch.long)]
-            yield x_all[t], y_all[t]
-        return
-    yield from DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)
+        return _indexed(dataset.dataset.tensors, torch.as_tensor(dataset.indices, dtype=torch.long), sampler)
+    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False))
+
+
+def _indexed(tensors: Sequence[torch.Tensor], base: torch.Tensor | None,
+             sampler: Iterable[Sequence[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    x_all, y_all = tensors
+    for idx in sampler:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        if base is not None:
+            t = base[t]
+        yield x_all[t], y_all[t]
 
 
 def eval_subset(n: int, num_samples: int, seed: int = 0) -> list[int]:

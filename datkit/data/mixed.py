@@ -41,10 +41,12 @@ class MixedBatchSampler(Sampler[list[int]]):
                              f"{g_l} / {g_u} one global batch takes")
         self.n_labeled, self.n_unlabeled, self.global_batch = n_labeled, n_unlabeled, global_batch
         self.g_l, self.g_u, self.rank, self.world_size, self.seed, self.epoch = g_l, g_u, rank, world_size, seed, 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the permutations of ``epoch`` (the same on every worker)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Choose the permutations of ``epoch`` (the same on every worker); iteration begins at global batch
+        ``start`` (a mid-epoch resume; the skipped batches' index draws are made, no example is read)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return (self.n_labeled + self.n_unlabeled) // self.global_batch
@@ -61,8 +63,10 @@ class MixedBatchSampler(Sampler[list[int]]):
         base = (self.seed * 100_003 + self.epoch) * 2
         lab, unlab = _stream(self.n_labeled, self.g_l, base), _stream(self.n_unlabeled, self.g_u, base + 1)
         bl, bu = self.g_l // self.world_size, self.g_u // self.world_size
-        for _ in range(len(self)):
+        for i in range(len(self)):
             gl, gu = next(lab), next(unlab)
+            if i < self.start:
+                continue
             mine_l = gl[self.rank * bl : (self.rank + 1) * bl]
             mine_u = gu[self.rank * bu : (self.rank + 1) * bu] + self.n_labeled
             yield torch.cat([mine_l, mine_u]).tolist()

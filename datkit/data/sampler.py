@@ -23,11 +23,12 @@ class ShardedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"dataset of {n} examples is smaller than one global batch of {global_batch}")
         self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
         self.local_batch = global_batch // world_size
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the permutation of ``epoch`` (same on every worker)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Choose the permutation of ``epoch`` (same on every worker); iteration begins at global batch ``start``
+        (a mid-epoch resume: the earlier batches are neither yielded nor read). ``len`` stays the epoch's."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return self.n // self.global_batch
@@ -45,7 +46,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         else:
             perm = torch.arange(self.n)
         lo = self.rank * self.local_batch
-        for i in range(len(self)):
+        for i in range(self.start, len(self)):
             yield perm[i * self.global_batch + lo : i * self.global_batch + lo + self.local_batch].tolist()
 
 

@@ -13,6 +13,9 @@ They let the fault tests (``tests/test_faults*.py``) hit a failure at a known po
   parameter, which autograd runs before the gradient is accumulated into ``.grad`` -- so before any
   gradient-accumulator hook (DDP's reducer and comm hook, Horovod's DistributedOptimizer), compressor or
   engine allreduce sees it. The hook removes itself after one call;
+- ``DATKIT_TEST_SIGNAL_AT_STEP=R:E:S[,R:E:S...]``: rank ``R`` sends itself ``DATKIT_TEST_SIGNAL`` (default
+  ``USR1``; ``TERM``) just before step ``S`` of epoch ``E``: a preemption signal on one rank only
+  (``datkit.engine.preemption``; every worker then stops after step ``S``);
 - ``DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S=X`` (read by ``datkit.checkpoint``): sleep ``X`` seconds between
   writing a checkpoint's temp file and renaming it over the previous checkpoint.
 """
@@ -27,6 +30,7 @@ import torch
 KILL_VAR = "DATKIT_TEST_KILL_AT_STEP"
 NAN_VAR = "DATKIT_TEST_NAN_AT_STEP"
 GRAD_NAN_VAR = "DATKIT_TEST_GRAD_NAN_AT_STEP"
+SIGNAL_VAR = "DATKIT_TEST_SIGNAL_AT_STEP"
 
 
 def _points(var: str) -> set[tuple[int, int, int]]:
@@ -43,6 +47,15 @@ def maybe_kill(rank: int, epoch: int, step: int) -> None:
     """SIGKILL this process at ``DATKIT_TEST_KILL_AT_STEP`` (first attempt only)."""
     if (rank, epoch, step) in _points(KILL_VAR) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         sig = getattr(signal, "SIG" + os.environ.get("DATKIT_TEST_KILL_SIGNAL", "KILL"))
+        print(f"datkit-test: rank {rank} (pid {os.getpid()}) sends itself {sig.name} at epoch {epoch} step {step}",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), sig)
+
+
+def maybe_signal(rank: int, epoch: int, step: int) -> None:
+    """Send this process ``DATKIT_TEST_SIGNAL`` (default SIGUSR1) at ``DATKIT_TEST_SIGNAL_AT_STEP``."""
+    if (rank, epoch, step) in _points(SIGNAL_VAR):
+        sig = getattr(signal, "SIG" + os.environ.get("DATKIT_TEST_SIGNAL", "USR1"))
         print(f"datkit-test: rank {rank} (pid {os.getpid()}) sends itself {sig.name} at epoch {epoch} step {step}",
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), sig)

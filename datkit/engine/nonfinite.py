@@ -19,6 +19,10 @@ decision at the same step and names the ranks whose loss or local gradients were
 - ``ignore``: no check and no collective (a NaN then reaches the weights).
 
 Steps are numbered from 0 within an epoch; epochs from 1.
+
+The same all-gather carries a third float per worker, the stop signal it received (``datkit.engine.preemption``;
+0 = none): ``stop_signals`` is then every rank's, the same on every worker, so all of them stop after the same
+step. With ``ignore`` the signals alone are all-gathered (1 float per worker; nothing with one worker).
 """
 from __future__ import annotations
 
@@ -37,17 +41,22 @@ class NonFiniteGuard:
         self.mode, self.max_skips, self.backend = mode, int(max_skips), backend
         self.consecutive = 0
         self.skipped = 0  # in the current epoch (``take_epoch_count`` resets it)
+        self.stop_signals: list[int] = []  # every rank's stop signal at the last check (0 = none)
 
-    def check(self, loss: float, model: nn.Module, epoch: int, step: int) -> bool:
-        """Collective: True when this step must be skipped; exits (code 4) when the run must stop."""
-        if self.mode == "ignore":
-            return False
+    def check(self, loss: float, model: nn.Module, epoch: int, step: int, stop_signal: int = 0) -> bool:
+        """Collective: True when this step must be skipped; exits (code 4) when the run must stop. ``stop_signal``:
+        the signal this worker received (0 = none), shared as ``stop_signals`` (see module docstring)."""
         be = self.backend
+        if self.mode == "ignore":
+            self.stop_signals = self.share_stop_signal(stop_signal)
+            return False
         local, averaged = be.nonfinite_gradients(model)
         local = local or not torch.isfinite(torch.tensor(loss)).item()
-        flags = be.all_gather(torch.tensor([float(local), float(averaged)], device=be.device)).view(-1, 2).tolist()
-        ranks = [r for r, (f_local, _) in enumerate(flags) if f_local > 0]
-        if not ranks and not any(f_avg > 0 for _, f_avg in flags):
+        flags = be.all_gather(torch.tensor([float(local), float(averaged), float(stop_signal)],
+                                           device=be.device)).view(-1, 3).tolist()
+        self.stop_signals = [int(s) for _, _, s in flags]
+        ranks = [r for r, (f_local, _, _) in enumerate(flags) if f_local > 0]
+        if not ranks and not any(f_avg > 0 for _, f_avg, _ in flags):
             self.consecutive = 0
             return False
         on = (f"on rank(s) {', '.join(map(str, ranks))}" if ranks else
@@ -64,6 +73,13 @@ class NonFiniteGuard:
             print(f"datkit: {where}; step skipped (train.nonfinite=skip, {self.consecutive} in a row, "
                   f"{self.skipped} this epoch)", file=sys.stderr, flush=True)
         return True
+
+    def share_stop_signal(self, stop_signal: int) -> list[int]:
+        """Collective (none with one worker): every rank's stop signal (0 = none), in one all-gather of a float."""
+        be = self.backend
+        if be.world_size == 1:
+            return [int(stop_signal)]
+        return [int(s) for s in be.all_gather(torch.tensor([float(stop_signal)], device=be.device)).view(-1).tolist()]
 
     def take_epoch_count(self) -> int:
         """Steps skipped since the last call (one epoch's count)."""

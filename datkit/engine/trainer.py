@@ -7,12 +7,15 @@ a checkpoint. Every per-sample draw (attack start, TRADES' start, smoothing nois
 (seed, epoch, the sample's global position in the epoch) through ``datkit.randomness``, never by the rank: M
 workers x B take exactly the step of 1 worker x M*B, with or without gradient accumulation, and resuming from
 an epoch's checkpoint reproduces the uninterrupted run. The global RNG (a model's own dropout) is re-seeded at
-every epoch from (seed, epoch, rank).
+every epoch from (seed, epoch, rank). Mid-epoch checkpoints (``train.checkpoint_every_steps``, and the one written
+when SIGUSR1/SIGTERM stops the run: ``datkit.engine.preemption``) hold the epoch's partial state
+(``datkit.engine.epoch_state``): a resumed run continues at the next step and ends as the uninterrupted one.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +29,11 @@ from datkit.data import eval_subset, iterate_batches, random_shift
 from datkit.methods import StepInfo
 
 from . import fault_injection
+from .epoch_state import EpochProgress, epoch_progress, gather_ranks, restore_ranks
 from .evaluate import evaluate_per_image, ra_attack, subset_accuracy, subset_outcomes
 from .nonfinite import NonFiniteGuard
 from .overfitting import OverfittingCheck
+from .preemption import EXIT_PREEMPTED, Preempted, StopSignals, signal_name, who_got_what
 from .results import ResultsWriter
 
 if TYPE_CHECKING:  # only an annotation: run.py builds runs and hands them to this loop
@@ -52,6 +57,8 @@ class Trainer:
         self.position = (0, 0)  # (epoch, step) of the step being trained
         self.step_skipped = False
         self.start_epoch, self.records = 1, []
+        self.resume_progress: EpochProgress | None = None  # a mid-epoch checkpoint's partial epoch
+        self.stop_signals = StopSignals()  # installed while train() runs
         if run.resume_from is not None:
             self.records = self._load(run.resume_from)
         self.writer: ResultsWriter | None = None
@@ -63,26 +70,38 @@ class Trainer:
 
     # --- one epoch ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
-        """Train one epoch; returns (mean loss over workers, T seconds, C seconds).
+        """Train one epoch (from a mid-epoch checkpoint's next step when resuming into it); returns (mean loss over
+        workers, T seconds, C seconds).
 
         ``self.bytes_per_iter`` is set to the bytes of gradient communication per step of this epoch,
-        ``self.nonfinite_skipped`` to the steps skipped for a NaN/Inf (``train.nonfinite=skip``).
+        ``self.nonfinite_skipped`` to the steps skipped for a NaN/Inf (``train.nonfinite=skip``). Writes the
+        mid-epoch checkpoints of ``train.checkpoint_every_steps``; raises ``Preempted`` (exit code 75) after the
+        step at which the workers agreed that one of them got SIGUSR1/SIGTERM, its checkpoint written.
         """
         cfg, be = self.cfg, self.backend
+        p = self.resume_progress or EpochProgress(epoch, nonfinite_consecutive=self.nonfinite.consecutive)
+        self.resume_progress = None
         torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1_009 + be.rank)
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start=p.next_step)  # the earlier batches are not read again
+        batches = iterate_batches(self.data.train, self.sampler, cfg.data.num_workers)  # a DataLoader draws its seed
+        if p.ranks is not None and not restore_ranks(p, be) and be.is_main:  # then the epoch goes on from its state
+            print(f"datkit: the checkpoint's per-rank states are for {p.ranks['world_size']} workers, this run has "
+                  f"{be.world_size}: the model's own random draws (dropout) start from epoch {epoch}'s seed", flush=True)
+        self.nonfinite.skipped, self.nonfinite.consecutive = p.nonfinite_skipped, p.nonfinite_consecutive
         self.model.train()
         be.comm_seconds()  # reset the communication timer and byte counter
         be.comm_bytes()
-        loss_sum, steps = torch.zeros((), dtype=torch.float64), 0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
-                   disable=not (be.is_main and cfg.log.progress), dynamic_ncols=True)
+        loss_sum, steps = torch.tensor(p.loss_sum, dtype=torch.float64), p.steps
+        bar = tqdm(total=self.steps_per_epoch, initial=min(p.next_step, self.steps_per_epoch), leave=False,
+                   desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not (be.is_main and cfg.log.progress),
+                   dynamic_ncols=True)
         start = time.perf_counter()
-        for step, (x, y) in enumerate(iterate_batches(self.data.train, self.sampler, cfg.data.num_workers)):
+        for step, (x, y) in enumerate(batches, start=p.next_step):
             if step >= self.steps_per_epoch:
                 break
             keys = randomness.sample_keys(cfg.train.seed, epoch, self.sampler.positions(step))
             fault_injection.maybe_kill(be.rank, epoch, step)  # test-only (env DATKIT_TEST_KILL_AT_STEP)
+            fault_injection.maybe_signal(be.rank, epoch, step)  # test-only (env DATKIT_TEST_SIGNAL_AT_STEP)
             info = StepInfo(eps=self.method.train_eps(epoch - 1 + step / self.steps_per_epoch))
             self.position = (epoch, step)
             step_loss = self.train_step(x, y, info, keys)
@@ -91,13 +110,53 @@ class Trainer:
                 steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", eps=f"{info.eps:.3f}")
-        seconds = time.perf_counter() - start
+            signals = self.nonfinite.stop_signals  # every rank's, exchanged in train_step's check
+            if any(signals) or self._step_checkpoint_due(epoch, step):
+                p = EpochProgress(epoch, step + 1, float(loss_sum), steps, p.T_s + time.perf_counter() - start,
+                                  p.C_s + be.comm_seconds(), p.bytes + be.comm_bytes(), self.nonfinite.skipped,
+                                  self.nonfinite.consecutive)
+                if any(signals):
+                    be.expect_exit()  # every worker stops now: a peer's exit or a launcher gone is no lost worker
+                self.save(epoch - 1, progress=p)
+                if any(signals):
+                    bar.close()
+                    self._preempted(signals, f"epoch {epoch} step {step}")
+                be.comm_seconds()  # the checkpoint's own collectives are no gradient communication
+                be.comm_bytes()
+                start = time.perf_counter()  # nor is its time training time
+        seconds = p.T_s + time.perf_counter() - start
         bar.close()
-        comm = be.comm_seconds()
-        self.bytes_per_iter = be.comm_bytes() / max(1, steps)
+        comm = p.C_s + be.comm_seconds()
+        self.bytes_per_iter = (p.bytes + be.comm_bytes()) / max(1, steps)
         self.nonfinite_skipped = self.nonfinite.take_epoch_count()
         stats = be.all_reduce(torch.tensor([float(loss_sum), steps], dtype=torch.float64, device=be.device), op="sum")
         return float(stats[0] / max(1.0, float(stats[1]))), seconds, comm
+
+    def _step_checkpoint_due(self, epoch: int, step: int) -> bool:
+        """``train.checkpoint_every_steps``: after every N-th optimizer step of the run (counted from its start), but
+        not after an epoch's last step when the epoch's own checkpoint follows."""
+        n = self.cfg.train.checkpoint_every_steps
+        if n <= 0 or ((epoch - 1) * self.steps_per_epoch + step + 1) % n:
+            return False
+        return step + 1 < self.steps_per_epoch or not self._epoch_checkpoint_due(epoch)
+
+    def _epoch_checkpoint_due(self, epoch: int) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return bool(every and epoch % every == 0) or epoch == self.cfg.train.epochs
+
+    def _preempted(self, signals: list[int], where: str) -> None:
+        """Every worker: raise ``Preempted`` (exit code 75) once the checkpoint after ``where`` is written; rank 0 says so."""
+        message = (f"datkit: got {who_got_what(signals)}: checkpoint after {where} written to "
+                   f"{os.path.join(self.out, CHECKPOINT)}; exit {EXIT_PREEMPTED} (requeue and resume with "
+                   "train.resume=true)")
+        if self.backend.is_main:
+            try:
+                print(message, flush=True)
+            except OSError:  # stdout is a pipe to a launcher that the signal killed (horovodrun on SIGUSR1)
+                pass
+        if self.writer is not None:
+            self.writer.close()
+        raise Preempted(message)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, info: StepInfo, keys: list[int] | None = None) -> float:
         """One optimizer step on this worker's shard ``(x, y)`` of a global batch; returns its loss.
@@ -123,7 +182,8 @@ class Trainer:
                     be.backward(loss)
                 step_loss += float(loss.detach())
         epoch, step = self.position
-        self.step_skipped = self.nonfinite.check(step_loss, self.model, epoch, step)  # collective, before the step
+        # collective, before the step; it also shares the stop signals (SIGUSR1/SIGTERM) the workers got
+        self.step_skipped = self.nonfinite.check(step_loss, self.model, epoch, step, self.stop_signals.signum)
         if self.step_skipped:
             be.skip_step(self.optimizer)
             self.scheduler.step()
@@ -174,34 +234,53 @@ class Trainer:
         if be.is_main:
             print(f"datkit: {be.describe()} | {cfg.method.name} on {cfg.data.name} ({len(self.data.train)} train), "
                   f"model {cfg.model.name}, eval on {self.data.test_name} | output {self.out}", flush=True)
-        for epoch in range(self.start_epoch, cfg.train.epochs + 1):
-            if self.co_fired is not None and cfg.eval.co_action == "stop":
-                break  # a resumed run that had stopped for catastrophic overfitting
-            loss, seconds, comm = self.train_epoch(epoch)
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm, "T_s": seconds,
-                                      "bytes_per_iter": self.bytes_per_iter, "nonfinite_skipped": self.nonfinite_skipped,
-                                      "lr": self.scheduler.get_last_lr()[0],
-                                      "eps": self.method.train_eps(epoch)}
-            if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
-                t0 = time.perf_counter()
-                ev = self.epoch_evaluation(epoch)
-                record.update(TA=ev["TA"], RA=ev.get("RA"), n_eval=ev["n"], eval_s=time.perf_counter() - t0)
-                record.update({k: v for k, v in ev.items() if k not in ("TA", "RA", "n")})  # the method's columns (VA, VE)
-            fired = self._check_overfitting(epoch, record)
-            self.records.append(record)
-            if self.writer is not None:
-                self.writer.add_epoch(record)
-                ta = "-" if record["TA"] is None else f"{record['TA']:.4f}"
-                ra = "-" if record["RA"] is None else f"{record['RA']:.4f}"
-                va = f"  VA {record['VA']:.4f}" if record.get("VA") is not None else ""
-                co = f"  RA(train) {record['co_RA']:.4f}" if record.get("co_RA") is not None else ""
-                print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}{va}{co}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
-            stop = fired and cfg.eval.co_action == "stop"
-            if (cfg.train.checkpoint_every and epoch % cfg.train.checkpoint_every == 0) or epoch == cfg.train.epochs or stop:
+        with self.stop_signals:  # SIGUSR1 / SIGTERM only set a flag until training ends (previous handlers restored)
+            for epoch in range(self.start_epoch, cfg.train.epochs + 1):
+                if self.co_fired is not None and cfg.eval.co_action == "stop":
+                    break  # a resumed run that had stopped for catastrophic overfitting
+                if self._epoch(epoch):
+                    break
+            final = self.finish()
+        if self.stop_signals.signum:  # after the last epoch's agreement: the final evaluation was not interrupted
+            print(f"datkit: got {signal_name(self.stop_signals.signum)} on rank {be.rank} during the final evaluation; "
+                  "the run finished", file=sys.stderr, flush=True)
+        return final
+
+    def _epoch(self, epoch: int) -> bool:
+        """Train and evaluate ``epoch``, record and checkpoint it; True when training stops here (catastrophic
+        overfitting with ``eval.co_action=stop``). Raises ``Preempted`` when a worker got SIGUSR1/SIGTERM during the
+        epoch's evaluation (after its last step's agreement), once the epoch's checkpoint is written."""
+        cfg = self.cfg
+        loss, seconds, comm = self.train_epoch(epoch)
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm, "T_s": seconds,
+                                  "bytes_per_iter": self.bytes_per_iter, "nonfinite_skipped": self.nonfinite_skipped,
+                                  "lr": self.scheduler.get_last_lr()[0],
+                                  "eps": self.method.train_eps(epoch)}
+        if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
+            t0 = time.perf_counter()
+            ev = self.epoch_evaluation(epoch)
+            record.update(TA=ev["TA"], RA=ev.get("RA"), n_eval=ev["n"], eval_s=time.perf_counter() - t0)
+            record.update({k: v for k, v in ev.items() if k not in ("TA", "RA", "n")})  # the method's columns (VA, VE)
+        fired = self._check_overfitting(epoch, record)
+        self.records.append(record)
+        if self.writer is not None:
+            self.writer.add_epoch(record)
+            ta = "-" if record["TA"] is None else f"{record['TA']:.4f}"
+            ra = "-" if record["RA"] is None else f"{record['RA']:.4f}"
+            va = f"  VA {record['VA']:.4f}" if record.get("VA") is not None else ""
+            co = f"  RA(train) {record['co_RA']:.4f}" if record.get("co_RA") is not None else ""
+            print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}{va}{co}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
+        stop = fired and cfg.eval.co_action == "stop"
+        saved = self._epoch_checkpoint_due(epoch) or stop
+        if saved:
+            self.save(epoch)
+        signals = self.nonfinite.share_stop_signal(self.stop_signals.signum)  # one float per worker per epoch
+        if any(signals):
+            self.backend.expect_exit()
+            if not saved:
                 self.save(epoch)
-            if stop:
-                break
-        return self.finish()
+            self._preempted(signals, f"epoch {epoch}")
+        return stop
 
     def _check_overfitting(self, epoch: int, record: dict[str, Any]) -> bool:
         """The catastrophic-overfitting check (``datkit.engine.overfitting``) after ``epoch``: records ``co_RA``;
@@ -263,12 +342,18 @@ class Trainer:
                                    seed=cfg.train.seed, progress=cfg.log.progress, robust=robust)
 
     # --- checkpoints -------------------------------------------------------------------------------
-    def save(self, epoch: int) -> None:
-        """Checkpoint after ``epoch``: the backend saves model and optimizer its way, with this run state."""
+    def save(self, epoch: int, progress: EpochProgress | None = None) -> None:
+        """Collective: checkpoint after ``epoch`` complete epochs -- and, with ``progress``, the first
+        ``progress.next_step`` steps of epoch ``epoch + 1`` (a mid-epoch checkpoint, every rank's RNG state added):
+        the backend saves model and optimizer its way, with this run state."""
         run_state = {"epoch": epoch, "scheduler": self.scheduler.state_dict(), "records": self.records,
                      "config": OmegaConf.to_yaml(self.cfg, resolve=True), "world_size": self.backend.world_size,
                      "compression": self.backend.compression_state(),
-                     "optimizer_exchange": self.backend.optimizer_exchange_state()}
+                     "optimizer_exchange": self.backend.optimizer_exchange_state(),
+                     "nonfinite_consecutive": self.nonfinite.consecutive}
+        if progress is not None:
+            progress.ranks = gather_ranks(self.backend, progress.loss_sum)
+            run_state["mid_epoch"] = progress.to_state()
         self.backend.save_training_state(os.path.join(self.out, CHECKPOINT), self.model, self.optimizer, run_state)
 
     def _load(self, path: str) -> list[dict[str, Any]]:
@@ -291,7 +376,17 @@ class Trainer:
             except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
                 raise CheckpointError(RESUME_KEY, path, f"its '{what}' state does not fit this run "
                                       f"({type(err).__name__}: {str(err)[:200]})", shown=f"true ({path})") from None
-        self.start_epoch = int(state["epoch"]) + 1
+        try:
+            progress = epoch_progress(state.get("mid_epoch"))  # None: an epoch-end checkpoint (or an older file)
+        except ValueError as err:
+            raise CheckpointError(RESUME_KEY, path, f"not a training checkpoint: {err}", shown=f"true ({path})") from None
+        if progress is not None and progress.epoch != int(state["epoch"]) + 1:
+            raise CheckpointError(RESUME_KEY, path, f"not a training checkpoint: 'mid_epoch.epoch' is {progress.epoch} "
+                                  f"after {state['epoch']} complete epochs", shown=f"true ({path})")
+        self.nonfinite.consecutive = int(state.get("nonfinite_consecutive", 0))
+        self.start_epoch, self.resume_progress = int(state["epoch"]) + 1, progress
         if self.backend.is_main:
-            print(f"datkit: resumed from {path} after epoch {state['epoch']}", flush=True)
+            where = (f"after epoch {state['epoch']}" if progress is None else
+                     f"in epoch {progress.epoch} after step {progress.next_step - 1} (mid-epoch)")
+            print(f"datkit: resumed from {path} {where}", flush=True)
         return list(state["records"])
