@@ -5,7 +5,9 @@ which ``slurm down`` removes::
 
     slurm.conf gres.conf plugstack.conf   the configuration (clients: SLURM_CONF=<folder>/slurm.conf)
     ctld/                                 slurmctld's StateSaveLocation, log and pid file
-    nodes/<node>/                         each slurmd's spool, log and pid file (``%n`` in slurm.conf)
+    nodes/<node>/                         each slurmd's spool, log, pid file and TmpFS (``%n`` in slurm.conf;
+                                          srun --mpi=pmix makes its client folder in TmpFS, which must differ
+                                          between nodes that share one /tmp)
     bin/ssh                               the ssh shim (node names and addresses -> their namespaces)
 
 Node ``i`` is named like its namespace, ``<prefix>h<i>``, at ``198.18.0.<i+1>``; slurmctld runs on node 0.
@@ -75,6 +77,7 @@ SlurmctldLogFile={d}/ctld/slurmctld.log
 SlurmdSpoolDir={d}/nodes/%n/spool
 SlurmdPidFile={d}/nodes/%n/slurmd.pid
 SlurmdLogFile={d}/nodes/%n/slurmd.log
+TmpFS={d}/nodes/%n/tmp
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={d}/plugstack.conf
@@ -110,7 +113,7 @@ def gres_conf(topo: Topology, gpus: int) -> str:
 def write_conf(topo: Topology, cpus: int, gpus: int) -> Path:
     """Create the state folder's layout and configuration files; returns the path of ``slurm.conf``."""
     d = state_dir(topo.prefix)
-    for sub in ("ctld", "bin", *(f"nodes/{topo.host_ns(i)}/spool" for i in range(topo.hosts))):
+    for sub in ("ctld", "bin", *(f"nodes/{topo.host_ns(i)}/{sub}" for i in range(topo.hosts) for sub in ("spool", "tmp"))):
         (d / sub).mkdir(parents=True, exist_ok=True)
     (d / "gpus").mkdir(exist_ok=True)
     for k in range(gpus):
