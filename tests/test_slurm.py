@@ -8,7 +8,8 @@ time limit) stops the step, the script requeues the job, the second run resumes 
 uninterrupted run's weights. ``slurm down`` leaves no process, namespace or file behind.
 
 Root only (network namespaces, daemons); skipped with the reason elsewhere. Slurm jobs are polled with scontrol (sbatch
---wait polls too slowly) and a requeued job's 2-minute BeginTime delay (Slurm's) is skipped with StartTime=now.
+--wait polls too slowly) and a requeued job's 2-minute BeginTime delay (Slurm's) is skipped with StartTime=now once
+every node is idle again (sooner, the first run's end is booked to the second: FAILED).
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def wait_job(prefix: str, job_id: str, log: Path, timeout: float = 180, skip_req
         rec = job(prefix, job_id)
         if rec.get("JobState") in DONE:
             return rec
-        if skip_requeue_delay and rec.get("JobState") == "PENDING" and rec.get("Reason") == "BeginTime":
+        if skip_requeue_delay and rec.get("JobState") == "PENDING" and rec.get("Reason") == "BeginTime" \
+                and set(S.node_states(prefix).values()) == {"idle"}:  # the first run is over on every node
             S.client(prefix, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
         time.sleep(0.3)
     S.client(prefix, "scancel", job_id)
@@ -278,11 +280,19 @@ def _leftovers(prefix: str) -> list[str]:
     return [line for line in out.splitlines() if str(os.getpid()) != line.split()[0] and "pgrep" not in line]
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for this machine's init to reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _sleeps(prefix: str) -> list[int]:
     found = []
     for p in (p for ns in existing_namespaces(prefix) for p in ns_pids(ns)):
         try:
-            if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep"):
+            if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].endswith(b"sleep"):
                 found.append(p)
         except OSError:
             pass
@@ -315,7 +325,7 @@ def test_down_leaves_nothing_behind(cluster: str, tmp_path: Path) -> None:
         down = subprocess.run([*cli, "down", "--prefix", prefix], cwd=REPO, env=child_env(), capture_output=True,
                               text=True, timeout=60)
     assert down.returncode == 0 and f"{prefix}h0" in down.stdout, describe(down)
-    assert not [p for p in pids if Path(f"/proc/{p}").exists()], "processes of the cluster survived 'down'"
+    assert not [p for p in pids if _alive(p)], "processes of the cluster survived 'down'"
     assert _leftovers(prefix) == [], _leftovers(prefix)
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in ns and not state_dir(prefix).exists() and not list(Path("/etc/netns").glob(f"{prefix}h*"))

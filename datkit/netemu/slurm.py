@@ -156,7 +156,7 @@ def _daemon_pids(state: Path) -> list[int]:
     return pids
 
 
-def down(prefix: str, grace: float = 5.0) -> list[str]:
+def down(prefix: str, grace: float = 2.0) -> list[str]:
     """Stop cluster ``prefix``: daemons (SIGTERM), then everything left in its hosts, its namespaces, munged if
     it started it, its state folder. Idempotent; returns the namespaces removed."""
     state = C.state_dir(prefix)
