@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from datkit.netemu.hosts import NetemuError
+
 KEY = Path("/etc/munge/munge.key")
 RUN_DIR = Path("/run/munge")
 PID_FILE = RUN_DIR / "munged.pid"
@@ -42,11 +44,11 @@ def ensure_munged(state: Path, timeout: float = 10.0) -> bool:
     shutil.chown(RUN_DIR, "munge", "munge")
     proc = subprocess.run(["runuser", "-u", "munge", "--", "munged"], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"munged did not start: {proc.stderr.strip()}")
+        raise NetemuError(f"munged did not start: {proc.stderr.strip()}")
     deadline = time.monotonic() + timeout
     while not munge_works():
         if time.monotonic() > deadline:
-            raise RuntimeError("munged started but 'munge -n | unmunge' still fails (see /var/log/munge/munged.log)")
+            raise NetemuError("munged started but 'munge -n | unmunge' still fails (see /var/log/munge/munged.log)")
         time.sleep(0.1)
     (state / OWNED).write_text(PID_FILE.read_text().strip() if PID_FILE.exists() else "")
     return True

@@ -13,8 +13,8 @@ import argparse
 import subprocess
 
 from datkit.netemu import slurm as S
-from datkit.netemu.hosts import Topology
-from datkit.netemu.slurm_conf import state_dir
+from datkit.netemu.hosts import NetemuError, Topology
+from datkit.netemu.slurm_conf import conf_path, node_names, state_dir
 
 DEFAULT_PREFIX = "dks"
 
@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def usage(prefix: str) -> str:
     """How a shell submits to cluster ``prefix``."""
-    return (f"export SLURM_CONF={S.C.conf_path(prefix)} PATH={state_dir(prefix) / 'bin'}:$PATH\n"
+    return (f"export SLURM_CONF={conf_path(prefix)} PATH={state_dir(prefix) / 'bin'}:$PATH\n"
             f"ip netns exec {prefix}h0 sbatch ...   # or: python -m datkit.netemu slurm exec --prefix {prefix} -- sbatch ...")
 
 
@@ -57,12 +57,12 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "up":
         topo = Topology(args.hosts, args.rate, args.prefix)
         conf = S.up(topo, cpus=args.cpus, gpus=args.gpus, timeout=args.timeout)
-        print(f"slurm up: nodes {S.C.node_names(topo)} idle ({args.cpus} CPUs, {args.gpus} GPUs each; "
+        print(f"slurm up: nodes {node_names(topo)} idle ({args.cpus} CPUs, {args.gpus} GPUs each; "
               f"slurmctld on {topo.host_ns(0)} {topo.addr(0)}); conf {conf}\n{usage(args.prefix)}")
         return 0
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
-        raise S.NetemuError("slurm exec: give the command after --, e.g. 'slurm exec -- squeue'")
-    if not S.C.conf_path(args.prefix).exists():
-        raise S.NetemuError(f"no cluster '{args.prefix}': run 'slurm up --hosts N --prefix {args.prefix}' first")
+        raise NetemuError("slurm exec: give the command after --, e.g. 'slurm exec -- squeue'")
+    if not conf_path(args.prefix).exists():
+        raise NetemuError(f"no cluster '{args.prefix}': run 'slurm up --hosts N --prefix {args.prefix}' first")
     return subprocess.run(S.client_argv(args.prefix, cmd), env=S.client_env(args.prefix)).returncode
