@@ -9,7 +9,8 @@ Subcommands:
   up, the backend's own multi-node launch of ``datkit.train`` with those overrides (or another launcher of that
   backend: ``--launcher horovodrun-mpi`` or ``mpirun`` for horovod, Open MPI underneath), wait, down (also on
   Ctrl-C / SIGTERM / errors); exits with the job's exit code;
-- ``probe --prefix dkt [--bytes B]``: throughput between host 1 and host 0 of existing hosts.
+- ``probe --prefix dkt [--bytes B]``: throughput between host 1 and host 0 of existing hosts;
+- ``slurm up|down|exec|env``: a Slurm cluster on emulated hosts (see :mod:`datkit.netemu.slurm_cli`).
 
 Needs root and iproute2 (``ip``, ``tc``); without them every subcommand exits 2 saying so.
 """
@@ -19,6 +20,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from datkit.netemu import slurm_cli
 from datkit.netemu.hosts import NetemuError, Topology, down, existing_namespaces, require_tools, up
 from datkit.netemu.launch import DEFAULT_PORT, LAUNCHERS, LAUNCHES
 from datkit.netemu.probe import measure_throughput
@@ -56,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--grace", type=float, default=60.0, help="after one host fails, seconds the others get to exit (default 60)")
     r.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds (exit 124)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="datkit.train overrides (after --)")
+    slurm_cli.add_parser(sub)
     return p
 
 
@@ -63,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage errors and machines that cannot emulate hosts)."""
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
+        if args.cmd == "slurm":
+            return slurm_cli.run(args)
         require_tools()
         if args.cmd == "down":
             removed = down(args.prefix)

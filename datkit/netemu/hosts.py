@@ -218,12 +218,14 @@ def down(prefix: str = "dkt", grace: float = 5.0) -> list[str]:
 
 
 def write_hosts_file(topo: Topology, i: int) -> Path:
-    """``/etc/netns/<host i>/hosts``: localhost, this machine's hostname as host i's address, every host's name."""
+    """``/etc/netns/<host i>/hosts``: localhost, every host's name, this machine's hostname as host i's address."""
     folder = Path(NETNS_ETC) / topo.host_ns(i)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [HOSTS_MARK, "127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback",
-             f"{topo.addr(i)} {socket.gethostname()}"]
-    lines += [f"{topo.addr(j)} {topo.host_ns(j)}" for j in range(topo.hosts)]
+    # a host's own line: its name first (the canonical name, which socket.getfqdn() returns and torchrun
+    # advertises to the other hosts), the machine's hostname as an alias
+    lines = [HOSTS_MARK, "127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
+    lines += [f"{topo.addr(j)} {topo.host_ns(j)}" + (f" {socket.gethostname()}" if j == i else "")
+              for j in range(topo.hosts)]
     path = folder / "hosts"
     path.write_text("\n".join(lines) + "\n")
     return path
