@@ -34,7 +34,9 @@ run_requeueable() {
     kill -0 "$LAUNCHER_PID" 2>/dev/null || break
   done
   trap - USR1
-  if [ "$PREEMPTED" = 1 ] || [ "$rc" = 75 ]; then
+  # requeue: the workers checkpointed (75), or the signal stopped a launcher that did not finish (a torchrun agent
+  # exits 1 when its workers exit 75); a run that finished anyway (exit 0: the signal came in its final evaluation) is done
+  if [ "$rc" = 75 ] || { [ "$PREEMPTED" = 1 ] && [ "$rc" != 0 ]; }; then
     echo "datkit: requeueing job $SLURM_JOB_ID (launcher exit $rc, signal $PREEMPTED)" >&2
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

@@ -217,40 +217,51 @@ def test_requeue_on_usr1_resumes_to_the_same_weights(cluster: str, reference, sc
     same_run(out, reference(PLAIN[script]))
 
 
-def _requeue_contract() -> bool:
-    """datkit.train has the preemption contract (exit 75 after a checkpoint on SIGTERM/SIGUSR1)."""
-    return any(re.search(r"(?<![\d.])75(?![\d.])", p.read_text()) for p in (REPO / "datkit").rglob("*.py")
-               if "netemu" not in p.parts)
+MID_ARGS = [a for a in ARGS if not a.startswith(("train.epochs", "train.max_steps"))] + ["train.epochs=2",
+                                                                                        "train.max_steps=4"]
+HOLD = {"DATKIT_TEST_HOLD_AT_STEP": "0:1:2"}  # rank 0 waits before epoch 1's step 2 until the scheduler's signal
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted 2-worker run of ``MID_ARGS`` under plain torchrun (once for the module)."""
+    ref = tmp_path_factory.mktemp("plain") / "mid"
+    proc = subprocess.run(["bash", str(REPO / "launchers" / "torchrun_local.sh"), "2", *MID_ARGS,
+                           f"train.output_dir={ref}"], cwd=REPO, env=child_env(PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+                                                                               MASTER_PORT=str(reserve_port())),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    return ref
 
 
 @needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(not _requeue_contract(), reason="datkit.train does not yet checkpoint mid-epoch and exit 75 on "
-                    "SIGTERM/SIGUSR1 (the preempt branch); the script side is tested by the USR1 requeue test")
-def test_requeue_mid_epoch_end_to_end(cluster: str, tmp_path: Path) -> None:
-    """One long epoch, USR1 mid-epoch: the workers checkpoint mid-epoch (the only checkpoint a 1-epoch run can resume
-    from before it ends), the job requeues and resumes, and ends with the uninterrupted run's weights."""
-    args = [a for a in ARGS if not a.startswith(("train.epochs", "train.max_steps"))] + [
-        "train.epochs=1", "train.max_steps=0", "attack.steps=10"]
+@pytest.mark.parametrize("how", ["scancel", "time_limit"])
+def test_requeue_mid_epoch_end_to_end(cluster: str, mid_epoch_reference: Path, how: str, tmp_path: Path) -> None:
+    """The job is mid-epoch (rank 0 held before epoch 1's step 2: ``DATKIT_TEST_HOLD_AT_STEP``) when SIGUSR1 reaches
+    the batch shell -- from ``scancel --batch --signal=USR1``, or from Slurm itself 40 s before a 1-minute time limit
+    (``--time=1 --signal=B:USR1@40``, the script's own mechanism with a shorter limit). The workers get SIGTERM, finish
+    the step, rank 0 writes a mid-epoch checkpoint, every worker exits 75, the script requeues the job; the rerun
+    resumes mid-epoch and ends with the uninterrupted run's weights (atol 0). Under the time limit a run that starts
+    slowly may be signalled more than once (each rerun also has 1 minute): at least one requeue."""
     out, log = tmp_path / "out", tmp_path / "out.log"
-    job_id = submit(cluster, "slurm_torchrun.sbatch", [*args, f"train.output_dir={out}"], log)
-    deadline = time.monotonic() + 120
-    while "world_size=2" not in _tail(log):
-        assert time.monotonic() < deadline and job(cluster, job_id).get("JobState") not in DONE, _tail(log)
-        time.sleep(0.1)
-    time.sleep(1.0)  # into the epoch
-    S.client(cluster, "scancel", "--batch", "--signal=USR1", job_id)
-    rec = wait_job(cluster, job_id, log)
+    sbatch = ("--time=1", "--signal=B:USR1@40") if how == "time_limit" else ()
+    job_id = submit(cluster, "slurm_torchrun.sbatch", [*MID_ARGS, f"train.output_dir={out}"], log, *sbatch, **HOLD)
+    if how == "scancel":
+        deadline = time.monotonic() + 120
+        while "datkit-test: rank 0 holds" not in _tail(log):
+            assert time.monotonic() < deadline and job(cluster, job_id).get("JobState") not in DONE, _tail(log)
+            time.sleep(0.1)
+        S.client(cluster, "scancel", "--batch", "--signal=USR1", job_id)
+    rec = wait_job(cluster, job_id, log, timeout=300)
     text = log.read_text()
-    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", f"{rec}\n{text[-4000:]}"
-    assert re.search(r"resumed from .*checkpoint_last\.pt", text), text[-4000:]
-    ref = tmp_path / "plain"
-    proc = subprocess.run(["bash", str(REPO / "launchers" / "torchrun_local.sh"), "2", *args, f"train.output_dir={ref}"],
-                          cwd=REPO, env=child_env(PATH=f"{BIN}:{os.environ.get('PATH', '')}"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, describe(proc)
-    same_run(out, ref)
+    assert rec["JobState"] == "COMPLETED" and int(rec["Restarts"]) >= (1 if sbatch else 0), f"{rec}\n{text[-4000:]}"
+    if not sbatch:
+        assert rec["Restarts"] == "1", f"{rec}\n{text[-4000:]}"
+    assert "checkpoint after epoch 1 step 2 written" in text and "exit 75" in text, text[-4000:]
+    assert re.search(r"resumed from .*checkpoint_last\.pt in epoch 1 after step 2 \(mid-epoch\)", text), text[-4000:]
+    same_run(out, mid_epoch_reference)
 
 
 @needs_slurm

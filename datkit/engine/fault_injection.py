@@ -16,6 +16,10 @@ They let the fault tests (``tests/test_faults*.py``) hit a failure at a known po
 - ``DATKIT_TEST_SIGNAL_AT_STEP=R:E:S[,R:E:S...]``: rank ``R`` sends itself ``DATKIT_TEST_SIGNAL`` (default
   ``USR1``; ``TERM``) just before step ``S`` of epoch ``E``: a preemption signal on one rank only
   (``datkit.engine.preemption``; every worker then stops after step ``S``);
+- ``DATKIT_TEST_HOLD_AT_STEP=R:E:S``: rank ``R`` waits just before step ``S`` of epoch ``E`` until the run gets a
+  stop signal (SIGUSR1/SIGTERM; at most ``DATKIT_TEST_HOLD_TIMEOUT_S``, default 300 s), in a run that did not resume
+  only: a job that is surely mid-epoch when a scheduler's signal comes, however fast the machine (the Slurm
+  requeue tests wait for the time limit's signal this way);
 - ``DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S=X`` (read by ``datkit.checkpoint``): sleep ``X`` seconds between
   writing a checkpoint's temp file and renaming it over the previous checkpoint.
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from typing import Callable
 
 import torch
 
@@ -31,6 +37,7 @@ KILL_VAR = "DATKIT_TEST_KILL_AT_STEP"
 NAN_VAR = "DATKIT_TEST_NAN_AT_STEP"
 GRAD_NAN_VAR = "DATKIT_TEST_GRAD_NAN_AT_STEP"
 SIGNAL_VAR = "DATKIT_TEST_SIGNAL_AT_STEP"
+HOLD_VAR = "DATKIT_TEST_HOLD_AT_STEP"
 
 
 def _points(var: str) -> set[tuple[int, int, int]]:
@@ -59,6 +66,16 @@ def maybe_signal(rank: int, epoch: int, step: int) -> None:
         print(f"datkit-test: rank {rank} (pid {os.getpid()}) sends itself {sig.name} at epoch {epoch} step {step}",
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), sig)
+
+
+def maybe_hold(rank: int, epoch: int, step: int, stop_signal: Callable[[], int], resumed: bool) -> None:
+    """At ``DATKIT_TEST_HOLD_AT_STEP`` (a run that did not resume), wait until ``stop_signal()`` is non-zero."""
+    if resumed or (rank, epoch, step) not in _points(HOLD_VAR):
+        return
+    print(f"datkit-test: rank {rank} holds at epoch {epoch} step {step} until a stop signal", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + float(os.environ.get("DATKIT_TEST_HOLD_TIMEOUT_S", "300"))
+    while not stop_signal() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def inject_nan(rank: int, epoch: int, step: int) -> bool:

@@ -102,6 +102,8 @@ class Trainer:
             keys = randomness.sample_keys(cfg.train.seed, epoch, self.sampler.positions(step))
             fault_injection.maybe_kill(be.rank, epoch, step)  # test-only (env DATKIT_TEST_KILL_AT_STEP)
             fault_injection.maybe_signal(be.rank, epoch, step)  # test-only (env DATKIT_TEST_SIGNAL_AT_STEP)
+            fault_injection.maybe_hold(be.rank, epoch, step, lambda: self.stop_signals.signum,  # test-only (env)
+                                       resumed=self.run.resume_from is not None)
             info = StepInfo(eps=self.method.train_eps(epoch - 1 + step / self.steps_per_epoch))
             self.position = (epoch, step)
             step_loss = self.train_step(x, y, info, keys)
