@@ -30,7 +30,8 @@ from datkit.netemu.slurm_conf import state_dir
 
 REASON = S.slurm_available()
 needs_slurm = pytest.mark.skipif(REASON is not None, reason=REASON or NEEDS)
-ARGS = [a for a in TINY if not a.startswith("backend=")] + ["train.epochs=4", "train.max_steps=2"]
+ARGS = [a for a in TINY if not a.startswith("backend=")] + ["train.epochs=2", "train.max_steps=4"]
+HOLD = {"DATKIT_TEST_HOLD_AT_STEP": "0:1:2"}  # rank 0 waits before epoch 1's step 2 until the scheduler's signal
 BIN = str(Path(sys.executable).parent)
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
@@ -194,74 +195,54 @@ def test_torchrun_sbatch_equals_plain_torchrun(cluster: str, reference, tmp_path
     same_run(tmp_path / "out", reference("torchrun_local.sh"))
 
 
+def assert_requeued_mid_epoch(rec: dict, text: str, restarts: int | None) -> None:
+    """The job completed after ``restarts`` requeues (None: at least one), the workers checkpointed after epoch 1's
+    step 2 and exited 75, and the rerun resumed there (mid-epoch)."""
+    assert rec["JobState"] == "COMPLETED", f"{rec}\n{text[-4000:]}"
+    assert (rec["Restarts"] == str(restarts)) if restarts is not None else int(rec["Restarts"]) >= 1, f"{rec}\n{text[-4000:]}"
+    assert "checkpoint after epoch 1 step 2 written" in text and "exit 75" in text, text[-4000:]
+    assert re.search(r"resumed from .*checkpoint_last\.pt in epoch 1 after step 2 \(mid-epoch\)", text), text[-4000:]
+
+
 @needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_requeue_on_usr1_resumes_to_the_same_weights(cluster: str, reference, script: str, tmp_path: Path) -> None:
-    """USR1 to the batch shell mid-run: SIGTERM to the step (srun'd launchers) or to horovodrun, ``scontrol requeue``,
-    the rerun resumes (train.resume=true) from the last checkpoint; the log (--open-mode=append) holds both runs; the
-    weights are the uninterrupted plain run's."""
+def test_requeue_on_usr1_resumes_mid_epoch_to_the_same_weights(cluster: str, reference, script: str,
+                                                                tmp_path: Path) -> None:
+    """``scancel --batch --signal=USR1`` while the job is mid-epoch (rank 0 held before epoch 1's step 2:
+    ``DATKIT_TEST_HOLD_AT_STEP``, test-only): the batch shell's trap sends SIGTERM to the step (srun'd launchers) or
+    to horovodrun, every worker finishes the step, rank 0 writes a mid-epoch checkpoint, the workers exit 75, the
+    script runs ``scontrol requeue``; the rerun resumes mid-epoch (train.resume=true), the log (--open-mode=append)
+    holds both runs, and the final weights are the uninterrupted plain run's (atol 0)."""
     out, log = tmp_path / "out", tmp_path / "out.log"
-    job_id = submit(cluster, script, [*ARGS, f"train.output_dir={out}"], log)
+    job_id = submit(cluster, script, [*ARGS, f"train.output_dir={out}"], log, **HOLD)
     deadline = time.monotonic() + 120
-    while not (out / "checkpoint_last.pt").exists():  # one epoch done: a checkpoint to resume from
+    while "datkit-test: rank 0 holds" not in _tail(log):
         assert time.monotonic() < deadline and job(cluster, job_id).get("JobState") not in DONE, _tail(log)
         time.sleep(0.1)
     S.client(cluster, "scancel", "--batch", "--signal=USR1", job_id)
     rec = wait_job(cluster, job_id, log)
     text = log.read_text()
-    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", f"{rec}\n{text[-4000:]}"
+    assert_requeued_mid_epoch(rec, text, restarts=1)
     assert text.count("datkit: requeueing job") == 1 and text.count("datkit: backend=") == 2, text[-4000:]
-    assert re.search(r"resumed from .*checkpoint_last\.pt", text), text[-4000:]
     same_run(out, reference(PLAIN[script]))
-
-
-MID_ARGS = [a for a in ARGS if not a.startswith(("train.epochs", "train.max_steps"))] + ["train.epochs=2",
-                                                                                        "train.max_steps=4"]
-HOLD = {"DATKIT_TEST_HOLD_AT_STEP": "0:1:2"}  # rank 0 waits before epoch 1's step 2 until the scheduler's signal
-
-
-@pytest.fixture(scope="module")
-def mid_epoch_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted 2-worker run of ``MID_ARGS`` under plain torchrun (once for the module)."""
-    ref = tmp_path_factory.mktemp("plain") / "mid"
-    proc = subprocess.run(["bash", str(REPO / "launchers" / "torchrun_local.sh"), "2", *MID_ARGS,
-                           f"train.output_dir={ref}"], cwd=REPO, env=child_env(PATH=f"{BIN}:{os.environ.get('PATH', '')}",
-                                                                               MASTER_PORT=str(reserve_port())),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, describe(proc)
-    return ref
 
 
 @needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("how", ["scancel", "time_limit"])
-def test_requeue_mid_epoch_end_to_end(cluster: str, mid_epoch_reference: Path, how: str, tmp_path: Path) -> None:
-    """The job is mid-epoch (rank 0 held before epoch 1's step 2: ``DATKIT_TEST_HOLD_AT_STEP``) when SIGUSR1 reaches
-    the batch shell -- from ``scancel --batch --signal=USR1``, or from Slurm itself 40 s before a 1-minute time limit
-    (``--time=1 --signal=B:USR1@40``, the script's own mechanism with a shorter limit). The workers get SIGTERM, finish
-    the step, rank 0 writes a mid-epoch checkpoint, every worker exits 75, the script requeues the job; the rerun
-    resumes mid-epoch and ends with the uninterrupted run's weights (atol 0). Under the time limit a run that starts
-    slowly may be signalled more than once (each rerun also has 1 minute): at least one requeue."""
+def test_requeue_at_a_time_limit_mid_epoch(cluster: str, reference, tmp_path: Path) -> None:
+    """A real time limit: ``sbatch --time=1 --signal=B:USR1@40`` (the scripts' own mechanism with a 1-minute limit):
+    Slurm itself sends SIGUSR1 to the batch shell 20-50 s into the job while it is mid-epoch (held as above); the
+    job checkpoints, requeues, resumes mid-epoch and ends with the uninterrupted run's weights (atol 0). A run that
+    starts slowly may be signalled more than once (each rerun has 1 minute too): at least one requeue."""
     out, log = tmp_path / "out", tmp_path / "out.log"
-    sbatch = ("--time=1", "--signal=B:USR1@40") if how == "time_limit" else ()
-    job_id = submit(cluster, "slurm_torchrun.sbatch", [*MID_ARGS, f"train.output_dir={out}"], log, *sbatch, **HOLD)
-    if how == "scancel":
-        deadline = time.monotonic() + 120
-        while "datkit-test: rank 0 holds" not in _tail(log):
-            assert time.monotonic() < deadline and job(cluster, job_id).get("JobState") not in DONE, _tail(log)
-            time.sleep(0.1)
-        S.client(cluster, "scancel", "--batch", "--signal=USR1", job_id)
+    job_id = submit(cluster, "slurm_torchrun.sbatch", [*ARGS, f"train.output_dir={out}"], log, "--time=1",
+                    "--signal=B:USR1@40", **HOLD)
     rec = wait_job(cluster, job_id, log, timeout=300)
-    text = log.read_text()
-    assert rec["JobState"] == "COMPLETED" and int(rec["Restarts"]) >= (1 if sbatch else 0), f"{rec}\n{text[-4000:]}"
-    if not sbatch:
-        assert rec["Restarts"] == "1", f"{rec}\n{text[-4000:]}"
-    assert "checkpoint after epoch 1 step 2 written" in text and "exit 75" in text, text[-4000:]
-    assert re.search(r"resumed from .*checkpoint_last\.pt in epoch 1 after step 2 \(mid-epoch\)", text), text[-4000:]
-    same_run(out, mid_epoch_reference)
+    assert_requeued_mid_epoch(rec, log.read_text(), restarts=None)
+    same_run(out, reference("torchrun_local.sh"))
 
 
 @needs_slurm
