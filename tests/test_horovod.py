@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.collective_checks import read_results
-from helpers.runs import REPO, TINY, assert_same_weights, child_env, describe, load_checkpoint, run_python
+from helpers.runs import (NO_HOROVOD, REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint,
+                          no_horovod_mpi, run_python)
 from test_certified_attacked import CROSS_BACKEND
 from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
@@ -38,29 +38,8 @@ from test_compress_dist import (  # noqa: F401
 )
 
 
-def _horovod_importable() -> bool:
-    try:
-        import horovod.torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _no_horovod_mpi() -> str | None:
-    """Why Horovod cannot run under mpirun here (None: it can)."""
-    if not HAVE_HOROVOD:
-        return NO_HOROVOD
-    import horovod.torch as hvd
-
-    if not hvd.mpi_built():
-        return "needs Horovod built with MPI (install Open MPI: launchers/install_cluster_tools.sh, then rebuild: " \
-               "HOROVOD_INSTALL_FORCE=1 launchers/install_horovod.sh)"
-    return None if shutil.which("mpirun") else "needs Open MPI's mpirun on PATH (launchers/install_cluster_tools.sh)"
-
-
-HAVE_HOROVOD = _horovod_importable()
-NO_HOROVOD = "needs Horovod (launchers/install_horovod.sh)"
-NO_HOROVOD_MPI = _no_horovod_mpi()
+HAVE_HOROVOD = installed("horovod.torch")
+NO_HOROVOD_MPI = no_horovod_mpi()
 needs_horovod = pytest.mark.skipif(not HAVE_HOROVOD, reason=NO_HOROVOD)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.runs import REPO, TINY, assert_same_weights, child_env, describe, load_checkpoint, run_python
+from helpers.runs import (REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint, no_horovod_mpi,
+                          run_python)
 
 from datkit.netemu import hosts as H
 from datkit.netemu.hosts import NEEDS, NetemuError, Topology, available, down, existing_namespaces, up
@@ -115,31 +115,12 @@ def test_100mbit_link_throughput_and_ssh_shim(tmp_path: Path) -> None:
         down(topo.prefix)
 
 
-def _have(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def _horovod_mpi() -> str | None:
-    """Why Horovod cannot run over MPI here (None: it can)."""
-    if not _have("horovod.torch"):
-        return "needs Horovod (launchers/install_horovod.sh)"
-    import horovod.torch as hvd
-
-    if not hvd.mpi_built():
-        return "needs Horovod built with MPI (launchers/install_cluster_tools.sh, then launchers/install_horovod.sh)"
-    return None if shutil.which("mpirun") else "needs Open MPI's mpirun (launchers/install_cluster_tools.sh)"
-
-
-NO_HOROVOD = None if _have("horovod.torch") else "needs Horovod (launchers/install_horovod.sh)"
-NO_HOROVOD_MPI = _horovod_mpi()
+NO_HOROVOD = None if installed("horovod.torch") else "needs Horovod (launchers/install_horovod.sh)"
+NO_HOROVOD_MPI = no_horovod_mpi()
 BACKENDS = [pytest.param("torch", id="torch"),
             pytest.param("horovod", id="horovod", marks=pytest.mark.skipif(NO_HOROVOD is not None, reason=str(NO_HOROVOD))),
             pytest.param("deepspeed", id="deepspeed", marks=pytest.mark.skipif(
-                not _have("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')"))]
+                not installed("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')"))]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 from helpers.ports import reserve_port
-from helpers.runs import REPO, TINY, assert_same_weights, child_env, describe, load_checkpoint
+from helpers.runs import (REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint,
+                          no_horovod_mpi)
 
 from datkit.netemu import slurm as S
 from datkit.netemu.hosts import NEEDS, NetemuError, Topology, existing_namespaces, ns_pids
@@ -39,13 +40,6 @@ DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 def _prefix(tag: str) -> str:
     return f"t{os.getpid() % 100000}{tag}"
 
-
-def _have(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 def _env(prefix: str, **extra: str) -> dict[str, str]:
@@ -146,9 +140,9 @@ PLAIN = {"slurm_torchrun.sbatch": "torchrun_local.sh", "slurm_horovod.sbatch": "
          "slurm_deepspeed.sbatch": "deepspeed_local.sh"}
 SCRIPTS = [pytest.param("slurm_torchrun.sbatch", id="torchrun"),
            pytest.param("slurm_horovod.sbatch", id="horovodrun", marks=pytest.mark.skipif(
-               not _have("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")),
+               not installed("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")),
            pytest.param("slurm_deepspeed.sbatch", id="deepspeed", marks=pytest.mark.skipif(
-               not _have("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')"))]
+               not installed("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')"))]
 
 
 def test_refusals_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,7 +242,7 @@ def test_requeue_at_a_time_limit_mid_epoch(cluster: str, reference, tmp_path: Pa
 @needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(not _have("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")
+@pytest.mark.skipif(not installed("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")
 def test_horovod_sbatch_equals_plain_horovodrun(cluster: str, reference, tmp_path: Path) -> None:
     """Default HVD_LAUNCH=horovodrun: -H from the allocation (node names), ssh to the other node through the shim."""
     rec, log = run_sbatch(cluster, "slurm_horovod.sbatch", tmp_path / "out")
@@ -256,18 +250,10 @@ def test_horovod_sbatch_equals_plain_horovodrun(cluster: str, reference, tmp_pat
     same_run(tmp_path / "out", reference("horovodrun_local.sh"))
 
 
-def _horovod_mpi() -> str | None:
-    if not _have("horovod.torch"):
-        return "needs Horovod (launchers/install_horovod.sh)"
-    import horovod.torch as hvd
-
-    return None if hvd.mpi_built() else "Horovod was built without MPI (HVD_LAUNCH=srun needs srun --mpi=pmix workers)"
-
-
 @needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(_horovod_mpi() is not None, reason=_horovod_mpi() or "")
+@pytest.mark.skipif(no_horovod_mpi() is not None, reason=no_horovod_mpi() or "")
 def test_horovod_srun_pmix_sbatch_equals_plain_horovodrun(cluster: str, reference, tmp_path: Path) -> None:
     rec, log = run_sbatch(cluster, "slurm_horovod.sbatch", tmp_path / "out", HVD_LAUNCH="srun")
     assert "world_size=2" in log and "horovodrun" not in log, log[-3000:]
@@ -277,7 +263,7 @@ def test_horovod_srun_pmix_sbatch_equals_plain_horovodrun(cluster: str, referenc
 @needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(not _have("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')")
+@pytest.mark.skipif(not installed("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')")
 def test_deepspeed_sbatch_equals_plain_deepspeed(cluster: str, reference, tmp_path: Path) -> None:
     rec, log = run_sbatch(cluster, "slurm_deepspeed.sbatch", tmp_path / "out")
     assert "world_size=2" in log, log[-3000:]

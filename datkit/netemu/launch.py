@@ -140,15 +140,20 @@ esac
     return path
 
 
-def horovod_launch(spec: LaunchSpec) -> list[HostCommand]:
-    """horovodrun on host 0 with ``-H`` listing every host; ssh through the namespace shim."""
+def _horovodrun(spec: LaunchSpec, controller: list[str]) -> list[HostCommand]:
+    """horovodrun on host 0 with ``-H`` listing every host and the ``controller`` options; ssh through the shim."""
     t, k = spec.topo, spec.workers_per_host
     shim = write_ssh_shim(t, spec.workdir / "bin")
     hosts = ",".join(f"{t.addr(i)}:{k}" for i in range(t.hosts))
-    argv = [_bin("horovodrun"), "-np", str(spec.world_size), "-H", hosts, "--gloo", "--network-interface", t.iface,
+    argv = [_bin("horovodrun"), "-np", str(spec.world_size), "-H", hosts, *controller, "--network-interface", t.iface,
             "--disable-cache", "--start-timeout", "120",
             sys.executable, "-m", "datkit.train", "backend=horovod", *spec.overrides]
     return [HostCommand(0, argv, {"PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}"})]
+
+
+def horovod_launch(spec: LaunchSpec) -> list[HostCommand]:
+    """horovodrun --gloo on host 0 with ``-H`` listing every host; ssh through the namespace shim."""
+    return _horovodrun(spec, ["--gloo"])
 
 
 def _mpi_iface_args(iface: str) -> list[str]:
@@ -160,14 +165,7 @@ def _mpi_iface_args(iface: str) -> list[str]:
 
 def horovod_mpi_launch(spec: LaunchSpec) -> list[HostCommand]:
     """horovodrun --mpi on host 0: Open MPI's mpirun underneath, its orteds started through the ssh shim."""
-    t, k = spec.topo, spec.workers_per_host
-    shim = write_ssh_shim(t, spec.workdir / "bin")
-    hosts = ",".join(f"{t.addr(i)}:{k}" for i in range(t.hosts))
-    argv = [_bin("horovodrun"), "-np", str(spec.world_size), "-H", hosts, "--mpi", "--network-interface", t.iface,
-            "--disable-cache", "--start-timeout", "120",
-            "--mpi-args", f"--mca oob_tcp_if_include {t.iface}",
-            sys.executable, "-m", "datkit.train", "backend=horovod", *spec.overrides]
-    return [HostCommand(0, argv, {"PATH": f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}"})]
+    return _horovodrun(spec, ["--mpi", "--mpi-args", f"--mca oob_tcp_if_include {spec.topo.iface}"])
 
 
 # The environment mpirun forwards to every rank (-x): what the job needs of the caller's, and base_env's additions.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,30 @@ TINY: list[str] = [
 # Launcher variables that must not leak from the environment pytest runs in into a child.
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                   "GROUP_RANK", "CROSS_RANK", "LOCAL_SIZE")
+
+
+def installed(module: str) -> bool:
+    """``module`` imports here (installed and built for this torch: a Horovod built for another torch fails)."""
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+NO_HOROVOD = "needs Horovod (launchers/install_horovod.sh)"
+
+
+def no_horovod_mpi() -> str | None:
+    """Why Horovod cannot run over MPI here (mpirun, horovodrun --mpi, srun --mpi=pmix); None: it can."""
+    if not installed("horovod.torch"):
+        return NO_HOROVOD
+    import horovod.torch as hvd
+
+    if not hvd.mpi_built():
+        return ("needs Horovod built with MPI (install Open MPI: launchers/install_cluster_tools.sh, then rebuild: "
+                "HOROVOD_INSTALL_FORCE=1 launchers/install_horovod.sh)")
+    return None if shutil.which("mpirun") else "needs Open MPI's mpirun on PATH (launchers/install_cluster_tools.sh)"
 
 
 def child_env(**extra: str) -> dict[str, str]:
