@@ -138,11 +138,16 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
 
 PLAIN = {"slurm_torchrun.sbatch": "torchrun_local.sh", "slurm_horovod.sbatch": "horovodrun_local.sh",
          "slurm_deepspeed.sbatch": "deepspeed_local.sh"}
+NEEDS_HOROVOD = pytest.mark.skipif(not installed("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")
+NEEDS_DEEPSPEED = pytest.mark.skipif(not installed("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')")
 SCRIPTS = [pytest.param("slurm_torchrun.sbatch", id="torchrun"),
-           pytest.param("slurm_horovod.sbatch", id="horovodrun", marks=pytest.mark.skipif(
-               not installed("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")),
-           pytest.param("slurm_deepspeed.sbatch", id="deepspeed", marks=pytest.mark.skipif(
-               not installed("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')"))]
+           pytest.param("slurm_horovod.sbatch", id="horovodrun", marks=NEEDS_HOROVOD),
+           pytest.param("slurm_deepspeed.sbatch", id="deepspeed", marks=NEEDS_DEEPSPEED)]
+EQUAL_CASES = [pytest.param("slurm_torchrun.sbatch", {}, id="torchrun"),
+               pytest.param("slurm_horovod.sbatch", {}, id="horovodrun", marks=NEEDS_HOROVOD),
+               pytest.param("slurm_horovod.sbatch", {"HVD_LAUNCH": "srun"}, id="horovod-srun-pmix",
+                            marks=pytest.mark.skipif(no_horovod_mpi() is not None, reason=no_horovod_mpi() or "")),
+               pytest.param("slurm_deepspeed.sbatch", {}, id="deepspeed", marks=NEEDS_DEEPSPEED)]
 
 
 def test_refusals_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,15 +183,6 @@ def test_nodes_names_and_ssh_between_them(cluster: str, tmp_path: Path) -> None:
     assert text.strip().splitlines()[-1] == f"{cluster}h1", text
     states = S.node_states(cluster)
     assert states == {f"{cluster}h0": "idle", f"{cluster}h1": "idle"}, states
-
-
-@needs_slurm
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_torchrun_sbatch_equals_plain_torchrun(cluster: str, reference, tmp_path: Path) -> None:
-    rec, log = run_sbatch(cluster, "slurm_torchrun.sbatch", tmp_path / "out")
-    assert rec["Restarts"] == "0" and "world_size=2" in log, log[-3000:]
-    same_run(tmp_path / "out", reference("torchrun_local.sh"))
 
 
 def assert_requeued_mid_epoch(rec: dict, text: str, restarts: int | None) -> None:
@@ -242,32 +238,18 @@ def test_requeue_at_a_time_limit_mid_epoch(cluster: str, reference, tmp_path: Pa
 @needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(not installed("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")
-def test_horovod_sbatch_equals_plain_horovodrun(cluster: str, reference, tmp_path: Path) -> None:
-    """Default HVD_LAUNCH=horovodrun: -H from the allocation (node names), ssh to the other node through the shim."""
-    rec, log = run_sbatch(cluster, "slurm_horovod.sbatch", tmp_path / "out")
-    assert "world_size=2" in log, log[-3000:]
-    same_run(tmp_path / "out", reference("horovodrun_local.sh"))
-
-
-@needs_slurm
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-@pytest.mark.skipif(no_horovod_mpi() is not None, reason=no_horovod_mpi() or "")
-def test_horovod_srun_pmix_sbatch_equals_plain_horovodrun(cluster: str, reference, tmp_path: Path) -> None:
-    rec, log = run_sbatch(cluster, "slurm_horovod.sbatch", tmp_path / "out", HVD_LAUNCH="srun")
-    assert "world_size=2" in log and "horovodrun" not in log, log[-3000:]
-    same_run(tmp_path / "out", reference("horovodrun_local.sh"))
-
-
-@needs_slurm
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-@pytest.mark.skipif(not installed("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')")
-def test_deepspeed_sbatch_equals_plain_deepspeed(cluster: str, reference, tmp_path: Path) -> None:
-    rec, log = run_sbatch(cluster, "slurm_deepspeed.sbatch", tmp_path / "out")
-    assert "world_size=2" in log, log[-3000:]
-    same_run(tmp_path / "out", reference("deepspeed_local.sh"))
+@pytest.mark.parametrize("script,env", EQUAL_CASES)
+def test_sbatch_equals_the_plain_launcher(cluster: str, reference, script: str, env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    """The script as written, 2 nodes x 1 worker: torchrun (rendezvous at the first node), horovodrun (-H from the
+    allocation's node names, ssh to the other node through the shim), ``HVD_LAUNCH=srun`` (srun --mpi=pmix starts
+    the workers, no horovodrun), deepspeed (a hostfile per node); the final weights equal the plain one-host launch's
+    with 2 workers bit for bit."""
+    rec, log = run_sbatch(cluster, script, tmp_path / "out", **env)
+    assert rec["Restarts"] == "0" and "world_size=2" in log, log[-3000:]
+    if env.get("HVD_LAUNCH") == "srun":
+        assert "horovodrun" not in log, log[-3000:]
+    same_run(tmp_path / "out", reference(PLAIN[script]))
 
 
 def _leftovers(prefix: str) -> list[str]:
