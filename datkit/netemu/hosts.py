@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 SUBNET = "198.18.0"
 PREFIX_LEN = 24
@@ -117,13 +118,18 @@ def require_tools() -> None:
         raise NetemuError(f"{NEEDS}: 'ip netns list' fails here")
 
 
-def available() -> str | None:
-    """None when emulated hosts can be created here, else the reason they cannot."""
+def unavailable(require: Callable[[], None]) -> str | None:
+    """None when ``require()`` passes, else the message of the :class:`NetemuError` it raises (the reason)."""
     try:
-        require_tools()
+        require()
     except NetemuError as e:
         return str(e)
     return None
+
+
+def available() -> str | None:
+    """None when emulated hosts can be created here, else the reason they cannot."""
+    return unavailable(require_tools)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from datkit.netemu import slurm_conf as C
-from datkit.netemu.hosts import NetemuError, Topology, require_tools
+from datkit.netemu.hosts import NetemuError, Topology, require_tools, unavailable
 from datkit.netemu.hosts import down as hosts_down
 from datkit.netemu.hosts import up as hosts_up
 from datkit.netemu.launch import write_ssh_shim
@@ -48,11 +48,7 @@ def require_slurm() -> None:
 
 def slurm_available() -> str | None:
     """None when a cluster can be started here, else the reason it cannot."""
-    try:
-        require_slurm()
-    except NetemuError as e:
-        return str(e)
-    return None
+    return unavailable(require_slurm)
 
 
 def in_node(topo: Topology, i: int) -> list[str]:
