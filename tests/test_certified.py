@@ -106,6 +106,34 @@ def test_relu_balance_regularizer_values() -> None:
     assert warmup_regularizer([], box, 0.5).item() == 0.0
 
 
+def _balance_sums_composed(c: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """The sums of ``BalanceSums`` from plain torch ops (the regularizer's formula before the fused node)."""
+    active, inactive = (lower > 0).to(c.dtype), (upper < 0).to(c.dtype)
+    delta = (c - c.mean()).square()
+    return torch.stack([torch.stack([(c * active).sum(), (c * inactive).sum()]),
+                        torch.stack([(delta * active).sum(), (delta * inactive).sum()])])
+
+
+def test_balance_sums_node_equals_the_composed_formula_in_value_and_gradient() -> None:
+    from datkit.certify.regularizers import balance_sums
+
+    g = torch.Generator().manual_seed(0)
+    c = (torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) + 0.3).requires_grad_()
+    r = torch.rand(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    iv = Interval.from_center_radius(c, r)
+    fused, _ = balance_sums(iv)
+    composed = _balance_sums_composed(c, c - r, c + r)
+    assert torch.allclose(fused, composed, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    (g_fused,) = torch.autograd.grad((fused * weights).sum(), c)
+    (g_composed,) = torch.autograd.grad((composed * weights).sum(), c)
+    assert torch.allclose(g_fused, g_composed, rtol=1e-10, atol=1e-12)
+    masks = torch.stack([(iv.lower > 0), (iv.upper < 0)]).to(c.dtype).view(2, -1).detach()
+    from datkit.certify.regularizers import BalanceSums
+
+    assert torch.autograd.gradcheck(lambda t: BalanceSums.apply(t, masks), (c,))
+
+
 # --- the methods -----------------------------------------------------------------------------------
 
 def _setup(method: str, *extra: str, model: str = "cnn_7layer_bn"):

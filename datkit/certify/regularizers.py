@@ -32,15 +32,48 @@ def tightness_loss(pre_activations: Sequence[Interval], network_input: Interval,
     return torch.stack(losses).mean()
 
 
+class BalanceSums(torch.autograd.Function):
+    """``S = [[sum c a, sum c i], [sum d^2 a, sum d^2 i]]`` with ``d = c - mean(c)``, for pre-activation centers ``c``
+    and the 0/1 masks ``M = [a; i]`` (active, inactive; shape (2, N), no gradient), as ONE autograd node: two passes
+    and one (2, N) x (N, 2) product forward, one product and three passes backward (autograd over the composed ops
+    saved and revisited a dozen activation-sized intermediates per layer). Gradient, with ``W = dL/dS @ M``:
+    ``dL/dc = W_0 + 2 d W_1 - mean(2 d W_1)`` (the last term: ``mean(c)``'s own dependence on ``c``)."""
+
+    @staticmethod
+    def forward(ctx, c: torch.Tensor, M: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        flat = c.reshape(-1)
+        X = torch.empty((2, flat.numel()), dtype=c.dtype, device=c.device)
+        d = torch.sub(flat, flat.mean(), out=X[0])
+        ctx.save_for_backward(d.clone(), M)
+        torch.mul(d, d, out=X[1])
+        X[0].copy_(flat)
+        ctx.shape = c.shape
+        return X @ M.T
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        d, M = ctx.saved_tensors
+        W = g @ M
+        t = W[1].mul_(d).mul_(2.0)
+        return W[0].add_(t).sub_(t.mean()).view(ctx.shape), None
+
+
+def balance_sums(iv: Interval) -> tuple[torch.Tensor, int]:
+    """:class:`BalanceSums` of one layer's interval and the number of its neurons ``N``."""
+    M = torch.empty((2,) + tuple(iv.lower.shape), dtype=iv.lower.dtype, device=iv.lower.device)
+    torch.gt(iv.lower.detach(), 0, out=M[0])
+    torch.lt(iv.upper.detach(), 0, out=M[1])
+    return BalanceSums.apply(iv.center, M.view(2, -1)), M[0].numel()
+
+
 def relu_balance_loss(pre_activations: Sequence[Interval], tol: float) -> torch.Tensor:
     """Mean over ReLU layers of the active / inactive balance penalty (see the module docstring)."""
     total = torch.zeros((), device=pre_activations[0].lower.device)
     for iv in pre_activations:
-        center = iv.center
-        active, inactive = (iv.lower > 0).to(center.dtype), (iv.upper < 0).to(center.dtype)
-        mean_ratio = (center * active).mean() / -(center * inactive).mean()
-        delta = (center - center.mean()).square()
-        var_ratio = (delta * active).sum() / (delta * inactive).sum()
+        S, _ = balance_sums(iv)
+        mean_ratio = S[0, 0] / -S[0, 1]  # mean(c * active) / -mean(c * inactive): the same N cancels
+        var_ratio = S[1, 0] / S[1, 1]
         mean_ratio = torch.minimum(mean_ratio, 1.0 / mean_ratio.clamp(min=1e-12))
         var_ratio = torch.minimum(var_ratio, 1.0 / var_ratio.clamp(min=1e-12))
         term = (F.relu(tol - mean_ratio) + F.relu(tol - var_ratio)) / tol
