@@ -14,12 +14,19 @@ from . import schema
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """Field name -> the ``# comment`` on its line in the class source."""
-    out = {}
+    """Field name -> the ``# comment`` on its line in the class source, continued by the comment-only lines that
+    directly follow it (joined with a space), so that a long comment wraps within the line length."""
+    out: dict[str, str] = {}
+    field = None
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+):\s*[^=]+=.*?#\s*(.+)$", line)
         if m:
-            out[m.group(1)] = m.group(2).strip()
+            field = m.group(1)
+            out[field] = m.group(2).strip()
+        elif field is not None and line.strip().startswith("#"):
+            out[field] += " " + line.strip().lstrip("#").strip()
+        else:
+            field = None
     return out
 
 

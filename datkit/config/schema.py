@@ -1,54 +1,77 @@
 """The one typed configuration schema of datkit (omegaconf structured config).
 
-Every field carries a comment that is its documentation; ``docs_table()`` in ``datkit.config.docs``
-turns these dataclasses into the README's config reference. YAML files in ``configs/`` and
+Every field carries a comment that is its documentation (continued on the comment lines right below it);
+``datkit.config.docs.markdown()`` turns these dataclasses into the config reference. The distributed and the
+certified sections live in :mod:`.schema_distributed` and :mod:`.schema_certified`. YAML files in ``configs/`` and
 command-line ``key=value`` overrides are merged onto these defaults; unknown keys and wrong types
 fail at start-up (``datkit.config.load``), impossible values fail in ``datkit.config.validate``.
 
 The defaults are the main job: PGD-5 adversarial training (DAT objective, lam=0.25) of ``cnn_small``
 on the embedded offline MNIST data (``mnist5k``) at eps 0.4 ramped over 5 epochs, 24 epochs, global
-batch 128, Adam 3e-3 with cosine decay (chosen on mnist5k's held-out split: configs/search/main_job.txt); RA is PGD-20 at eps 0.3 (training at a larger eps than the test eps is the usual MNIST
-recipe, as in IBP/CROWN-IBP). Evaluated on the official MNIST test set when ``../shared/data`` exists.
+batch 128, Adam 3e-3 with cosine decay (chosen on mnist5k's held-out split: configs/search/main_job.txt); RA is
+PGD-20 at eps 0.3 (training at a larger eps than the test eps is the usual MNIST recipe, as in IBP/CROWN-IBP). Evaluated on the official MNIST test set when ``../shared/data`` exists.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .schema_certified import BoundsConfig, SmoothingConfig
+from .schema_distributed import CompressionConfig, DeepSpeedConfig, DistConfig
+
+__all__ = ["AttackConfig", "BoundsConfig", "CompressionConfig", "Config", "DataConfig", "DeepSpeedConfig", "DistConfig",
+           "EvalConfig", "LogConfig", "MethodConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "SemisupConfig",
+           "SmoothingConfig", "TrainConfig"]
+
 
 @dataclass
 class DataConfig:
     """What to train and evaluate on. Inputs are always tensors in [0, 1]."""
 
-    name: str = "mnist5k"  # training set: mnist5k | digits | mnist | cifar10 | cifar100 | svhn | imagenet | tinyimagenet | your own: MODULE:CALLABLE returning (train_set, test_set)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # MODULE:CALLABLE data only: keyword arguments of the call, e.g. {n: 1000}
-    mean: Optional[List[float]] = None  # per-channel mean the model normalizes with; null = the registered dataset's (MODULE:CALLABLE data: none, i.e. 0)
-    std: Optional[List[float]] = None  # per-channel std the model normalizes with; null = the registered dataset's (MODULE:CALLABLE data: none, i.e. 1)
+    name: str = "mnist5k"  # training set: mnist5k | digits | mnist | cifar10 | cifar100 | svhn | imagenet |
+    # tinyimagenet | your own: MODULE:CALLABLE returning (train_set, test_set)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # MODULE:CALLABLE data only: keyword arguments of the call,
+    # e.g. {n: 1000}
+    mean: Optional[List[float]] = None  # per-channel mean the model normalizes with; null = the registered dataset's
+    # (MODULE:CALLABLE data: none, i.e. 0)
+    std: Optional[List[float]] = None  # per-channel std the model normalizes with; null = the registered dataset's
+    # (MODULE:CALLABLE data: none, i.e. 1)
     root: str = "data"  # folder of torchvision / ImageFolder datasets (not used by mnist5k, digits)
     download: bool = False  # let torchvision download `name` into `root` (needs internet)
-    test: str = "auto"  # evaluation set: auto (official MNIST test set if found for MNIST data, else the held-out split) | split | mnist
-    shared_root: str = "../shared/data"  # where the official MNIST test set (MNIST/raw/t10k-*.gz) is looked for; relative to the working directory
-    augment_shift: int = 0  # random translation by up to this many pixels (in-memory datasets: mnist5k, digits); 0 = off
+    test: str = "auto"  # evaluation set: auto (official MNIST test set if found for MNIST data, else the held-out
+    # split) | split | mnist
+    shared_root: str = "../shared/data"  # where the official MNIST test set (MNIST/raw/t10k-*.gz) is looked for;
+    # relative to the working directory
+    augment_shift: int = 0  # random translation by up to this many pixels (in-memory datasets: mnist5k, digits); 0 =
+    # off
     num_workers: int = 0  # DataLoader worker processes per training process (embedded datasets need none)
-    resize: int = 0  # resize every image (train and test) to resize x resize pixels, bilinear, e.g. 28 for digits -> an MNIST model; 0 = native size
-    num_labeled: int = 0  # keep the labels of only this many training examples (class-balanced, seeded); the rest is unlabeled (see semisup.*); 0 = all labeled
+    resize: int = 0  # resize every image (train and test) to resize x resize pixels, bilinear, e.g. 28 for digits -> an
+    # MNIST model; 0 = native size
+    num_labeled: int = 0  # keep the labels of only this many training examples (class-balanced, seeded); the rest is
+    # unlabeled (see semisup.*); 0 = all labeled
 
 
 @dataclass
 class ModelConfig:
     """Which network; normalization to the dataset's mean/std is built into the model."""
 
-    name: str = "cnn_small"  # cnn_small | cnn_4layer | cnn_madry | cnn_7layer_bn | preact_resnet18 | wide_resnet | resnet50 | certified training: wide_resnet_8 | resnext | 64x64: cnn_7layer_bn_imagenet64 | wide_resnet_imagenet64 | resnext_imagenet64 (see datkit.models) | torchvision:NAME | timm:NAME | your own: MODULE:CALLABLE(num_classes=, in_channels=, image_size=, **kwargs)
+    name: str = "cnn_small"  # cnn_small | cnn_4layer | cnn_madry | cnn_7layer_bn | preact_resnet18 | wide_resnet |
+    # resnet50 | certified training: wide_resnet_8 | resnext | 64x64: cnn_7layer_bn_imagenet64 | wide_resnet_imagenet64
+    # | resnext_imagenet64 (see datkit.models) | torchvision:NAME | timm:NAME | your own: MODULE:CALLABLE(num_classes=,
+    # in_channels=, image_size=, **kwargs)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm across workers (batch statistics over the global batch)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. {depth: 28, widen_factor: 10} for wide_resnet
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. {depth: 28, widen_factor:
+    # 10} for wide_resnet
 
 
 @dataclass
 class AttackConfig:
     """The attack used to generate training examples (method pgd / fgsm / trades)."""
 
-    eps: float = 0.4  # training perturbation budget in pixel units ([0,1] inputs), e.g. 0.3 MNIST, 8/255 CIFAR (the main job trains at 0.4, evaluates at eval.eps=0.3)
-    alpha: Optional[float] = None  # step size; null = 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM (Wong et al.), eps for N-FGSM
+    eps: float = 0.4  # training perturbation budget in pixel units ([0,1] inputs), e.g. 0.3 MNIST, 8/255 CIFAR (the
+    # main job trains at 0.4, evaluates at eval.eps=0.3)
+    alpha: Optional[float] = None  # step size; null = 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM (Wong et al.),
+    # eps for N-FGSM
     steps: int = 5  # PGD iterations (ignored by fgsm)
     norm: str = "linf"  # linf | l2
     random_start: bool = True  # start from a uniform random point in the eps-ball
@@ -61,7 +84,9 @@ class AttackConfig:
 class MethodConfig:
     """What one training step minimizes."""
 
-    name: str = "pgd"  # clean | pgd | fgsm | nfgsm (N-FGSM: noise 2*eps, step eps, no clipping) | trades | smoothing (Gaussian noise, see smoothing.*) | ibp | crown-ibp | mtl-ibp | cc-ibp | sabr (certified training, see bounds.*) | your own: MODULE:CALLABLE(cfg) -> datkit.methods.Method
+    name: str = "pgd"  # clean | pgd | fgsm | nfgsm (N-FGSM: noise 2*eps, step eps, no clipping) | trades | smoothing
+    # (Gaussian noise, see smoothing.*) | ibp | crown-ibp | mtl-ibp | cc-ibp | sabr (certified training, see bounds.*) |
+    # your own: MODULE:CALLABLE(cfg) -> datkit.methods.Method
     lam: float = 0.25  # DAT objective lam*loss(clean) + loss(adversarial); 0 = Madry AT
     beta: float = 6.0  # trades only: weight of the KL robustness term
 
@@ -70,7 +95,9 @@ class MethodConfig:
 class OptimConfig:
     """Optimizer and the linear scaling rule."""
 
-    name: str = "adam"  # sgd | adam | lalr (DAT's layer-wise adaptive learning rate, see lalr_base, c_l, c_u) | onebit_adam | onebit_lamb (1-bit Adam / 1-bit LAMB: frozen variance and compressed momentum after freeze_step) | your own: MODULE:CALLABLE(params, lr, optim_cfg) -> torch.optim.Optimizer
+    name: str = "adam"  # sgd | adam | lalr (DAT's layer-wise adaptive learning rate, see lalr_base, c_l, c_u) |
+    # onebit_adam | onebit_lamb (1-bit Adam / 1-bit LAMB: frozen variance and compressed momentum after freeze_step) |
+    # your own: MODULE:CALLABLE(params, lr, optim_cfg) -> torch.optim.Optimizer
     lr: float = 3e-3  # learning rate at `base_batch_size` (before linear scaling, if enabled)
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
@@ -78,14 +105,22 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, lalr (base adam), onebit_adam, onebit_lamb
     scale_lr: bool = False  # linear scaling rule (Goyal et al. 2017): lr *= global_batch / base_batch_size
     base_batch_size: int = 256  # reference global batch size for `scale_lr`
-    lalr_base: str = "adam"  # lalr only: adam | sgd -- the base direction u (Adam moments / momentum, weight decay folded in) normalized per tensor
-    c_l: float = 0.0  # lalr, onebit_lamb: lower clip of the trust coefficient tau = min(max(||theta||, c_l), c_u); each tensor moves tau*lr per step
+    lalr_base: str = "adam"  # lalr only: adam | sgd -- the base direction u (Adam moments / momentum, weight decay
+    # folded in) normalized per tensor
+    c_l: float = 0.0  # lalr, onebit_lamb: lower clip of the trust coefficient tau = min(max(||theta||, c_l), c_u); each
+    # tensor moves tau*lr per step
     c_u: float = 10.0  # lalr, onebit_lamb: upper clip of tau (DAT authors' code: [0, 10])
-    lalr_exclude: str = "bias_and_norm"  # lalr, onebit_lamb: bias_and_norm (tensors with ndim <= 1 get the plain base update, no trust ratio) | none
-    freeze_step: float = 0.25  # onebit_adam / onebit_lamb: uncompressed warm-up steps before the variance freezes and the momentum is compressed; a value in (0, 1) is that fraction of the run's optimizer steps
-    onebit_block_size: int = 1024  # onebit_adam / onebit_lamb: elements per float32 scale of the 1-bit momentum codec (multiple of 8)
-    onebit_variance_floor: float = 0.01  # onebit_adam / onebit_lamb: after the freeze, each tensor's variance is floored at this fraction of its mean (a unit that never fired during the warm-up would otherwise step by lr*m/eps); 0 = Tang et al.'s update
-    onebit_error_feedback: bool = True  # onebit_adam / onebit_lamb: error feedback on the worker and the server side (false: plain scaled signs, for comparison)
+    lalr_exclude: str = "bias_and_norm"  # lalr, onebit_lamb: bias_and_norm (tensors with ndim <= 1 get the plain base
+    # update, no trust ratio) | none
+    freeze_step: float = 0.25  # onebit_adam / onebit_lamb: uncompressed warm-up steps before the variance freezes and
+    # the momentum is compressed; a value in (0, 1) is that fraction of the run's optimizer steps
+    onebit_block_size: int = 1024  # onebit_adam / onebit_lamb: elements per float32 scale of the 1-bit momentum codec
+    # (multiple of 8)
+    onebit_variance_floor: float = 0.01  # onebit_adam / onebit_lamb: after the freeze, each tensor's variance is
+    # floored at this fraction of its mean (a unit that never fired during the warm-up would otherwise step by
+    # lr*m/eps); 0 = Tang et al.'s update
+    onebit_error_feedback: bool = True  # onebit_adam / onebit_lamb: error feedback on the worker and the server side
+    # (false: plain scaled signs, for comparison)
 
 
 @dataclass
@@ -111,14 +146,21 @@ class TrainConfig:
     max_steps: int = 0  # stop an epoch after this many steps (0 = full epochs); for smoke tests
     resume: bool = False  # continue from output_dir/checkpoint_last.pt if it exists
     checkpoint_every: int = 1  # save a checkpoint every N epochs (0 = only the final one)
-    checkpoint_every_steps: int = 0  # also save a mid-epoch checkpoint every N optimizer steps (counted from the run's start; 0 = off); resume continues at the next step exactly. SIGUSR1/SIGTERM always write one and exit with code 75 (docs/preemption.md)
-    output_dir: str = "runs/${path_safe:${data.name}}_${path_safe:${method.name}}"  # where results, logs and checkpoints go (path_safe: an import path's ':' becomes '-')
-    threads: int = 0  # CPU intra-op threads per worker; 0 = auto: OMP_NUM_THREADS if set, else cores / workers on this host
+    checkpoint_every_steps: int = 0  # also save a mid-epoch checkpoint every N optimizer steps (counted from the run's
+    # start; 0 = off); resume continues at the next step exactly. SIGUSR1/SIGTERM always write one and exit with code 75
+    # (docs/preemption.md)
+    output_dir: str = "runs/${path_safe:${data.name}}_${path_safe:${method.name}}"  # where results, logs and
+    # checkpoints go (path_safe: an import path's ':' becomes '-')
+    threads: int = 0  # CPU intra-op threads per worker; 0 = auto: OMP_NUM_THREADS if set, else cores / workers on this
+    # host
     malloc_tuning: bool = True  # glibc: keep freed memory in the process (fewer page faults, ~10% faster CPU steps)
-    init_from: Optional[str] = None  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer is replaced when the number of classes differs); null = from scratch
+    init_from: Optional[str] = None  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer
+    # is replaced when the number of classes differs); null = from scratch
     new_head: bool = False  # init_from: re-initialize the last Linear layer even when the number of classes matches
     freeze_backbone: bool = False  # init_from: train only the last Linear layer (every other parameter frozen)
-    nonfinite: str = "stop"  # a NaN/Inf loss or gradient on any worker, found on every worker at the same step (before compression): stop = exit with code 4; skip = drop that step (no optimizer step), counted in results.json; ignore = no check (a NaN reaches the weights)
+    nonfinite: str = "stop"  # a NaN/Inf loss or gradient on any worker, found on every worker at the same step (before
+    # compression): stop = exit with code 4; skip = drop that step (no optimizer step), counted in results.json; ignore
+    # = no check (a NaN reaches the weights)
     max_nonfinite_skips: int = 10  # nonfinite=skip: stop (exit code 4) after this many consecutive skipped steps
 
 
@@ -127,7 +169,8 @@ class EvalConfig:
     """Per-epoch and final evaluation: TA (clean) and RA (PGD)."""
 
     every: int = 5  # evaluate every N epochs (the last epoch is always evaluated)
-    num_samples: int = 500  # test examples used per evaluated epoch (0 = all); the final evaluation uses `final_num_samples`
+    num_samples: int = 500  # test examples used per evaluated epoch (0 = all); the final evaluation uses
+    # `final_num_samples`
     final_num_samples: int = 0  # test examples for the final evaluation (0 = all)
     batch_size: int = 500  # evaluation batch (global; split across workers)
     eps: Optional[float] = 0.3  # RA budget; null = attack.eps
@@ -135,43 +178,15 @@ class EvalConfig:
     pgd_alpha: Optional[float] = None  # RA step size; null = 2.5*eps/pgd_steps
     pgd_restarts: int = 1  # random restarts of the RA attack
     robust: bool = True  # evaluate RA (PGD) next to TA; false = TA only (the semi-supervised teacher's runs)
-    aa_samples: int = 500  # final evaluation: AA (standard AutoAttack through torchattacks, at eval.eps) on this many test examples (a seeded subset; only PGD-robust ones are attacked, sharded evenly); 0 = off. Needs pip install "datkit[autoattack]"
-    co_samples: int = 128  # catastrophic-overfitting check after every epoch: PGD-10 accuracy (and the accuracy under the method's own attack) at eval.eps on this many fixed TRAINING examples (not the test set); 0 = off
-    co_drop: float = 0.2  # the check fires when that accuracy falls more than this below its best so far (Wong et al. 2020 early stopping) or lies more than this below the accuracy under the method's own training attack
-    co_action: str = "stop"  # when the check fires: stop (end training after this epoch; results.json says so) | warn (print, record it, go on)
-
-
-@dataclass
-class DistConfig:
-    """Process-group options of the torch backend (torchrun)."""
-
-    timeout_s: int = 600  # collective timeout: a lost worker makes the others fail after this long
-    peer_timeout_s: float = 30.0  # lost-worker watch: a peer whose heart-beat stops this long (or whose process is gone) makes every worker exit with code 3 naming it; 0 = off
-    ddp: bool = True  # wrap in DistributedDataParallel (gradient allreduce overlaps backward)
-    bucket_cap_mb: float = 25.0  # DDP gradient bucket size
-
-
-@dataclass
-class DeepSpeedConfig:
-    """Options of the deepspeed backend (ZeRO); batch sizes and gradient clipping come from train.*."""
-
-    zero_stage: int = 0  # ZeRO stage: 0 (DDP-like) | 1 (optimizer states sharded) | 2 (+ gradients) | 3 (+ parameters)
-    config_file: str = ""  # a DeepSpeed JSON merged over the generated config (its keys win, batch sizes excepted)
-    offload_optimizer: str = "none"  # none | cpu: ZeRO-Offload of optimizer states (stage >= 1)
-    offload_param: str = "none"  # none | cpu: parameter offload (stage 3)
-    fp16: bool = False  # DeepSpeed fp16 mixed precision (GPU)
-    bf16: bool = False  # DeepSpeed bf16 mixed precision (hardware with bf16 support)
-
-
-@dataclass
-class CompressionConfig:
-    """Gradient compression (datkit.compress), on every backend; the DAT paper's Table 4 and 1-bit Adam."""
-
-    name: str = "none"  # none (the backend's float32 allreduce) | fp16 | bf16 | int8 | onebit | your own: MODULE:CLASS (a datkit.compress.Compressor subclass)
-    two_sided: bool = False  # int8 only: quantize the server's average on the way back too ("8-bit 2-sided")
-    rounding: str = "nearest"  # int8 only: nearest | stochastic (unbiased)
-    block_size: int = 0  # int8 / onebit: elements per float32 scale; 0 = the compressor's default (int8 256, onebit 1024)
-    error_feedback: bool = True  # onebit only: keep worker- and server-side residuals (false = plain sign compression)
+    aa_samples: int = 500  # final evaluation: AA (standard AutoAttack through torchattacks, at eval.eps) on this many
+    # test examples (a seeded subset; only PGD-robust ones are attacked, sharded evenly); 0 = off. Needs pip install
+    # "datkit[autoattack]"
+    co_samples: int = 128  # catastrophic-overfitting check after every epoch: PGD-10 accuracy (and the accuracy under
+    # the method's own attack) at eval.eps on this many fixed TRAINING examples (not the test set); 0 = off
+    co_drop: float = 0.2  # the check fires when that accuracy falls more than this below its best so far (Wong et al.
+    # 2020 early stopping) or lies more than this below the accuracy under the method's own training attack
+    co_action: str = "stop"  # when the check fires: stop (end training after this epoch; results.json says so) | warn
+    # (print, record it, go on)
 
 
 @dataclass
@@ -184,49 +199,17 @@ class LogConfig:
 
 
 @dataclass
-class SmoothingConfig:
-    """Randomized smoothing (Cohen et al. 2019): Gaussian-noise training (method smoothing) and certification (python -m datkit.certify)."""
-
-    sigma: float = 0.25  # std of the Gaussian noise in pixel units ([0,1] inputs); training noise and certified sigma (Table 2: 0.12, 0.25)
-    num_noise: int = 1  # method smoothing: noise samples per training input (the loss is averaged over them)
-    adv_steps: int = 0  # method smoothing: PGD steps of SmoothAdv (Salman et al. 2019) on the smoothed classifier; 0 = Gaussian augmentation only
-    adv_eps: float = 0.25  # SmoothAdv l2 radius (step 2*adv_eps/adv_steps), ramped like attack.eps over attack.eps_warmup_epochs
-    n0: int = 100  # certify: noise samples to select the top class
-    n: int = 100000  # certify: noise samples to estimate its probability (Cohen et al.: 100,000)
-    alpha: float = 0.001  # certify: failure probability of the Clopper-Pearson bound (the certificate holds with prob. >= 1-alpha)
-    batch_size: int = 1000  # certify: noisy copies of one image per forward pass
-    num_samples: int = 500  # certify: test images (a fixed seeded subset; 0 = all)
-    seed: int = 0  # certify: the noise of test image i depends only on (seed, i), not on the worker or the batch
-    radii: List[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])  # certify: l2 radii of the certified-accuracy table (DAT paper Table 2)
-
-
-@dataclass
-class BoundsConfig:
-    """Certified training with bound propagation (methods ibp / crown-ibp / mtl-ibp / cc-ibp / sabr; Shi et al. 2021) and verified accuracy (VA)."""
-
-    engine: str = "native"  # native (datkit.certify.bounds) | auto_lirpa (needs auto_LiRPA installed from source; PyPI's 0.3 does not run on current torch)
-    eps_schedule: str = "smoothed"  # linear | smoothed: ramp of the training eps (attack.eps is its maximum; attack.eps_warmup_epochs is not used)
-    eps_start: float = 1.0  # epochs at eps = 0 before the ramp (the papers' 1-based start=2 is 1 here)
-    eps_length: float = 20.0  # epochs of the ramp from 0 to attack.eps
-    init: str = "ibp"  # ibp (w ~ N(0, 2*pi/fan_in^2), Shi et al. 2021) | default (the model's own initialization)
-    reg_lambda: float = 0.5  # weight lambda of the warm-up regularizers, applied as lambda*(1 - eps_t/eps_max); 0 = vanilla IBP
-    reg_tol: float = 0.5  # tolerance tau of the tightness and ReLU-balance regularizers
-    reg_terms: List[str] = field(default_factory=lambda: ["tightness", "relu"])  # which warm-up regularizers: tightness, relu
-    alpha: float = 0.5  # mtl-ibp: alpha * (IBP loss) + (1 - alpha) * (loss at a PGD point); cc-ibp: the loss of alpha * (IBP margin bounds) + (1 - alpha) * (margins at the PGD point); in [0, 1]; 1 = IBP, 0 = PGD training (De Palma et al., ICLR 2024)
-    lambda_box: float = 0.4  # sabr only: IBP over a box of radius lambda_box * eps_t around a PGD point pulled into the (1 - lambda_box) * eps_t box, in (0, 1]; 1 = IBP (Mueller et al., ICLR 2023)
-    beta_final: float = 0.0  # crown-ibp: the weight of CROWN-IBP in beta * CROWN-IBP + (1 - beta) * IBP goes from 1 to beta_final over the eps ramp and stays there (Zhang et al. 2020's beta_end); 0 = IBP after the ramp, in [0, 1]
-    loss_fusion: bool = True  # crown-ibp: bound the cross-entropy itself with one backward row (Xu et al. 2020) instead of one per margin; native engine only (with engine=auto_lirpa set false); false = the margin form
-    verify: Any = field(default_factory=lambda: ["ibp"])  # verification cascade of VA at eval.eps: a list of stages from ibp, crown-ibp, crown (full CROWN), each run on the examples the earlier ones left unverified, e.g. [ibp, crown-ibp, crown]; legacy strings ibp = [ibp], crown-ibp = [ibp, crown-ibp]
-
-
-@dataclass
 class SemisupConfig:
     """Semi-supervised AT (robust self-training, Carmon et al. 2019; DAT paper Table 3): pseudo-label the unlabeled part of the training set (data.num_labeled) with a clean teacher, then train on both."""
 
-    enabled: bool = False  # use the unlabeled examples with the teacher's pseudo-labels (needs data.num_labeled > 0); false = labeled examples only
-    teacher: str = "train"  # train: a clean teacher on the labeled examples first (saved as output_dir/teacher.pt) | path to a datkit checkpoint
-    teacher_epochs: int = 20  # teacher=train: epochs of clean training on the labeled examples (optim.*, schedule.*, train.batch_size)
-    unlabeled_fraction: float = 0.5  # fraction of every global batch drawn from the pseudo-labeled examples (Carmon et al.: 0.5)
+    enabled: bool = False  # use the unlabeled examples with the teacher's pseudo-labels (needs data.num_labeled > 0);
+    # false = labeled examples only
+    teacher: str = "train"  # train: a clean teacher on the labeled examples first (saved as output_dir/teacher.pt) |
+    # path to a datkit checkpoint
+    teacher_epochs: int = 20  # teacher=train: epochs of clean training on the labeled examples (optim.*, schedule.*,
+    # train.batch_size)
+    unlabeled_fraction: float = 0.5  # fraction of every global batch drawn from the pseudo-labeled examples (Carmon et
+    # al.: 0.5)
     num_unlabeled: int = 0  # use this many unlabeled examples (a seeded subset); 0 = all of them
 
 
