@@ -21,9 +21,9 @@ Cost: one small generator per sample and draw (about 10 us each on a CPU; a PGD 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 

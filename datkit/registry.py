@@ -20,7 +20,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -53,7 +54,7 @@ def load_object(path: str) -> Any:
             raise PluginError(f"cannot import module '{module_name}' (no module named '{err.name}' on sys.path: "
                               f"the working directory {os.getcwd()} and PYTHONPATH)") from None
         raise PluginError(f"importing module '{module_name}' failed: ModuleNotFoundError: {err}") from None
-    except Exception as err:  # noqa: BLE001 -- any error inside the user's module is reported in one line
+    except Exception as err:
         raise PluginError(f"importing module '{module_name}' failed: {type(err).__name__}: {err}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):

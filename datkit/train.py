@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 if __package__ in (None, ""):  # run as a script: make `datkit` importable, not its sub-folders
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,8 +16,9 @@ if __package__ in (None, ""):  # run as a script: make `datkit` importable, not 
 
 # torch, the backends and the plug-ins are imported by ``train``: a key, type or YAML error under a launcher is
 # reported by every worker in a fraction of a second, without importing torch.
-from datkit.cli import fail as cli_fail, parse_args  # noqa: E402
-from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world  # noqa: E402
+from datkit.cli import fail as cli_fail
+from datkit.cli import parse_args
+from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world
 
 
 def main(argv: list[str] | None = None) -> dict:

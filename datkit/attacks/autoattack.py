@@ -24,7 +24,7 @@ class _ModeLocked(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def train(self, mode: bool = True) -> "_ModeLocked":
+    def train(self, mode: bool = True) -> _ModeLocked:
         return self
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from datkit import randomness
 from datkit.registry import Registry
 
-ATTACKS: Registry[type["Attack"]] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 NORMS: tuple[str, ...] = ("linf", "l2")
 

@@ -13,7 +13,8 @@ import argparse
 import gc
 import json
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -17,8 +17,9 @@ verified: what better bounds could still win) when RA is evaluated. Evaluation r
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -11,7 +11,6 @@ from .regularizers import TERMS
 from .schedules import SCHEDULES
 
 
-
 def smoothing_config_errors(cfg) -> list[str]:
     """Randomized smoothing: sigma > 0, 1 <= n0 <= n, alpha in (0, 1), radii >= 0 and increasing."""
     sm, errors = cfg.smoothing, []

@@ -15,7 +15,7 @@ Statistics are over the batch each worker holds (as the paper computes them over
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,8 @@ parameter-server exchange of ``datkit.compress.base``; byte accounting in ``acco
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from datkit.registry import PluginError, Registry
 

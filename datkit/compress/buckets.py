@@ -7,7 +7,7 @@ gradients across steps and across a checkpoint/resume.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -8,8 +8,8 @@ from .checks import data_config_errors
 from .labeled import balanced_split, dataset_labels, split_labeled
 from .loaders import TEST_CHOICES, DataBundle, build_data, dataset_spec, eval_subset, iterate_batches, resolve_test_set
 from .mixed import MixedBatchSampler
-from .resize import resize_dataset, resize_images
 from .official_mnist import load_official_mnist_test, official_mnist_available
+from .resize import resize_dataset, resize_images
 from .sampler import ShardedBatchSampler, shard_range
 from .spec import DATASETS, DatasetSpec, register_dataset
 from .user import user_data_spec

@@ -1,9 +1,10 @@
 """Build the training and evaluation data of a run from ``cfg.data`` (see ``datkit.config.schema``)."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +30,7 @@ class DataBundle:
     train: Dataset
     test: Dataset
     test_name: str  # e.g. "official MNIST test set (10000)" -- reported with the results
-    unlabeled: Optional[Dataset] = None  # data.num_labeled > 0: the training examples whose labels are not used
+    unlabeled: Dataset | None = None  # data.num_labeled > 0: the training examples whose labels are not used
 
 
 def _with_stats(spec: DatasetSpec, data_cfg) -> DatasetSpec:

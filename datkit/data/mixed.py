@@ -10,7 +10,7 @@ part repeats and an epoch depends only on its number (exact resume).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

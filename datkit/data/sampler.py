@@ -7,7 +7,7 @@ update on the whole global batch. The last incomplete global batch is dropped.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

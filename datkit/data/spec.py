@@ -1,8 +1,9 @@
 """What a dataset is to the rest of datkit: its shape, normalization and how to build its splits."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from torch.utils.data import Dataset
 
@@ -26,7 +27,7 @@ class DatasetSpec:
     std: tuple[float, ...]
     build: Callable[..., tuple[Dataset, Dataset]]
     mnist_like: bool = False
-    check: Optional[Callable[..., None]] = None
+    check: Callable[..., None] | None = None
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")

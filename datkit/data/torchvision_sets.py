@@ -8,7 +8,8 @@ CIFAR, random-resized crop for ImageNet); evaluation transforms are deterministi
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .spec import DatasetSpec, register_dataset
 

@@ -16,7 +16,8 @@ trains; a wrong shape, dtype, range or label raises ``ConfigError`` naming ``dat
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -40,7 +41,7 @@ def call_user_data(key: str, path: str, kwargs: dict[str, Any]) -> tuple[Dataset
         raise ConfigError(f"{key}={path!r} is a {type(fn).__name__}, not a callable returning (train_set, test_set)")
     try:
         out = fn(**kwargs)
-    except Exception as err:  # noqa: BLE001 -- the user's code: one line, no traceback
+    except Exception as err:
         raise ConfigError(f"{key}={path!r}: calling it with data.kwargs={kwargs!r} failed: {type(err).__name__}: {err}") from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ConfigError(f"{key}={path!r} returned a {type(out).__name__}; expected a pair (train_set, test_set) of "
@@ -52,7 +53,7 @@ def _check_item(key: str, source: str, which: str, ds: Dataset, i: int, shape: t
     where = f"{key}={source!r}: {which} item {i}"
     try:
         item = ds[i]
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise ConfigError(f"{where}: reading it failed: {type(err).__name__}: {err}") from None
     if not (isinstance(item, (tuple, list)) and len(item) >= 2):
         raise ConfigError(f"{where} is a {type(item).__name__}; expected (x, y): x a float tensor C x H x W in [0, 1], "

@@ -20,7 +20,7 @@ which depends on the worker count: AA is deterministic for a given number of wor
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -38,7 +38,7 @@ class EpochProgress:
         return asdict(self)
 
     @classmethod
-    def from_state(cls, state: Any) -> "EpochProgress":
+    def from_state(cls, state: Any) -> EpochProgress:
         """Parse a checkpoint's ``mid_epoch`` entry; ``ValueError`` naming what is wrong."""
         if not isinstance(state, dict):
             raise ValueError(f"'mid_epoch' is a {type(state).__name__}, not a dict")

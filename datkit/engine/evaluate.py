@@ -5,7 +5,8 @@ were correct, are summed with one ``all_reduce``, so evaluation is split across 
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn

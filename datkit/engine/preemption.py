@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 # 75, EX_TEMPFAIL; defined in datkit/__init__.py beside the list of every exit code
 from datkit import EXIT_PREEMPTED
@@ -54,7 +55,7 @@ class StopSignals:
         if not self.signum:
             self.signum = signum
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)

@@ -7,8 +7,9 @@ forward passes go through the (possibly wrapped) ``model`` so that the backend s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def create_method(cfg) -> Method:
         method = METHODS.get(name)(cfg)
     except ConfigError:
         raise
-    except Exception as err:  # noqa: BLE001 -- a plug-in's own error, in one line
+    except Exception as err:
         if ":" not in name:
             raise
         raise ConfigError(f"method.name={name!r}: building it failed: {type(err).__name__}: {err}") from None

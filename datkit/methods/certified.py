@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..certify.bounds import record_batch_stats
+from ..certify.bounds.engines import certified_fused_loss, certified_margins, require_engine
 from ..certify.cascade import VerifiedAccuracy, pgd_falsifier  # VerifiedAccuracy: kept importable from here
 from ..certify.config_checks import certified_method_errors
-from ..certify.bounds.engines import certified_fused_loss, certified_margins, require_engine
 from ..certify.ibp_init import ibp_init
 from ..certify.regularizers import warmup_regularizer
 from ..certify.schedules import eps_schedule

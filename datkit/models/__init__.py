@@ -8,10 +8,9 @@ variants ``cnn_7layer_bn_imagenet64``, ``wide_resnet_imagenet64``, ``resnext_ima
 """
 from __future__ import annotations
 
+# Import for the side effect of registering each model with MODELS.
+from datkit.models import cnn4, cnn7, preact_resnet, resnet50, resnext, small_cnn, wide_resnet, wide_resnet_bn  # noqa: F401
 from datkit.models.normalize import Normalize, NormalizedModel
 from datkit.models.registry import MODELS, create_model, list_models, model_config_errors, wrap_model
-
-# Import for the side effect of registering each model with MODELS.
-from datkit.models import cnn4, cnn7, preact_resnet, resnet50, resnext, small_cnn, wide_resnet, wide_resnet_bn  # noqa: F401,E402
 
 __all__ = ["MODELS", "Normalize", "NormalizedModel", "create_model", "list_models", "model_config_errors", "wrap_model"]

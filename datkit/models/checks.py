@@ -1,7 +1,7 @@
 """Argument checks shared by the two-stage MNIST CNNs (``cnn_madry``, ``cnn_4layer``, ``cnn_small``)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def two_stage_channels(name: str, image_size: int, channels: Sequence[int]) -> tuple[int, int]:

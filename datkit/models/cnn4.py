@@ -11,7 +11,7 @@ a 2-core CPU affords in the main job's 5-minute budget).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

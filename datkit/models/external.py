@@ -22,7 +22,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ def _build(label: str, build: Callable[..., nn.Module], kwargs: dict[str, Any], 
                 del optional[match.group(1)]
                 continue
             raise TypeError(f"{label}: {_one_line(err, with_type=False)}") from None
-        except Exception as err:  # noqa: BLE001 -- the builder's own error (e.g. a size it refuses), in one line
+        except Exception as err:
             raise ValueError(f"{label} could not be built ({size}): {_one_line(err)}") from err
 
 
@@ -140,7 +141,7 @@ def _check_forward(model: nn.Module, label: str, num_classes: int, in_channels: 
     try:
         with torch.no_grad():
             out = model(x)
-    except Exception as err:  # noqa: BLE001 -- any failure at this size is reported as one
+    except Exception as err:
         raise ValueError(f"{label} cannot run on {in_channels}x{image_size}x{image_size} inputs "
                          f"(in_channels={in_channels}, image_size={image_size}): {_one_line(err)}; if image_size "
                          f"is too small for it, use a larger one (resize the data) or another model") from None

@@ -7,7 +7,7 @@ RobustBench). A bound-propagation engine can treat :class:`Normalize` as a per-c
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

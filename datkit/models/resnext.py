@@ -12,7 +12,7 @@ Linear(512)-BN-ReLU and the classifier.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

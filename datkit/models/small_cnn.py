@@ -6,7 +6,7 @@ layer and a linear classifier. No BatchNorm, so it is fast and deterministic on 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

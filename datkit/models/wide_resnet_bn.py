@@ -10,7 +10,7 @@ and k = 10 for 64x64 TinyImageNet (``wide_resnet_imagenet64``). Every layer has 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

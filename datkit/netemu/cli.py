@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from datkit.netemu import slurm_cli
 from datkit.netemu.hosts import NetemuError, Topology, down, existing_namespaces, require_tools, up

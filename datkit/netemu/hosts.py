@@ -33,9 +33,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 SUBNET = "198.18.0"
 PREFIX_LEN = 24

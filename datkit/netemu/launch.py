@@ -43,9 +43,9 @@ import os
 import shlex
 import stat
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import datkit
 from datkit.netemu.hosts import Topology

@@ -15,8 +15,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 from datkit.netemu.hosts import Topology, down, ns_exec, up
 from datkit.netemu.launch import LaunchSpec, base_env, host_commands, render

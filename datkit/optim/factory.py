@@ -5,7 +5,7 @@ learning rate is ``lr * global_batch / base_batch_size``.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -117,7 +117,7 @@ def build_optimizer(optim_cfg, params: Iterable, global_batch: int) -> torch.opt
     factory = OPTIMIZERS.get(name)
     try:
         opt = factory(params, scaled_lr(optim_cfg, global_batch), optim_cfg)
-    except Exception as err:  # noqa: BLE001 -- a plug-in's own error, in one line
+    except Exception as err:
         if not is_import_path(name):
             raise
         raise ConfigError(f"optim.name={name!r}: calling it (params, lr, optim_cfg) failed: {type(err).__name__}: {err}") from None

@@ -29,7 +29,8 @@ DeepSpeed client optimizer.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import Any, Union
 
 import torch
 

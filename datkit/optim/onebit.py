@@ -37,7 +37,8 @@ goes into ``state_dict``; the error-feedback residuals differ per worker and go 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 

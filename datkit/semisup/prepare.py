@@ -20,7 +20,8 @@ part keeps for this report only) are returned for ``results.json``.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset

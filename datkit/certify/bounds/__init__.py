@@ -16,11 +16,28 @@ with :class:`UnsupportedLayer` naming it; a new layer type gets its rule with ``
 training). ``auto_lirpa`` (:mod:`.lirpa`) is an optional second engine.
 """
 from . import batchnorm, rules_affine, rules_relu, rules_shape  # noqa: F401  (register the rules)
-from .api import (METHODS, MarginBounds, bound_state, crown_ibp_bounds, ibp_bounds, input_box, margin_bounds,
-                  num_classes_of, spec_matrix)
+from .api import (
+                  METHODS,
+                  MarginBounds,
+                  bound_state,
+                  crown_ibp_bounds,
+                  ibp_bounds,
+                  input_box,
+                  margin_bounds,
+                  num_classes_of,
+                  spec_matrix,
+)
 from .batchnorm import clean_batch_stats, record_batch_stats
+from .core import (
+                  Interval,
+                  Rule,
+                  UnsupportedLayer,
+                  register_function,
+                  register_method,
+                  register_module,
+                  supported_layers,
+)
 from .crown import VERIFY_METHODS, crown_bounds, verified
-from .core import Interval, Rule, UnsupportedLayer, register_function, register_method, register_module, supported_layers
 from .graph import BoundGraph, graph_of
 from .loss_fusion import FusedLoss, fused_bound, fused_cross_entropy, fused_loss
 from .propagate import BoundState

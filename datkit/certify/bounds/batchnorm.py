@@ -18,7 +18,7 @@ to one worker with the N-times larger batch.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

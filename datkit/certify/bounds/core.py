@@ -18,7 +18,8 @@ unless it has its own), by function (``F.relu``, ``operator.add``) or by tensor-
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class Interval:
         self._center = self._radius = None
 
     @staticmethod
-    def from_center_radius(center: torch.Tensor, radius: torch.Tensor) -> "Interval":
+    def from_center_radius(center: torch.Tensor, radius: torch.Tensor) -> Interval:
         iv = Interval.__new__(Interval)
         iv._lower = iv._upper = None
         iv._center, iv._radius = center, radius
@@ -73,14 +74,14 @@ class Interval:
     def shape(self) -> torch.Size:
         return (self._lower if self._lower is not None else self._center).shape
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Interval":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Interval:
         """The interval of ``fn(value)`` for a linear ``fn`` with non-negative weights (a reshape, average
         pooling): ``fn`` is applied to whichever form is stored."""
         if self._center is not None:
             return Interval.from_center_radius(fn(self._center), fn(self._radius))
         return Interval(fn(self._lower), fn(self._upper))
 
-    def __add__(self, other: "Interval") -> "Interval":
+    def __add__(self, other: Interval) -> Interval:
         if self._lower is not None and other._lower is not None:
             return Interval(self._lower + other._lower, self._upper + other._upper)
         return Interval.from_center_radius(self.center + other.center, self.radius + other.radius)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .api import Margins, margin_bounds
 from .core import Interval
-from .api import Margins, margin_bounds  # noqa: F401  (Margins: re-exported)
 from .lirpa import lirpa_margins, require_auto_lirpa
 from .loss_fusion import fused_loss
 

@@ -132,7 +132,7 @@ class BoundGraph:
         return self.steps
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, BoundGraph]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, BoundGraph] = weakref.WeakKeyDictionary()
 
 
 def graph_of(model: nn.Module) -> BoundGraph:

@@ -23,7 +23,7 @@ INSTALL_HINT = ("auto_LiRPA is not importable. Its PyPI release (0.3) does not w
                 "from source (pip install git+https://github.com/Verified-Intelligence/auto_LiRPA), or use "
                 "bounds.engine=native (datkit's own IBP / CROWN-IBP, the default)")
 
-_BOUNDED: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_BOUNDED: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
 
 
 def auto_lirpa_available() -> bool:

@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .batchnorm import BatchNormRule
 from .core import Interval, UnsupportedLayer
 from .graph import BoundGraph, Ref, Step
-from .batchnorm import BatchNormRule
 from .rules_affine import AffineRule, LinearRule, NormalizeRule, folded
 from .rules_relu import ReLURule
 
