@@ -14,7 +14,8 @@ from .sampler import ShardedBatchSampler, shard_range
 from .spec import DATASETS, DatasetSpec, register_dataset
 from .user import user_data_spec
 
-__all__ = ["data_config_errors", "user_data_spec", "balanced_split", "dataset_labels", "split_labeled", "dataset_spec", "MixedBatchSampler", "resize_dataset",
-           "resize_images", "random_shift", "DATASETS", "DatasetSpec", "register_dataset", "DataBundle", "build_data", "iterate_batches", "eval_subset",
+__all__ = ["data_config_errors", "user_data_spec", "balanced_split", "dataset_labels", "split_labeled", "dataset_spec",
+           "MixedBatchSampler", "resize_dataset", "resize_images", "random_shift", "DATASETS", "DatasetSpec",
+           "register_dataset", "DataBundle", "build_data", "iterate_batches", "eval_subset",
            "resolve_test_set", "TEST_CHOICES", "ShardedBatchSampler", "shard_range", "load_official_mnist_test",
            "official_mnist_available"]

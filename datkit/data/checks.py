@@ -30,15 +30,17 @@ def data_config_errors(cfg) -> list[str]:
     if is_import_path(d.name):
         try:
             if not callable(load_object(d.name)):
-                errors.append(f"data.name={d.name!r} is not callable (expected a function returning (train_set, test_set))")
+                errors.append(f"data.name={d.name!r} is not callable "
+                              "(expected a function returning (train_set, test_set))")
         except PluginError as err:
             errors.append(f"data.name={d.name!r}: {err}")
         if d.test == "mnist":
-            errors.append(f"data.test=mnist evaluates on the official MNIST test set; data.name={d.name!r} brings its own "
-                          f"test set (use data.test=auto)")
+            errors.append(f"data.test=mnist evaluates on the official MNIST test set; data.name={d.name!r} "
+                          f"brings its own test set (use data.test=auto)")
         return errors
     if d.kwargs:
-        errors.append(f"data.kwargs={dict(d.kwargs)!r} applies to data.name=MODULE:CALLABLE only (data.name={d.name!r})")
+        errors.append(f"data.kwargs={dict(d.kwargs)!r} applies to data.name=MODULE:CALLABLE only "
+                      f"(data.name={d.name!r})")
     if d.name not in DATASETS:
         errors.append(f"data.name={d.name!r} is not one of: {', '.join(DATASETS.names())} (or MODULE:CALLABLE)")
         return errors

@@ -18,7 +18,8 @@ from .spec import DatasetSpec, register_dataset
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
-def stratified_split(labels: np.ndarray, heldout_per_class: int | float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, heldout_per_class: int | float,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, heldout): per class, a seeded permutation; the first ``heldout_per_class``
     (a count, or a fraction of that class) go to the held-out split."""
     rng = np.random.default_rng(seed)

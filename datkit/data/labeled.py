@@ -30,8 +30,8 @@ def balanced_split(labels: torch.Tensor, num_labeled: int, seed: int = 0) -> tup
     y = labels.numpy()
     classes = np.unique(y)
     if not 0 < num_labeled < len(y):
-        raise ConfigError(f"data.num_labeled={num_labeled} must be between 1 and {len(y) - 1} (the training set has {len(y)} "
-                          f"examples; 0 = all labeled)")
+        raise ConfigError(f"data.num_labeled={num_labeled} must be between 1 and {len(y) - 1} "
+                          f"(the training set has {len(y)} examples; 0 = all labeled)")
     rng = np.random.default_rng(seed)
     quota = np.full(len(classes), num_labeled // len(classes))
     quota[rng.permutation(len(classes))[: num_labeled % len(classes)]] += 1

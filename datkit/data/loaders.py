@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -13,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from datkit.config import ConfigError, raise_errors
 from datkit.registry import is_import_path
 
-from .checks import TEST_CHOICES, data_config_errors
+from .checks import TEST_CHOICES as TEST_CHOICES
+from .checks import data_config_errors
 from .labeled import split_labeled
 from .official_mnist import load_official_mnist_test, official_mnist_available
 from .resize import resize_dataset, resized_spec
@@ -48,7 +48,8 @@ def dataset_spec(data_cfg) -> DatasetSpec:
 
 
 def resolve_test_set(data_cfg) -> str:
-    """``mnist`` (the official test set) or ``split`` (the training set's held-out split, or user data's own test set)."""
+    """``mnist`` (the official test set) or ``split`` (the training set's held-out split, or user data's own
+    test set)."""
     if is_import_path(data_cfg.name):
         return "split"
     spec = DATASETS.get(data_cfg.name)
@@ -66,7 +67,8 @@ def build_data(data_cfg, train_set: Dataset | None = None, test_set: Dataset | N
     ``download``, ``test``, ``shared_root``). User datasets are checked and their spec inferred (``datkit.data.user``).
     The config section is checked first (``data_config_errors``)."""
     if (train_set is None) != (test_set is None):
-        raise ConfigError("give both train_set and test_set (map-style datasets of (x in [0, 1], int label)), or neither")
+        raise ConfigError("give both train_set and test_set (map-style datasets of (x in [0, 1], int label)), "
+                          "or neither")
     if train_set is None:
         raise_errors(data_config_errors(SimpleNamespace(data=data_cfg)))
     if train_set is not None or is_import_path(data_cfg.name):
@@ -100,7 +102,8 @@ def build_data(data_cfg, train_set: Dataset | None = None, test_set: Dataset | N
     return DataBundle(spec, train, test, name, unlabeled)
 
 
-def iterate_batches(dataset: Dataset, sampler: ShardedBatchSampler | Sequence[Sequence[int]], num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_batches(dataset: Dataset, sampler: ShardedBatchSampler | Sequence[Sequence[int]],
+                    num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) for each index list of ``sampler``; in-memory tensors are indexed directly. A DataLoader's
     iterator is created by this call (it draws its workers' base seed from the global RNG then), so a caller can
     set the global RNG state after it (a mid-epoch resume) and the batches' own draws are those of the

@@ -34,8 +34,9 @@ class MixedBatchSampler(Sampler[list[int]]):
         g_u = int(round(unlabeled_fraction * global_batch))
         g_l = global_batch - g_u
         if g_u <= 0 or g_l <= 0 or g_u % world_size or g_l % world_size:
-            raise ValueError(f"a global batch of {global_batch} with unlabeled fraction {unlabeled_fraction} gives {g_l} "
-                             f"labeled + {g_u} pseudo-labeled examples: both must be > 0 and divisible by {world_size}")
+            raise ValueError(f"a global batch of {global_batch} with unlabeled fraction {unlabeled_fraction} "
+                             f"gives {g_l} labeled + {g_u} pseudo-labeled examples: both must be > 0 and divisible "
+                             f"by {world_size}")
         if n_labeled < g_l or n_unlabeled < g_u:
             raise ValueError(f"{n_labeled} labeled / {n_unlabeled} pseudo-labeled examples are fewer than the "
                              f"{g_l} / {g_u} one global batch takes")

@@ -22,7 +22,8 @@ def resize_images(x: torch.Tensor, side: int) -> torch.Tensor:
     if xb.shape[-2:] == (side, side):
         return x
     shrink = side < max(xb.shape[-2:])
-    out = F.interpolate(xb.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=shrink).clamp_(0.0, 1.0)
+    out = F.interpolate(xb.float(), size=(side, side), mode="bilinear", align_corners=False,
+                        antialias=shrink).clamp_(0.0, 1.0)
     return out[0] if single else out
 
 

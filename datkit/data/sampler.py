@@ -16,7 +16,8 @@ from torch.utils.data import Sampler
 class ShardedBatchSampler(Sampler[list[int]]):
     """Yields this worker's index list for each global batch of one epoch (call ``set_epoch`` first)."""
 
-    def __init__(self, n: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by world_size {world_size}")
         if n < global_batch:

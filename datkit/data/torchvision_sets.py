@@ -44,7 +44,8 @@ def _build_cifar(cls_name: str) -> Callable:
     def build(root: str, download: bool, **_: object):
         cls = getattr(_tv().datasets, cls_name)
         tr, te = _small_transforms(32, crop=True, flip=True)
-        return cls(root, train=True, download=download, transform=tr), cls(root, train=False, download=download, transform=te)
+        return (cls(root, train=True, download=download, transform=tr),
+                cls(root, train=False, download=download, transform=te))
 
     build.__doc__ = f"torchvision {cls_name} with random crop (pad 4) + horizontal flip for training."
     return build
@@ -54,7 +55,8 @@ def build_svhn(root: str, download: bool, **_: object):
     """torchvision SVHN (train / test splits), random crop for training (no flips: digits)."""
     tr, te = _small_transforms(32, crop=True, flip=False)
     ds = _tv().datasets
-    return ds.SVHN(root, split="train", download=download, transform=tr), ds.SVHN(root, split="test", download=download, transform=te)
+    return (ds.SVHN(root, split="train", download=download, transform=tr),
+            ds.SVHN(root, split="test", download=download, transform=te))
 
 
 def _build_folder(name: str, size: int) -> Callable:
@@ -79,7 +81,8 @@ def _check_folder(name: str) -> Callable:
         for split in ("train", "val"):
             d = os.path.join(root, name, split)
             if not os.path.isdir(d):
-                raise FileNotFoundError(f"data.name={name}: folder {d} not found (expected <data.root>/{name}/{{train,val}}/<class>/*)")
+                raise FileNotFoundError(f"data.name={name}: folder {d} not found "
+                                        f"(expected <data.root>/{name}/{{train,val}}/<class>/*)")
 
     return check
 
@@ -96,9 +99,14 @@ def _check_torchvision(folder: str) -> Callable:
     return check
 
 
-register_dataset(DatasetSpec("mnist", 10, 1, 28, (0.1307,), (0.3081,), build_mnist, mnist_like=True, check=_check_torchvision("MNIST")))
-register_dataset(DatasetSpec("cifar10", 10, 3, 32, *CIFAR10, _build_cifar("CIFAR10"), check=_check_torchvision("cifar-10")))
-register_dataset(DatasetSpec("cifar100", 100, 3, 32, *CIFAR100, _build_cifar("CIFAR100"), check=_check_torchvision("cifar-100")))
+register_dataset(DatasetSpec("mnist", 10, 1, 28, (0.1307,), (0.3081,), build_mnist, mnist_like=True,
+                             check=_check_torchvision("MNIST")))
+register_dataset(DatasetSpec("cifar10", 10, 3, 32, *CIFAR10, _build_cifar("CIFAR10"),
+                             check=_check_torchvision("cifar-10")))
+register_dataset(DatasetSpec("cifar100", 100, 3, 32, *CIFAR100, _build_cifar("CIFAR100"),
+                             check=_check_torchvision("cifar-100")))
 register_dataset(DatasetSpec("svhn", 10, 3, 32, *SVHN, build_svhn, check=_check_torchvision("train_32x32.mat")))
-register_dataset(DatasetSpec("imagenet", 1000, 3, 224, *IMAGENET, _build_folder("imagenet", 224), check=_check_folder("imagenet")))
-register_dataset(DatasetSpec("tinyimagenet", 200, 3, 64, *IMAGENET, _build_folder("tinyimagenet", 64), check=_check_folder("tinyimagenet")))
+register_dataset(DatasetSpec("imagenet", 1000, 3, 224, *IMAGENET, _build_folder("imagenet", 224),
+                             check=_check_folder("imagenet")))
+register_dataset(DatasetSpec("tinyimagenet", 200, 3, 64, *IMAGENET, _build_folder("tinyimagenet", 64),
+                             check=_check_folder("tinyimagenet")))

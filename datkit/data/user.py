@@ -42,7 +42,8 @@ def call_user_data(key: str, path: str, kwargs: dict[str, Any]) -> tuple[Dataset
     try:
         out = fn(**kwargs)
     except Exception as err:
-        raise ConfigError(f"{key}={path!r}: calling it with data.kwargs={kwargs!r} failed: {type(err).__name__}: {err}") from None
+        raise ConfigError(f"{key}={path!r}: calling it with data.kwargs={kwargs!r} failed: "
+                          f"{type(err).__name__}: {err}") from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ConfigError(f"{key}={path!r} returned a {type(out).__name__}; expected a pair (train_set, test_set) of "
                           f"map-style datasets")
@@ -60,13 +61,14 @@ def _check_item(key: str, source: str, which: str, ds: Dataset, i: int, shape: t
                           f"y an int label")
     x, y = item[0], item[1]
     if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 3):
-        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+        got = (f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+               else f"a {type(x).__name__}")
         raise ConfigError(f"{where}: x is {got}; expected a float tensor C x H x W with values in [0, 1] "
                           f"(e.g. torchvision's ToTensor())")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0 or x.isnan().any():
-        raise ConfigError(f"{where}: x has values in [{lo:.4g}, {hi:.4g}]; expected [0, 1] (datkit normalizes inside the "
-                          f"model: give data.mean / data.std instead of normalizing the data)")
+        raise ConfigError(f"{where}: x has values in [{lo:.4g}, {hi:.4g}]; expected [0, 1] (datkit normalizes "
+                          f"inside the model: give data.mean / data.std instead of normalizing the data)")
     label_ok = (isinstance(y, int) and not isinstance(y, bool)) or (
         isinstance(y, torch.Tensor) and y.numel() == 1 and not y.is_floating_point() and not y.is_complex())
     if not label_ok:
@@ -91,8 +93,9 @@ def _num_classes(key: str, source: str, train: Dataset) -> int:
     else:
         n = int(labels.max()) + 1 if len(labels) else 0
     if n < 1 or int(labels.min()) < 0 or int(labels.max()) >= n:
-        raise ConfigError(f"{key}={source!r}: the training labels span [{int(labels.min())}, {int(labels.max())}]; expected "
-                          f"class indices 0 .. num_classes-1" + (f" with num_classes={n} (len of .classes)" if classes else ""))
+        raise ConfigError(f"{key}={source!r}: the training labels span [{int(labels.min())}, {int(labels.max())}]; "
+                          f"expected class indices 0 .. num_classes-1"
+                          + (f" with num_classes={n} (len of .classes)" if classes else ""))
     return n
 
 
@@ -114,6 +117,7 @@ def user_data_spec(key: str, source: str, train: Dataset, test: Dataset, mean: S
     s = tuple(float(v) for v in std) if std is not None else (1.0,)
     for name, values in (("data.mean", m), ("data.std", s)):
         if len(values) not in (1, channels):
-            raise ConfigError(f"{name}={list(values)!r} has {len(values)} values; the images have {channels} channel(s)")
+            raise ConfigError(f"{name}={list(values)!r} has {len(values)} values; "
+                              f"the images have {channels} channel(s)")
     return DatasetSpec(name=source, num_classes=_num_classes(key, source, train), in_channels=channels, image_size=size,
                        mean=m, std=s, build=lambda **_: (train, test))
