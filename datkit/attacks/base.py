@@ -132,7 +132,8 @@ class Attack(ABC):
     @staticmethod
     def _validate_inputs(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor with values in [0, 1], got {getattr(x, 'dtype', type(x))}")
+            raise ValueError("x must be a floating-point tensor with values in [0, 1], "
+                             f"got {getattr(x, 'dtype', type(x))}")
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch of shape (N, ...), got shape {tuple(x.shape)}")
         lo, hi = torch.aminmax(x.detach())

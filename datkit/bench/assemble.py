@@ -17,7 +17,8 @@ class ShapedRandom(TensorDataset):
 
     def __init__(self, n: int, channels: int, size: int, num_classes: int, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        super().__init__(torch.rand(n, channels, size, size, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+        super().__init__(torch.rand(n, channels, size, size, generator=g),
+                         torch.randint(0, num_classes, (n,), generator=g))
         self.classes = list(range(num_classes))
 
 

@@ -43,7 +43,8 @@ ROWS = [("ibp", "ibp", 1.0), ("ibp (warm-up)", "ibp", 0.5), ("crown-ibp (warm-up
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """Command-line options of ``ibp``; extra ``key=value`` items are datkit config overrides."""
     p = argparse.ArgumentParser(prog="python -m datkit.bench ibp", description="Time IBP and CROWN-IBP training steps "
-                                "against a clean training step of the same model and batch, alternating them in one process.")
+                                "against a clean training step of the same model and batch, "
+                                "alternating them in one process.")
     p.add_argument("--model", default="cnn_7layer_bn", help="datkit model name (default cnn_7layer_bn)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--data", default="mnist5k", help="dataset whose shape the random batch has (default mnist5k)")
@@ -62,7 +63,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 def build_trainer(method: str, args: argparse.Namespace, init_state: dict | None) -> Trainer:
     """A ``Trainer`` over a run built by ``build_run`` (random data of the dataset's shape; no results files)."""
     cfg = load_config(None, [f"model.name={args.model}", f"data.name={args.data}", f"train.batch_size={args.batch}",
-                             f"attack.eps={args.eps}", f"method.name={method}", "backend=torch", f"device={args.device}",
+                             f"attack.eps={args.eps}", f"method.name={method}", "backend=torch",
+                             f"device={args.device}",
                              "train.grad_clip=10", f"train.threads={args.threads or torch.get_num_threads()}",
                              *(["model.kwargs={width: 16, linear_size: 128}"] if args.model == "cnn_7layer_bn" else []),
                              *args.overrides])
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     init = copy.deepcopy(first.raw.state_dict())
     rows = [r for r in ROWS if not (args.no_crown and r[1] == "crown-ibp")]
     trainers = {"clean": build_trainer("clean", args, init)}
-    trainers.update({label: (first if label == "ibp" else build_trainer(method, args, init)) for label, method, _ in rows})
+    trainers.update({label: (first if label == "ibp" else build_trainer(method, args, init))
+                     for label, method, _ in rows})
     eps = {"clean": 0.0, **{label: frac * args.eps for label, _, frac in rows}}
     spec = DATASETS.get(first.cfg.data.name)
     g = torch.Generator().manual_seed(0)
@@ -107,8 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "ratio": statistics.median(v) / clean, "cpu_median_s": statistics.median(cpu[n]),
                     "cpu_ratio": statistics.median(cpu[n]) / clean_cpu} for n, v in times.items()}
     cfg = first.cfg
-    setup = {"model": cfg.model.name, "model_kwargs": dict(cfg.model.kwargs), "data_shape": [spec.in_channels, spec.image_size,
-             spec.image_size], "batch": args.batch, "eps_max": args.eps, "device": str(device),
+    setup = {"model": cfg.model.name, "model_kwargs": dict(cfg.model.kwargs),
+             "data_shape": [spec.in_channels, spec.image_size, spec.image_size], "batch": args.batch,
+             "eps_max": args.eps, "device": str(device),
              "threads": torch.get_num_threads(), "iters": args.iters, "warmup": args.warmup, "torch": torch.__version__}
     return {"setup": setup, "rows": res_rows, "target": TARGET,
             "reached": {n: r["ratio"] <= TARGET for n, r in res_rows.items() if n != "clean"}}
@@ -117,12 +121,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(res: dict[str, Any]) -> str:
     """A Markdown table of the steps and a ratio line per certified step."""
     s = res["setup"]
-    lines = [f"certified training step vs clean step: {s['model']} {s['model_kwargs']}, input {tuple(s['data_shape'])}, "
+    lines = [f"certified training step vs clean step: {s['model']} {s['model_kwargs']}, "
+             f"input {tuple(s['data_shape'])}, "
              f"batch {s['batch']}, eps_max {s['eps_max']:g}, {s['device']}, {s['threads']} thread(s), "
              f"{s['iters']} alternated rounds after {s['warmup']} warm-up", "",
-             "| step | eps | median (s/step) | min (s/step) | ratio to clean | CPU-time ratio |", "|---|---|---|---|---|---|"]
+             "| step | eps | median (s/step) | min (s/step) | ratio to clean | CPU-time ratio |",
+             "|---|---|---|---|---|---|"]
     for name, r in res["rows"].items():
-        lines.append(f"| {name} | {r['eps']:.3g} | {r['median_s']:.4f} | {r['min_s']:.4f} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} |")
+        lines.append(f"| {name} | {r['eps']:.3g} | {r['median_s']:.4f} | {r['min_s']:.4f} | {r['ratio']:.2f} "
+                     f"| {r['cpu_ratio']:.2f} |")
     lines.append("")
     for name, ok in res["reached"].items():
         lines.append(f"ratio {name}/clean (median): {res['rows'][name]['ratio']:.3f}  "

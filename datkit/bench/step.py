@@ -49,7 +49,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations of each side first (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="datkit device (default auto)")
-    p.add_argument("--data", default="random", choices=("random", "mnist5k"), help="random [0,1] tensors (default) or mnist5k")
+    p.add_argument("--data", default="random", choices=("random", "mnist5k"),
+                   help="random [0,1] tensors (default) or mnist5k")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra datkit config overrides")
     return p.parse_args(list(argv))
@@ -64,13 +65,13 @@ def build_datkit(args: argparse.Namespace) -> dict[str, Any]:
     a, t = cfg.attack, cfg.train
     if (cfg.method.name != "pgd" or a.norm != "linf" or not a.random_start or t.grad_accum != 1 or t.grad_clip > 0
             or cfg.data.augment_shift):
-        raise ValueError("bench step compares PGD-AT only: method.name=pgd, attack.norm=linf, attack.random_start=true, "
-                         "train.grad_accum=1, train.grad_clip=0, data.augment_shift=0")
+        raise ValueError("bench step compares PGD-AT only: method.name=pgd, attack.norm=linf, "
+                         "attack.random_start=true, train.grad_accum=1, train.grad_clip=0, data.augment_shift=0")
     backend = create_backend(cfg)
     run = bench_run(cfg, backend)
     trainer = Trainer(run)  # the timed step is the trainer's own ``train_step``, not a copy of it
-    return dict(cfg=cfg, backend=backend, model=run.model, raw=run.raw, optimizer=run.optimizer, scheduler=run.scheduler,
-                method=run.method, trainer=trainer, progress=float(t.epochs))
+    return dict(cfg=cfg, backend=backend, model=run.model, raw=run.raw, optimizer=run.optimizer,
+                scheduler=run.scheduler, method=run.method, trainer=trainer, progress=float(t.epochs))
 
 
 def datkit_step(d: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
@@ -144,13 +145,16 @@ def run(args: argparse.Namespace, d: dict[str, Any]) -> dict[str, Any]:
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     d["backend"].close()
-    stats = {k: {"median_s": statistics.median(v), "mean_s": statistics.fmean(v), "min_s": min(v), "times_s": v} for k, v in times.items()}
+    stats = {k: {"median_s": statistics.median(v), "mean_s": statistics.fmean(v), "min_s": min(v), "times_s": v}
+             for k, v in times.items()}
     ratio = stats["datkit"]["median_s"] / stats["plain"]["median_s"]
     paired = statistics.median(td / tp for td, tp in zip(times["datkit"], times["plain"]))  # same-round pairs
-    setup = {"model": cfg.model.name, "batch": args.batch, "pgd_steps": a.steps, "eps": eps, "alpha": alpha, "lam": cfg.method.lam,
-             "optimizer": type(d["optimizer"]).__name__, "device": str(device), "threads": torch.get_num_threads(),
+    setup = {"model": cfg.model.name, "batch": args.batch, "pgd_steps": a.steps, "eps": eps, "alpha": alpha,
+             "lam": cfg.method.lam, "optimizer": type(d["optimizer"]).__name__, "device": str(device),
+             "threads": torch.get_num_threads(),
              "iters": args.iters, "warmup": args.warmup, "data": args.data, "torch": torch.__version__}
-    return {"setup": setup, **stats, "ratio": ratio, "paired_ratio_median": paired, "target": TARGET, "reached": ratio <= TARGET}
+    return {"setup": setup, **stats, "ratio": ratio, "paired_ratio_median": paired, "target": TARGET,
+            "reached": ratio <= TARGET}
 
 
 def plain_step_seconds(iters: int = 8, warmup: int = 2, batch: int = 128, steps: int = 7) -> float:

@@ -23,7 +23,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m datkit.bench zero", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50", help="a datkit model name (default resnet50)")
     p.add_argument("--data", default="imagenet", help="data spec giving input shape and classes (default imagenet)")
-    p.add_argument("--image-size", type=int, default=32, help="side of the random input images (small: memory is the point)")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="side of the random input images (small: memory is the point)")
     p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2], help="ZeRO stages to measure")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (rank 0)")
     return p.parse_args(list(argv))
@@ -56,7 +57,8 @@ def measure(stage: int, args: argparse.Namespace) -> dict[str, Any]:
     y = torch.randint(0, spec.num_classes, (2,))
     be.backward(torch.nn.functional.cross_entropy(engine(x), y))
     be.step(optimizer)
-    out = {"stage": stage, "params": params, "world_size": be.world_size, "optimizer_state_bytes": state_bytes(optimizer)}
+    out = {"stage": stage, "params": params, "world_size": be.world_size,
+           "optimizer_state_bytes": state_bytes(optimizer)}
     del engine, optimizer, model
     be.engine = None
     gc.collect()
@@ -75,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if ds_comm.get_rank() == 0:
         base = next((r["optimizer_state_bytes"] for r in rows if r["stage"] == 0), None)
-        print(f"{args.model}: {rows[0]['params']:,} parameters, {rows[0]['world_size']} workers, Adam (client optimizer)\n")
+        print(f"{args.model}: {rows[0]['params']:,} parameters, {rows[0]['world_size']} workers, "
+              "Adam (client optimizer)\n")
         print("| ZeRO stage | optimizer state per worker (MB) | vs stage 0 |\n|---|---|---|")
         for r in rows:
             r["ratio_vs_stage0"] = None if not base else r["optimizer_state_bytes"] / base

@@ -24,7 +24,8 @@ def smoothing_config_errors(cfg) -> list[str]:
         errors.append(f"smoothing.n0={sm.n0} must be <= smoothing.n={sm.n} (n0 noise samples select the class, "
                       f"n estimate its probability)")
     if not 0.0 < sm.alpha < 1.0:
-        errors.append(f"smoothing.alpha={sm.alpha!r} must be in (0, 1) (the certificate's failure probability, e.g. 0.001)")
+        errors.append(f"smoothing.alpha={sm.alpha!r} must be in (0, 1) "
+                      "(the certificate's failure probability, e.g. 0.001)")
     at_least(errors, "smoothing.batch_size", sm.batch_size, 1)
     at_least(errors, "smoothing.num_samples", sm.num_samples, 0)
     radii = list(sm.radii)
@@ -61,7 +62,8 @@ def certified_method_errors(cfg) -> list[str]:
     """What a bound-propagation method needs besides valid ``bounds.*``: l_inf balls and an importable engine."""
     errors = []
     if cfg.attack.norm != "linf":
-        errors.append(f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} certifies l_inf balls only (use linf)")
+        errors.append(f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} certifies l_inf balls only "
+                      "(use linf)")
     if cfg.bounds.engine in ENGINES:
         try:
             require_engine(cfg.bounds.engine)

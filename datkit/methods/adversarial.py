@@ -38,7 +38,8 @@ class PGDTraining(_DATObjective):
     def training_attack(self, eps: float) -> Attack:
         a = self.cfg.attack
         alpha = a.alpha if a.alpha is not None else 2.5 * eps / a.steps
-        return PGD(eps=eps, alpha=max(alpha, 1e-12), steps=a.steps, random_start=a.random_start, norm=a.norm, eval_mode=a.eval_mode)
+        return PGD(eps=eps, alpha=max(alpha, 1e-12), steps=a.steps, random_start=a.random_start, norm=a.norm,
+                   eval_mode=a.eval_mode)
 
 
 @METHODS.register("fgsm")
@@ -47,7 +48,8 @@ class FGSMTraining(_DATObjective):
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
-        return [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} supports only linf"]
+        return [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} "
+                                                     "supports only linf"]
 
     def training_attack(self, eps: float) -> Attack:
         a = self.cfg.attack
@@ -62,7 +64,8 @@ class NoisyFGSMTraining(_DATObjective):
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
-        e = [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} supports only linf"]
+        e = [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} "
+                                                  "supports only linf"]
         if cfg.attack.noise_mult < 0:
             e.append(f"attack.noise_mult={cfg.attack.noise_mult!r} must be >= 0")
         return e

@@ -55,10 +55,11 @@ class Method(ABC):
 
     def training_attack(self, eps: float) -> Any:
         """The attack this method trains against at budget ``eps`` (a ``datkit.attacks.Attack``), or None (default:
-        the method has none). The catastrophic-overfitting check compares PGD with it (``datkit.engine.overfitting``)."""
+        the method has none). The catastrophic-overfitting check compares PGD with it
+        (``datkit.engine.overfitting``)."""
         return None
 
-    def prepare_model(self, model: nn.Module) -> None:
+    def prepare_model(self, model: nn.Module) -> None:  # noqa: B027  (a no-op default hook: overriding is optional)
         """Called once on the freshly built model, before it is wrapped for training (e.g. a special initialization)."""
 
     def eval_metrics(self) -> dict[str, Any]:

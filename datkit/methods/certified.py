@@ -95,7 +95,8 @@ class CertifiedTraining(Method):
         method = self.bound if eps > 0 else "ibp"  # at eps_t = 0 only the regularizers' IBP intervals are needed
         fused = method == "crown-ibp" and beta > 0 and b.loss_fusion  # one backward row for the loss (loss_fusion.py)
         bound = certified_fused_loss if fused else partial(certified_margins, method=method)
-        m = bound(b.engine, raw, x, y, max(eps, MIN_REG_EPS), beta=beta, batch_stats=stats, num_classes=self.num_classes)
+        m = bound(b.engine, raw, x, y, max(eps, MIN_REG_EPS), beta=beta, batch_stats=stats,
+                  num_classes=self.num_classes)
         loss = (m.loss if fused else robust_cross_entropy(m.lower)) if eps > 0 else F.cross_entropy(logits, y)
         return self.regularized(loss, m, eps)
 
@@ -109,7 +110,8 @@ class CertifiedTraining(Method):
     def eval_metrics(self) -> dict[str, VerifiedAccuracy]:
         eps = self.cfg.eval.eps if self.cfg.eval.eps is not None else self.cfg.attack.eps
         falsifier = pgd_falsifier(self.cfg.eval, eps)  # before full CROWN: drops what PGD breaks
-        return {"VA": VerifiedAccuracy(eps, self.cfg.bounds.verify, self.cfg.bounds.engine, self.num_classes, falsifier)}
+        return {"VA": VerifiedAccuracy(eps, self.cfg.bounds.verify, self.cfg.bounds.engine, self.num_classes,
+                                       falsifier)}
 
 
 @METHODS.register("ibp")

@@ -57,14 +57,16 @@ class _AttackedCertifiedTraining(CertifiedTraining):
         """PGD on the ``radius``-ball with the ``attack.*`` settings (the step rule of ``method.name=pgd``)."""
         a = self.cfg.attack
         alpha = a.alpha if a.alpha is not None else 2.5 * radius / a.steps
-        return PGD(eps=radius, alpha=max(alpha, 1e-12), steps=a.steps, random_start=a.random_start, eval_mode=a.eval_mode)
+        return PGD(eps=radius, alpha=max(alpha, 1e-12), steps=a.steps, random_start=a.random_start,
+                   eval_mode=a.eval_mode)
 
     def margins(self, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, stats: dict) -> Margins:
         """IBP margin bounds over the eps-box around ``x`` (``eps >= MIN_REG_EPS``), clean batch statistics."""
         return certified_margins(self.cfg.bounds.engine, raw, x, y, eps, "ibp", batch_stats=stats,
                                  num_classes=self.num_classes)
 
-    def clean_loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    def clean_loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   eps: float) -> torch.Tensor:
         """While ``eps_t = 0``: the clean cross-entropy, plus the regularizers on bounds at ``MIN_REG_EPS``."""
         with record_batch_stats(raw) as stats:
             logits = model(x)
@@ -84,7 +86,8 @@ class _ExpressiveLoss(_AttackedCertifiedTraining):
         _in_unit_interval(errors, "bounds.alpha", cfg.bounds.alpha, open_left=False)
         return errors
 
-    def combine(self, m_ibp: torch.Tensor | None, logits_adv: torch.Tensor | None, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    def combine(self, m_ibp: torch.Tensor | None, logits_adv: torch.Tensor | None, y: torch.Tensor,
+                alpha: float) -> torch.Tensor:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> torch.Tensor:

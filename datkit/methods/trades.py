@@ -40,7 +40,8 @@ class TRADESTraining(Method):
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
-        return [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} supports only linf"]
+        return [] if cfg.attack.norm == "linf" else [f"attack.norm={cfg.attack.norm!r}: method {cfg.method.name} "
+                                                     "supports only linf"]
 
     def loss(self, model: nn.Module, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, info: StepInfo) -> torch.Tensor:
         a = self.cfg.attack

@@ -19,7 +19,8 @@ from datkit.models.checks import two_stage_channels
 from datkit.models.registry import MODELS
 
 
-def _strided_cnn(name: str, num_classes: int, in_channels: int, image_size: int, channels: Sequence[int], hidden: int) -> nn.Sequential:
+def _strided_cnn(name: str, num_classes: int, in_channels: int, image_size: int, channels: Sequence[int],
+                 hidden: int) -> nn.Sequential:
     c1, c2 = two_stage_channels(name, image_size, channels)
     side = image_size // 4
     return nn.Sequential(

@@ -14,7 +14,8 @@ from torch import nn
 from datkit.models.registry import MODELS
 
 
-def _cnn7(num_classes: int, in_channels: int, image_size: int, width: int, linear_size: int, last_stride: int) -> nn.Sequential:
+def _cnn7(num_classes: int, in_channels: int, image_size: int, width: int, linear_size: int,
+          last_stride: int) -> nn.Sequential:
     w, w2 = int(width), 2 * int(width)
     side = (image_size + 1) // 2  # output side of the 3x3 / stride 2 / pad 1 conv
     if last_stride == 2:

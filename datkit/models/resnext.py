@@ -54,7 +54,8 @@ class ResNeXt(nn.Module):
             raise ValueError(f"ResNeXt: blocks must be 3 positive counts, got {tuple(blocks)}")
         if cardinality < 1 or bottleneck_width < 1 or stem_width < 1:
             raise ValueError("ResNeXt: cardinality, bottleneck_width and stem_width must be >= 1")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_width, 3, padding=1), nn.BatchNorm2d(stem_width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_width, 3, padding=1), nn.BatchNorm2d(stem_width),
+                                  nn.ReLU())
         layers, in_planes, width = [], stem_width, int(bottleneck_width)
         for n, stride in zip(blocks, (1, 2, 2)):
             for s in [stride] + [1] * (int(n) - 1):
@@ -63,8 +64,8 @@ class ResNeXt(nn.Module):
             width *= EXPANSION
         self.layers = nn.Sequential(*layers)
         side = stride2_side(stride2_side(image_size))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(in_planes * side * side, dense), nn.BatchNorm1d(dense), nn.ReLU(),
-                                  nn.Linear(dense, num_classes))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(in_planes * side * side, dense), nn.BatchNorm1d(dense),
+                                  nn.ReLU(), nn.Linear(dense, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.stem(x)))

@@ -82,7 +82,8 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     if torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, _BatchNorm) and not isinstance(module, (nn.SyncBatchNorm, GlobalBatchNorm)):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         if module.affine:

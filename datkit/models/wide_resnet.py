@@ -40,7 +40,8 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int, widen_factor: int, dropout: float, num_classes: int, in_channels: int) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(f"model 'wide_resnet': depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+            raise ValueError("model 'wide_resnet': depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), "
+                             f"got {depth}")
         if widen_factor < 1:
             raise ValueError(f"model 'wide_resnet': widen_factor must be >= 1, got {widen_factor}")
         if not 0.0 <= dropout < 1.0:

@@ -53,7 +53,8 @@ class WideResNetBN(nn.Module):
             raise ValueError(f"wide ResNet: blocks must be 3 positive counts, got {tuple(blocks)}")
         if widen_factor < 1:
             raise ValueError(f"wide ResNet: widen_factor must be >= 1, got {widen_factor}")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, base_width, 3, padding=1), nn.BatchNorm2d(base_width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, base_width, 3, padding=1), nn.BatchNorm2d(base_width),
+                                  nn.ReLU())
         layers, in_planes = [], base_width
         for i, (n, stride) in enumerate(zip(blocks, (1, 2, 2))):
             planes = base_width * widen_factor * 2 ** i
@@ -62,8 +63,8 @@ class WideResNetBN(nn.Module):
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         side = stride2_side(stride2_side(image_size))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(in_planes * side * side, dense), nn.BatchNorm1d(dense), nn.ReLU(),
-                                  nn.Linear(dense, num_classes))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(in_planes * side * side, dense), nn.BatchNorm1d(dense),
+                                  nn.ReLU(), nn.Linear(dense, num_classes))
         for m in self.modules():  # the authors' initialization (bounds.init=ibp replaces it)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

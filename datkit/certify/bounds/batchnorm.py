@@ -58,7 +58,8 @@ def record_batch_stats(model: nn.Module) -> Iterator[Stats]:
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         stats[module] = batch_mean_var(module, inputs[0])
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _BatchNorm) and uses_batch_stats(m)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, _BatchNorm) and uses_batch_stats(m)]
     try:
         yield stats
     finally:

@@ -104,7 +104,8 @@ class Rule:
     def ibp(self, step: Any, args: Sequence[Any], ctx: Any) -> Any:
         raise NotImplementedError
 
-    def backward(self, step: Any, A: torch.Tensor, ctx: Any) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor | None]:
+    def backward(self, step: Any, A: torch.Tensor,
+                 ctx: Any) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor | None]:
         """``([(input name, A_i), ...], bias of shape (batch, rows) or None)``."""
         raise UnsupportedLayer(f"{step.label}: no CROWN (backward) rule; only IBP is available for this layer")
 

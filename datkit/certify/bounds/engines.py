@@ -53,9 +53,11 @@ class FusedMargins:
 
 
 def certified_fused_loss(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
-                         beta: float = 1.0, batch_stats: dict | None = None, num_classes: int | None = None) -> FusedMargins:
+                         beta: float = 1.0, batch_stats: dict | None = None,
+                         num_classes: int | None = None) -> FusedMargins:
     """The loss-fusion bound of the robust cross-entropy (:func:`~.loss_fusion.fused_loss`); native engine only."""
     if engine != "native":
-        raise ValueError(f"bounds.loss_fusion=true needs bounds.engine=native (got {engine!r}): set bounds.loss_fusion=false")
+        raise ValueError(f"bounds.loss_fusion=true needs bounds.engine=native (got {engine!r}): "
+                         "set bounds.loss_fusion=false")
     res = fused_loss(model, x, y, eps, beta, batch_stats=batch_stats, num_classes=num_classes)
     return FusedMargins(res.loss, res.state.relu_inputs(), res.state.network_input())

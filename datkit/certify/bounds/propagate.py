@@ -100,7 +100,8 @@ def ibp_pass(model: nn.Module, graph: BoundGraph, box: Interval, C: torch.Tensor
         if step.name in fused:
             continue
         args = _resolve(step.args, state.values)
-        if step.name == graph.output_name and C is not None and isinstance(step.rule, LinearRule) and len(args[0].shape) == 2:
+        if (step.name == graph.output_name and C is not None and isinstance(step.rule, LinearRule)
+                and len(args[0].shape) == 2):
             state.output = step.rule.ibp_spec(step, args[0], C)
             state.values[step.name] = state.output
             return state
@@ -157,7 +158,8 @@ def backward_pass(state: BoundState, C: torch.Tensor, start: str | None = None) 
         if step.op == "placeholder":
             box = state.values[step.name]
             flat = A.flatten(2)
-            lower = (flat @ box.center.flatten(1).unsqueeze(-1)).squeeze(-1) - (flat.abs() @ box.radius.flatten(1).unsqueeze(-1)).squeeze(-1)
+            lower = ((flat @ box.center.flatten(1).unsqueeze(-1)).squeeze(-1)
+                     - (flat.abs() @ box.radius.flatten(1).unsqueeze(-1)).squeeze(-1))
             continue
         contributions, b = step.rule.backward(step, A, state)
         if b is not None:

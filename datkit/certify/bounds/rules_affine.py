@@ -23,14 +23,16 @@ def channel_affine_ibp(iv: Interval, scale: torch.Tensor, shift: torch.Tensor) -
     return Interval.from_center_radius(iv.center * s + t, iv.radius * s.abs())
 
 
-def channel_affine_backward(A: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_affine_backward(A: torch.Tensor, scale: torch.Tensor,
+                            shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``A @ (scale * h + shift) = (A * scale) @ h + bias``; ``A`` is ``(B, K, C, ...)``."""
     shape = (1, 1, -1) + (1,) * (A.dim() - 3)
     per_channel = A.flatten(3).sum(-1) if A.dim() > 3 else A
     return A * scale.reshape(shape), per_channel @ shift.reshape(-1).expand(per_channel.shape[-1])
 
 
-def folded(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def folded(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+           shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``scale * (W h + b) + shift`` (per output channel): a layer followed by a BatchNorm,
     bounded as one affine map, which saves the BatchNorm's element-wise passes over the activations."""
     w = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
@@ -97,11 +99,13 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     return tuple(m.padding)  # type: ignore[return-value]
 
 
-def transposed(A: torch.Tensor, weight: torch.Tensor, in_shape: torch.Size, stride, padding, dilation, groups: int) -> torch.Tensor:
+def transposed(A: torch.Tensor, weight: torch.Tensor, in_shape: torch.Size, stride, padding, dilation,
+               groups: int) -> torch.Tensor:
     """``A`` (B, K, C_out, H_out, W_out) through the transpose of ``conv2d(., weight)`` -> (B, K, *in_shape[1:])."""
     B, K = A.shape[:2]
     out_hw, k = A.shape[-2:], weight.shape[-2:]
-    extra = [in_shape[2 + i] - ((out_hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1) for i in range(2)]
+    extra = [in_shape[2 + i] - ((out_hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
+             for i in range(2)]
     out = F.conv_transpose2d(A.reshape(B * K, *A.shape[2:]), weight, None, stride, padding, extra, groups, dilation)
     return out.view(B, K, *in_shape[1:])
 
