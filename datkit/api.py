@@ -25,7 +25,7 @@ from datkit.config import load_config
 def _local_rank_from_argv(argv: Sequence[str]) -> None:
     """The deepspeed launcher appends ``--local_rank=N`` to the user's script: make it ``LOCAL_RANK`` if unset."""
     for i, a in enumerate(argv):
-        if a.startswith("--local_rank") or a.startswith("--local-rank"):
+        if a.startswith(("--local_rank", "--local-rank")):
             value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else None)
             if value is not None:
                 os.environ.setdefault("LOCAL_RANK", value)

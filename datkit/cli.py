@@ -28,7 +28,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
                 config, i = args[i + 1], i + 1
             else:
                 raise ConfigError("--config needs a file name")
-        elif a.startswith("--local_rank") or a.startswith("--local-rank"):
+        elif a.startswith(("--local_rank", "--local-rank")):
             if "=" in a:
                 value = a.split("=", 1)[1]
             elif i + 1 < len(args):

@@ -42,7 +42,8 @@ def _ensure_cwd_on_path() -> None:
 
 
 def load_object(path: str) -> Any:
-    """The object at ``MODULE:ATTRIBUTE`` (``ATTRIBUTE`` may be dotted), imported from ``sys.path`` + the working directory."""
+    """The object at ``MODULE:ATTRIBUTE`` (``ATTRIBUTE`` may be dotted), imported from ``sys.path`` + the working
+    directory."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise PluginError("not of the form MODULE:CALLABLE (e.g. mypkg.nets:make_net)")

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     return train(cfg, argv)
 
 
-def train(cfg, argv: Sequence[str] = (), *, model=None, train_set=None, test_set=None, exit_on_error: bool = True) -> dict:
+def train(cfg, argv: Sequence[str] = (), *, model=None, train_set=None, test_set=None,
+          exit_on_error: bool = True) -> dict:
     """Check ``cfg``, build the backend and the run, train; returns the final results record (``datkit.train`` and
     ``datkit.fit`` share this function). A bad configuration or plug-in is found before any worker trains: with
     ``exit_on_error`` the process ends with exit code 2 and one line naming the key (rank 0 prints it), otherwise the
@@ -98,8 +99,8 @@ def exit_now_under_a_launcher(exit_: SystemExit) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except OSError:  # a pipe to a launcher that is gone (a preemption signal killed it): exit with the code anyway
-                pass
+            except OSError:
+                pass  # a pipe to a launcher that is gone (a preemption signal killed it): exit with the code anyway
         os._exit(exit_.code)
 
 

@@ -41,8 +41,8 @@ def get_compressor(name: str, **options: Any) -> Compressor:
     except PluginError as err:
         raise ValueError(err.args[0]) from None
     if not (isinstance(cls, type) and issubclass(cls, Compressor)):
-        raise ValueError(f"'{name}' is a {getattr(cls, '__name__', type(cls).__name__)}, not a datkit.compress.Compressor "
-                         f"subclass")
+        raise ValueError(f"'{name}' is a {getattr(cls, '__name__', type(cls).__name__)}, "
+                         f"not a datkit.compress.Compressor subclass")
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     wrong = sorted(set(options) - accepted)
     if wrong:
@@ -87,6 +87,7 @@ def _changed_options(ccfg) -> dict[str, Any]:
     return out
 
 
-__all__ = ["compression_config_errors", "compressor_from_config", "COMPRESSORS", "ByteCounter", "Collectives", "Compressor", "CountingCollectives", "DDPCompressionHook",
+__all__ = ["compression_config_errors", "compressor_from_config", "COMPRESSORS", "ByteCounter", "Collectives",
+           "Compressor", "CountingCollectives", "DDPCompressionHook",
            "GradientBuckets", "allreduce_bytes", "compressor_options", "gather_state", "get_compressor", "pick_state",
            "register_ddp_hook"]

@@ -21,7 +21,8 @@ class Int8(Compressor):
     name = "int8"
     options = ("two_sided", "rounding", "block_size")
 
-    def __init__(self, two_sided: bool = False, rounding: str = "nearest", block_size: int = 256, seed: int = 0) -> None:
+    def __init__(self, two_sided: bool = False, rounding: str = "nearest", block_size: int = 256,
+                 seed: int = 0) -> None:
         super().__init__(seed=seed)
         if rounding not in ROUNDINGS:
             raise ValueError(f"int8: rounding must be one of {', '.join(ROUNDINGS)}, got '{rounding}'")

@@ -113,13 +113,15 @@ def validate_for_world(cfg, world_size: int) -> None:
     """Checks that depend on the number of workers (the global batch must split evenly)."""
     per = world_size * cfg.train.grad_accum
     if cfg.train.batch_size % per:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by world_size * train.grad_accum = "
-                          f"{world_size} * {cfg.train.grad_accum} = {per} (it is the global batch, split across workers)")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+                          f"world_size * train.grad_accum = {world_size} * {cfg.train.grad_accum} = {per} "
+                          "(it is the global batch, split across workers)")
     if cfg.semisup.enabled:
         g_u = round(cfg.semisup.unlabeled_fraction * cfg.train.batch_size)
         if g_u % world_size or g_u == 0 or g_u == cfg.train.batch_size:
             raise ConfigError(f"semisup.unlabeled_fraction={cfg.semisup.unlabeled_fraction} of train.batch_size="
-                              f"{cfg.train.batch_size} gives {g_u} pseudo-labeled and {cfg.train.batch_size - g_u} labeled "
+                              f"{cfg.train.batch_size} gives {g_u} pseudo-labeled and "
+                              f"{cfg.train.batch_size - g_u} labeled "
                               f"examples per global batch: both must be > 0 and divisible by world_size={world_size}")
     if cfg.eval.batch_size < world_size:
         raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be >= world_size={world_size}")

@@ -4,7 +4,8 @@ An epoch interrupted after step S resumes at step S+1 and finishes exactly as if
 starts at that step (the earlier batches are not read), and ``EpochProgress`` brings back the epoch's partial
 accumulators -- loss sum and counted steps, T and C seconds, bytes sent, non-finite skips of the epoch and in a
 row -- and, gathered to rank 0 and handed back to each rank, every rank's own loss sum and global RNG state (a
-model's own dropout draws from it; it is re-seeded only at epoch starts). Everything else per step is keyed by (seed, epoch, position)
+model's own dropout draws from it; it is re-seeded only at epoch starts). Everything else per step is keyed by
+(seed, epoch, position)
 (``datkit.randomness``) or lives in the optimizer / scheduler / compressor states the checkpoint has anyway.
 """
 from __future__ import annotations

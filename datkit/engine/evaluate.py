@@ -130,7 +130,8 @@ def evaluate_per_image(backend, model: nn.Module, dataset: Dataset, indices: Seq
             mine = {c: float(sums[slot[name, c]]) for c in _columns(entry)}
             summarize = getattr(entry, "summarize", None)
             out.update(summarize(mine, out[name], dict(out)) if summarize else {c: v / n for c, v in mine.items()})
-    per_image = {name: hits[k] > 0.5 for k, (name, entry) in enumerate(attacks.items()) if not isinstance(entry, Metric)}
+    per_image = {name: hits[k] > 0.5 for k, (name, entry) in enumerate(attacks.items())
+                 if not isinstance(entry, Metric)}
     return out, per_image
 
 

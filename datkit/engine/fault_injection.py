@@ -72,7 +72,8 @@ def maybe_hold(rank: int, epoch: int, step: int, stop_signal: Callable[[], int],
     """At ``DATKIT_TEST_HOLD_AT_STEP`` (a run that did not resume), wait until ``stop_signal()`` is non-zero."""
     if resumed or (rank, epoch, step) not in _points(HOLD_VAR):
         return
-    print(f"datkit-test: rank {rank} holds at epoch {epoch} step {step} until a stop signal", file=sys.stderr, flush=True)
+    print(f"datkit-test: rank {rank} holds at epoch {epoch} step {step} until a stop signal", file=sys.stderr,
+          flush=True)
     deadline = time.monotonic() + float(os.environ.get("DATKIT_TEST_HOLD_TIMEOUT_S", "300"))
     while not stop_signal() and time.monotonic() < deadline:
         time.sleep(0.05)

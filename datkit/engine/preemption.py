@@ -5,9 +5,10 @@ What a cluster sends before it takes the nodes back (Slurm: ``--signal=USR1@T`` 
 the worker -- the handler does nothing else (async-signal-safe). At the end of every step the workers exchange
 their flags in the step's existing collective (the non-finite guard's all-gather, one more float per worker; with
 ``train.nonfinite=ignore`` a 1-float all-gather of its own), so all of them stop after the same step even when only
-one was signalled; rank 0 writes a mid-epoch ``checkpoint_last.pt``, prints ::
+one was signalled; rank 0 writes a mid-epoch ``checkpoint_last.pt``, prints (one line) ::
 
-    datkit: got SIGUSR1 on rank R: checkpoint after epoch E step S written to PATH; exit 75 (requeue and resume with train.resume=true)
+    datkit: got SIGUSR1 on rank R: checkpoint after epoch E step S written to PATH;
+        exit 75 (requeue and resume with train.resume=true)
 
 and every worker exits with ``EXIT_PREEMPTED`` = 75 (``EX_TEMPFAIL``). The same command with
 ``train.resume=true`` continues at step S+1 of epoch E and ends with the uninterrupted run's weights.

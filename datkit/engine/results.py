@@ -23,7 +23,8 @@ OPTIONAL_COLUMNS = [("VA", "VA", "{:.4f}"), ("VE", "verified err", "{:.4f}"), ("
                     ("co_RA", "RA (train probe)", "{:.4f}"), ("co_own", "own attack (train probe)", "{:.4f}")]
 # The final evaluation in the DAT paper's Table 1 columns (AA, VA: when evaluated).
 FINAL_COLUMNS = [("TA", "TA", "{:.4f}"), ("RA", "RA", "{:.4f}"), ("AA", "AA", "{:.4f}"), ("VA", "VA", "{:.4f}"),
-                 ("C_s", "C (s)", "{:.1f}"), ("train_time_s", "T (s)", "{:.1f}"), ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
+                 ("C_s", "C (s)", "{:.1f}"), ("train_time_s", "T (s)", "{:.1f}"),
+                 ("bytes_per_iter", "bytes/iter", "{:,.0f}")]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -39,12 +40,14 @@ def cascade_table(final: dict[str, Any]) -> list[str]:
     if not stages:
         return []
     lines = ["", f"Verification cascade at eps={final.get('eps')} (each stage bounds only what the earlier ones left "
-             "unverified; seconds summed over workers):", "", "| stage | verified (added) | time (s) |", "|---|---|---|"]
+             "unverified; seconds summed over workers):", "", "| stage | verified (added) | time (s) |",
+             "|---|---|---|"]
     lines += [f"| {s} | +{final[f'VA_gain_{s}']:.4f} | {_fmt(final.get(f'VA_time_{s}_s'), '{:.2f}')} |" for s in stages]
     total = sum(final.get(f"VA_time_{s}_s") or 0.0 for s in stages)
     lines.append(f"| **VA** (all stages) | **{final['VA']:.4f}** | {total:.2f} |")
     if final.get("RA") is not None:
-        lines += [f"| RA (PGD) | {final['RA']:.4f} | |", f"| unresolved gap RA - VA | {_fmt(final.get('VA_gap'), '{:.4f}')} | |"]
+        lines += [f"| RA (PGD) | {final['RA']:.4f} | |",
+                  f"| unresolved gap RA - VA | {_fmt(final.get('VA_gap'), '{:.4f}')} | |"]
     return lines
 
 
@@ -57,20 +60,23 @@ def markdown_table(records: list[dict[str, Any]], final: dict[str, Any] | None =
         lines.append("| " + " | ".join(_fmt(r.get(k), s) for k, _, s in cols) + " |")
     if final:
         cols = [c for c in FINAL_COLUMNS if final.get(c[0]) is not None]
-        lines += ["", "Final evaluation:", "", "| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols),
+        lines += ["", "Final evaluation:", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
+                  "|" + "---|" * len(cols),
                   "| " + " | ".join(_fmt(final.get(k), f) for k, _, f in cols) + " |"]
         lines += cascade_table(final)
         if final.get("AA") is not None:
-            lines += ["", f"AA: standard AutoAttack (torchattacks) at eps={final.get('eps')} on n={final.get('n_aa')} test "
-                      f"examples ({final.get('n_aa_attacked')} PGD-robust ones attacked), {final.get('aa_s', 0):.1f} s."]
+            lines += ["", f"AA: standard AutoAttack (torchattacks) at eps={final.get('eps')} on n={final.get('n_aa')} "
+                      f"test examples ({final.get('n_aa_attacked')} PGD-robust ones attacked), "
+                      f"{final.get('aa_s', 0):.1f} s."]
         co = final.get("catastrophic_overfitting")
         if co:
-            lines += ["", f"**Catastrophic overfitting** detected after epoch {co['epoch']} on the training probe: {co['why']} "
-                      f"(eval.co_action={co['action']})."]
+            lines += ["", f"**Catastrophic overfitting** detected after epoch {co['epoch']} on the training probe: "
+                      f"{co['why']} (eval.co_action={co['action']})."]
         lines += ["", f"Final evaluation on {final.get('test_set', '?')} (n={final.get('n')}): "
                   f"**TA {final['TA']:.4f}**, "
                   + (f"**RA {final['RA']:.4f}** (PGD-{final.get('pgd_steps')}, eps={final.get('eps')}, "
-                     f"restarts={final.get('pgd_restarts')}); " if final.get("RA") is not None else "RA not evaluated; ")
+                     f"restarts={final.get('pgd_restarts')}); " if final.get("RA") is not None
+                     else "RA not evaluated; ")
                   + "".join(f"**{h} {final[k]:.4f}**; " for k, h, _ in OPTIONAL_COLUMNS if final.get(k) is not None) +
                   f"training time {final.get('train_time_s', 0):.1f} s, communication {final.get('C_s', 0):.2f} s, "
                   f"{final.get('world_size')} worker(s), backend {final.get('backend')}."]
@@ -93,7 +99,8 @@ class ResultsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=len(self.records) + 1 if self.records else None)
+            self._tb = SummaryWriter(os.path.join(output_dir, "tb"),
+                                     purge_step=len(self.records) + 1 if self.records else None)
 
     def add_epoch(self, record: dict[str, Any]) -> None:
         """Append one epoch: a line of ``metrics.jsonl`` and TensorBoard scalars."""
@@ -115,7 +122,8 @@ class ResultsWriter:
         os.replace(tmp, os.path.join(self.output_dir, "results.json"))
         table = markdown_table(self.records, final)
         with open(os.path.join(self.output_dir, "results.md"), "w") as f:
-            f.write(f"# Results: {self.config.get('method', {}).get('name')} on {self.config.get('data', {}).get('name')}\n\n{table}\n")
+            f.write(f"# Results: {self.config.get('method', {}).get('name')} "
+                    f"on {self.config.get('data', {}).get('name')}\n\n{table}\n")
         if self.plot and self.records:
             from .plots import plot_curves
 

@@ -103,14 +103,15 @@ def build_run(cfg, backend, *, model: nn.Module | None = None, train_set: Datase
     method.prepare_model(net)  # e.g. the IBP initialization of certified training
     if t.init_from and resume_from is None:  # fine-tuning (a resumed run gets its weights from its checkpoint)
         note = init_from_checkpoint(net, t.init_from, t.new_head, t.freeze_backbone,
-                                    run_model=f"{cfg.model.name} (kwargs {OmegaConf.to_container(cfg.model.kwargs)}) for "
-                                              f"{cfg.data.name} at {data.spec.image_size}x{data.spec.image_size}")
+                                    run_model=f"{cfg.model.name} (kwargs {OmegaConf.to_container(cfg.model.kwargs)}) "
+                                              f"for {cfg.data.name} at {data.spec.image_size}x{data.spec.image_size}")
         recipe_info["init_from"] = t.init_from
         if backend.is_main:
             print(f"datkit: {note}", flush=True)
     elif t.freeze_backbone:
         freeze_all_but_head(net)
-    if cfg.model.sync_bn and backend.world_size > 1:  # torch's SyncBatchNorm on CUDA, datkit's GlobalBatchNorm elsewhere
+    # torch's SyncBatchNorm on CUDA, datkit's GlobalBatchNorm elsewhere
+    if cfg.model.sync_bn and backend.world_size > 1:
         net = convert_sync_batchnorm(net, backend.device)
     optimizer = build_optimizer(cfg.optim, [p for p in net.parameters() if p.requires_grad], t.batch_size)
     wrapped, optimizer = backend.setup(net, optimizer)
@@ -152,6 +153,7 @@ def _train_teacher(cfg, backend, model: nn.Module, labeled: Dataset, test: Datas
     run = build_run(tcfg, backend, model=model, train_set=labeled, test_set=test)
     trainer = Trainer(run)
     trainer.train()
-    if backend.compressor is not None:  # the student starts with fresh error-feedback residuals, as a separate job would
+    # the student starts with fresh error-feedback residuals, as a separate job would
+    if backend.compressor is not None:
         backend.compressor.reset()
     return run.raw, trainer.records

@@ -32,8 +32,10 @@ PROG = "python -m datkit.netemu"
 def _common(p: argparse.ArgumentParser, hosts: bool = True) -> None:
     if hosts:
         p.add_argument("--hosts", type=int, required=True, help="number of emulated hosts (namespaces)")
-        p.add_argument("--rate", default="1gbit", help="link rate as tc writes it: 100mbit, 1gbit, 10gbit (default 1gbit)")
-    p.add_argument("--prefix", default="dkt", help="name prefix of the namespaces: <prefix>h0.., <prefix>sw (default dkt)")
+        p.add_argument("--rate", default="1gbit",
+                       help="link rate as tc writes it: 100mbit, 1gbit, 10gbit (default 1gbit)")
+    p.add_argument("--prefix", default="dkt",
+                   help="name prefix of the namespaces: <prefix>h0.., <prefix>sw (default dkt)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,8 +56,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--launcher", choices=LAUNCHERS, default=None,
                    help=f"which of the backend's launchers (default: its own, the first) -- {own}")
     r.add_argument("--workers-per-host", type=int, default=1, help="worker processes per host (default 1)")
-    r.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"rendezvous / master port on host 0 (default {DEFAULT_PORT})")
-    r.add_argument("--grace", type=float, default=60.0, help="after one host fails, seconds the others get to exit (default 60)")
+    r.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"rendezvous / master port on host 0 (default {DEFAULT_PORT})")
+    r.add_argument("--grace", type=float, default=60.0,
+                   help="after one host fails, seconds the others get to exit (default 60)")
     r.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds (exit 124)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="datkit.train overrides (after --)")
     slurm_cli.add_parser(sub)
@@ -84,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "up":
             up(topo)
             print(f"up: {', '.join(topo.namespaces())}; hosts {topo.addr(0)}..{topo.addr(topo.hosts - 1)} "
-                  f"on {topo.iface}, links {topo.rate} each way; run commands with 'ip netns exec {topo.host_ns(0)} ...'")
+                  f"on {topo.iface}, links {topo.rate} each way; "
+                  f"run commands with 'ip netns exec {topo.host_ns(0)} ...'")
             if args.probe and topo.hosts > 1:
                 print(f"probe {topo.host_ns(1)} -> {topo.host_ns(0)}: {measure_throughput(topo) / 1e6:.1f} Mbit/s")
             return 0
@@ -96,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = run_job(topo, args.backend, args.overrides, args.workers_per_host, port=args.port, grace=args.grace,
                      timeout=args.timeout, launcher=args.launcher)
         via = f" via {args.launcher}" if args.launcher else ""
-        print(f"netemu run: {args.backend}{via} on {topo.hosts} hosts x {args.workers_per_host} at {topo.rate}: exit {rc}; "
-              f"namespaces removed", file=sys.stderr)
+        print(f"netemu run: {args.backend}{via} on {topo.hosts} hosts x {args.workers_per_host} at {topo.rate}: "
+              f"exit {rc}; namespaces removed", file=sys.stderr)
         return rc
     except NetemuError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

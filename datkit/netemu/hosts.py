@@ -20,7 +20,8 @@ Names: ``ip netns exec`` bind-mounts ``/etc/netns/<ns>/hosts`` over ``/etc/hosts
 per host in which the machine's hostname (shared by every namespace) and ``<prefix>h<j>`` resolve to the
 host's own / host j's address, as on a cluster node. Without it the hostname resolves to 127.0.0.1 inside
 every host, and Horovod 0.28.1's process-set gloo context (which forgets ``HOROVOD_GLOO_IFACE`` and falls
-back to the hostname) advertises 127.0.0.1 to the other hosts and fails with "connect [127.0.0.1]". ``netem`` (delay, loss) is not
+back to the hostname) advertises 127.0.0.1 to the other hosts and fails with "connect [127.0.0.1]".
+``netem`` (delay, loss) is not
 available on these machines, so only bandwidth is emulated, not latency.
 """
 from __future__ import annotations
@@ -266,7 +267,8 @@ def check_reachable(topo: Topology, timeout: float = 10.0) -> None:
             "    if time.monotonic()>d: sys.exit('unreachable: '+sys.argv[1])\n"
             "    time.sleep(0.1)\n")
     server = ("import socket,sys\n"
-              "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('0.0.0.0',0)); s.listen(64)\n"
+              "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); "
+              "s.bind(('0.0.0.0',0)); s.listen(64)\n"
               "print(s.getsockname()[1],flush=True); n=int(sys.argv[1]); s.settimeout(float(sys.argv[2]))\n"
               "for _ in range(n): s.accept()[0].close()\n")
     srv = subprocess.Popen([*ns_exec(topo.host_ns(0)), sys.executable, "-c", server, str(topo.hosts - 1), str(timeout)],
@@ -275,7 +277,8 @@ def check_reachable(topo: Topology, timeout: float = 10.0) -> None:
         port = srv.stdout.readline().strip()
         if not port:
             raise NetemuError(f"reachability check: listener in {topo.host_ns(0)} did not start: {srv.stderr.read()}")
-        clients = [subprocess.Popen([*ns_exec(topo.host_ns(i)), sys.executable, "-c", code, topo.addr(0), str(timeout), port],
+        clients = [subprocess.Popen([*ns_exec(topo.host_ns(i)), sys.executable, "-c", code, topo.addr(0),
+                                     str(timeout), port],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for i in range(1, topo.hosts)]
         bad = [(i + 1, c.communicate()[1].strip()) for i, c in enumerate(clients) if c.wait() != 0]

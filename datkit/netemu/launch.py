@@ -200,7 +200,8 @@ def deepspeed_launch(spec: LaunchSpec) -> list[HostCommand]:
     hostfile = write_hostfile(spec)
     script = str(Path(datkit.__file__).resolve().parent / "train.py")
     return [HostCommand(i, [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-                            "--node_rank", str(i), "--num_nodes", str(t.hosts), "--num_gpus", str(spec.workers_per_host),
+                            "--node_rank", str(i), "--num_nodes", str(t.hosts),
+                            "--num_gpus", str(spec.workers_per_host),
                             "--master_addr", t.addr(0), "--master_port", str(spec.port),
                             script, "backend=deepspeed", *spec.overrides])
             for i in range(t.hosts)]

@@ -45,7 +45,8 @@ def measure_throughput(topo: Topology, src: int = 1, dst: int = 0, nbytes: int =
         port = recv.stdout.readline().strip()
         if not port:
             raise NetemuError(f"throughput probe: receiver did not start: {recv.stderr.read()}")
-        send = subprocess.run([*ns_exec(topo.host_ns(src)), sys.executable, "-c", _SEND, topo.addr(dst), port, str(nbytes)],
+        send = subprocess.run([*ns_exec(topo.host_ns(src)), sys.executable, "-c", _SEND, topo.addr(dst), port,
+                               str(nbytes)],
                               capture_output=True, text=True, timeout=timeout)
         out, err = recv.communicate(timeout=timeout)
         if send.returncode != 0 or recv.returncode != 0:

@@ -26,21 +26,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     u = acts.add_parser("up", help="create the hosts and start munge, slurmctld and one slurmd per host")
     u.add_argument("--hosts", type=int, required=True, help="number of nodes (emulated hosts)")
     u.add_argument("--rate", default="1gbit", help="link rate as tc writes it (default 1gbit)")
-    u.add_argument("--cpus", type=int, default=8, help="CPUs each node declares (default 8; more than the machine has is fine)")
-    u.add_argument("--gpus", type=int, default=8, help="GPUs each node declares for --gpus-per-node (stand-ins; default 8)")
+    u.add_argument("--cpus", type=int, default=8,
+                   help="CPUs each node declares (default 8; more than the machine has is fine)")
+    u.add_argument("--gpus", type=int, default=8,
+                   help="GPUs each node declares for --gpus-per-node (stand-ins; default 8)")
     u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every node to be idle (default 60)")
     acts.add_parser("down", help="stop the cluster, remove its hosts and files (idempotent)")
     e = acts.add_parser("exec", help="run a client command (sbatch, squeue, ...) against the cluster")
     e.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     acts.add_parser("env", help="print the shell lines that make this shell a client of the cluster")
     for a in acts.choices.values():
-        a.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"name prefix of the hosts/nodes (default {DEFAULT_PREFIX})")
+        a.add_argument("--prefix", default=DEFAULT_PREFIX,
+                       help=f"name prefix of the hosts/nodes (default {DEFAULT_PREFIX})")
 
 
 def usage(prefix: str) -> str:
     """How a shell submits to cluster ``prefix``."""
     return (f"export SLURM_CONF={conf_path(prefix)} PATH={state_dir(prefix) / 'bin'}:$PATH\n"
-            f"ip netns exec {prefix}h0 sbatch ...   # or: python -m datkit.netemu slurm exec --prefix {prefix} -- sbatch ...")
+            f"ip netns exec {prefix}h0 sbatch ...   "
+            f"# or: python -m datkit.netemu slurm exec --prefix {prefix} -- sbatch ...")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "down":
         S.require_tools()
         removed = S.down(args.prefix)
-        print(f"slurm down: removed {', '.join(removed)}" if removed else f"slurm down: nothing left of '{args.prefix}'")
+        print(f"slurm down: removed {', '.join(removed)}" if removed
+              else f"slurm down: nothing left of '{args.prefix}'")
         return 0
     if args.action == "env":
         print(usage(args.prefix))

@@ -16,7 +16,8 @@ Choices (no cgroups on these machines, fewer real CPUs than a cluster script ask
 - ``ProctrackType=proctrack/linuxproc`` (a step's processes are the descendants of its slurmstepd),
   ``TaskPlugin=task/none``, no accounting or job-accounting gathering;
 - ``SelectType=select/cons_tres`` over cores; every node declares ``cpus`` CPUs and ``gpus`` GPUs
-  (``Gres=gpu:<gpus>``; ``gres.conf`` points at stand-in device files, see :func:`gres_conf`), so ``--gpus-per-node`` lines are
+  (``Gres=gpu:<gpus>``; ``gres.conf`` points at stand-in device files, see :func:`gres_conf`), so
+  ``--gpus-per-node`` lines are
   accepted; ``SlurmdParameters=config_overrides`` makes slurmd accept more CPUs than the machine has;
 - ``SlurmUser``/``SlurmdUser`` root, munge authentication (one munged per machine: its socket is a file,
   reachable from every network namespace), ``JobRequeue=1``, an empty plug-in stack.
@@ -113,7 +114,8 @@ def gres_conf(topo: Topology, gpus: int) -> str:
 def write_conf(topo: Topology, cpus: int, gpus: int) -> Path:
     """Create the state folder's layout and configuration files; returns the path of ``slurm.conf``."""
     d = state_dir(topo.prefix)
-    for sub in ("ctld", "bin", *(f"nodes/{topo.host_ns(i)}/{sub}" for i in range(topo.hosts) for sub in ("spool", "tmp"))):
+    for sub in ("ctld", "bin",
+                *(f"nodes/{topo.host_ns(i)}/{sub}" for i in range(topo.hosts) for sub in ("spool", "tmp"))):
         (d / sub).mkdir(parents=True, exist_ok=True)
     (d / "gpus").mkdir(exist_ok=True)
     for k in range(gpus):

@@ -70,8 +70,9 @@ def optim_config_errors(cfg) -> list[str]:
     except (KeyError, PluginError):
         talks = False
     if talks and cfg.compression.name != "none":
-        e.append(f"compression.name={cfg.compression.name!r} with optim.name={cfg.optim.name}: this optimizer compresses "
-                 "its own momentum after optim.freeze_step (optim.onebit_block_size, optim.onebit_error_feedback); "
+        e.append(f"compression.name={cfg.compression.name!r} with optim.name={cfg.optim.name}: "
+                 "this optimizer compresses its own momentum after optim.freeze_step "
+                 "(optim.onebit_block_size, optim.onebit_error_feedback); "
                  "use compression.name=none")
     if talks and cfg.train.grad_clip > 0:
         e.append(f"train.grad_clip={cfg.train.grad_clip} with optim.name={cfg.optim.name}: this optimizer averages the "
@@ -120,7 +121,8 @@ def build_optimizer(optim_cfg, params: Iterable, global_batch: int) -> torch.opt
     except Exception as err:
         if not is_import_path(name):
             raise
-        raise ConfigError(f"optim.name={name!r}: calling it (params, lr, optim_cfg) failed: {type(err).__name__}: {err}") from None
+        raise ConfigError(f"optim.name={name!r}: calling it (params, lr, optim_cfg) failed: "
+                          f"{type(err).__name__}: {err}") from None
     if not isinstance(opt, torch.optim.Optimizer):
         raise ConfigError(f"optim.name={name!r} returned a {type(opt).__name__}, not a torch.optim.Optimizer")
     return opt

@@ -30,11 +30,11 @@ DeepSpeed client optimizer.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-ExcludeSpec = Union[str, Callable[[torch.Tensor], bool]]
+ExcludeSpec = str | Callable[[torch.Tensor], bool]
 EXCLUDE_CHOICES = ("bias_and_norm", "none")
 BASES = ("adam", "sgd")
 
@@ -80,7 +80,8 @@ class LALR(torch.optim.Optimizer):
         exclude: which tensors skip the trust ratio: ``"bias_and_norm"``, ``"none"`` or a callable.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, base: str = "adam", betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, base: str = "adam",
+                 betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
                  c_l: float = 0.0, c_u: float = 10.0, exclude: ExcludeSpec = "bias_and_norm") -> None:
         if base not in BASES:

@@ -147,7 +147,8 @@ class OnebitAdam(torch.optim.Optimizer):
                 self._warmup_step(params, group, t)
         return loss
 
-    def _reduce_flat(self, tensors: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    def _reduce_flat(self, tensors: list[torch.Tensor],
+                     reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         """``tensors`` concatenated into one flat vector, ``reduce``d over the workers, cut back into their shapes
         (views of the result)."""
         flat = reduce(torch.cat([t.reshape(-1) for t in tensors]))

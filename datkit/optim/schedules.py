@@ -49,7 +49,8 @@ def schedule_errors(s) -> list[str]:
     return e
 
 
-def build_scheduler(sched_cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(sched_cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over ``lr_multiplier`` (the ``schedule`` section is checked first: ``ConfigError`` naming the key)."""
     raise_errors(schedule_errors(sched_cfg))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(sched_cfg, steps_per_epoch, epochs))

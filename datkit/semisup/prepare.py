@@ -90,7 +90,8 @@ def semisup_training_set(cfg, backend, data: DataBundle, build_model: Callable[.
     """(training set, its batch sampler or None for the default one, report) of this run.
 
     ``build_model(cfg, spec)`` builds the teacher, ``train_teacher(cfg, backend, model, labeled, test) -> (trained
-    model, per-epoch records)`` trains it (``datkit.engine.run``: a ``Trainer`` run of method ``clean``). Runs under ``torch.random.fork_rng``: the caller's random
+    model, per-epoch records)`` trains it (``datkit.engine.run``: a ``Trainer`` run of method ``clean``).
+    Runs under ``torch.random.fork_rng``: the caller's random
     state (the student's initialization) is the same as in a run without a teacher.
     """
     ss = cfg.semisup
@@ -113,7 +114,8 @@ def semisup_training_set(cfg, backend, data: DataBundle, build_model: Callable[.
         teacher, report = _teacher(cfg, backend, data, teacher, train_teacher)
         pseudo = pseudo_label(backend, teacher, unlabeled, cfg.eval.batch_size)
         idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)
-        report["teacher_TA"] = evaluate_accuracy(backend, teacher, data.test, idx, cfg.eval.batch_size, {"TA": None})["TA"]
+        report["teacher_TA"] = evaluate_accuracy(backend, teacher, data.test, idx, cfg.eval.batch_size,
+                                                 {"TA": None})["TA"]
     truth = dataset_labels(unlabeled)
     report.update(num_labeled=len(data.train), num_unlabeled=len(unlabeled), unlabeled_fraction=ss.unlabeled_fraction,
                   pseudo_label_acc=float((pseudo == truth).double().mean()))
@@ -121,6 +123,7 @@ def semisup_training_set(cfg, backend, data: DataBundle, build_model: Callable[.
                                 backend.rank, backend.world_size, seed=cfg.train.seed)
     if backend.is_main:
         print(f"datkit: semi-supervised: teacher {report['teacher']} (TA {report['teacher_TA']:.4f}); "
-              f"{len(unlabeled)} pseudo-labels ({report['pseudo_label_acc']:.2%} agree with the held-back true labels) + "
-              f"{len(data.train)} labeled; {sampler.g_u} of every {cfg.train.batch_size} examples pseudo-labeled", flush=True)
+              f"{len(unlabeled)} pseudo-labels ({report['pseudo_label_acc']:.2%} agree with the held-back true "
+              f"labels) + {len(data.train)} labeled; {sampler.g_u} of every {cfg.train.batch_size} examples "
+              f"pseudo-labeled", flush=True)
     return _combined(data.train, unlabeled, pseudo), sampler, report
