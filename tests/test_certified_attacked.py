@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import assert_same_weights, load_checkpoint, one_thread
 
 from datkit.attacks import PGD
 from datkit.certify.bounds import margin_bounds
@@ -17,6 +16,7 @@ from datkit.methods import StepInfo, create_method
 from datkit.methods.certified import robust_cross_entropy
 from datkit.models import create_model
 from datkit.preflight import validate_config
+from helpers.runs import assert_same_weights, load_checkpoint, one_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,7 +135,7 @@ def test_limits_train_the_same_weights(case: str, ibp_run: Path, pgd_run: Path, 
 
 
 # Runs that the Horovod and DeepSpeed tests compare with the torch backend (2 workers each, in the launches of
-# test_onebit_optim.torch_onebit, test_horovod.hvd_runs and test_deepspeed.zero_runs): weights within 1e-5 after ONE
+# conftest.torch_onebit, test_horovod.hvd_runs and test_deepspeed.zero_runs): weights within 1e-5 after ONE
 # step. Later steps attack slightly different weights (the backends sum gradients in different orders), and PGD's
 # sign steps turn a 1e-8 difference into a different adversarial pixel: 2e-4 after 3 steps on Horovod.
 _CERTIFIED = ["model.kwargs.hidden=32", "attack.eps=0.05", "eval.eps=0.05", "attack.steps=2", "bounds.eps_start=0",

@@ -17,12 +17,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_certified_attacked import CROSS_BACKEND
+from test_onebit_optim import ONEBIT
+
 from helpers.collective_checks import read_results
 from helpers.ports import reserve_port
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 from helpers.wire import wire_records
-from test_certified_attacked import CROSS_BACKEND
-from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]'; the dev extra has it)")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]

@@ -20,11 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.collective_checks import read_results
-from helpers.runs import (NO_HOROVOD, REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint,
-                          no_horovod_mpi, run_python)
 from test_certified_attacked import CROSS_BACKEND
-from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
 # The same assertions as for the torch backend, collected here on this module's ``checks`` fixture.
 from test_compress_dist import (  # noqa: F401
@@ -36,7 +32,21 @@ from test_compress_dist import (  # noqa: F401
     test_stochastic_int8_is_unbiased,
     test_two_sided_is_one_sided_plus_the_server_quantization,
 )
+from test_onebit_optim import ONEBIT
 
+from helpers.collective_checks import read_results
+from helpers.runs import (
+    NO_HOROVOD,
+    REPO,
+    TINY,
+    assert_same_weights,
+    child_env,
+    describe,
+    installed,
+    load_checkpoint,
+    no_horovod_mpi,
+    run_python,
+)
 
 HAVE_HOROVOD = installed("horovod.torch")
 NO_HOROVOD_MPI = no_horovod_mpi()
