@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.runs import describe, run_python
 
 from datkit.bench.comm import VARIANTS, loopback_bytes
+from helpers.runs import describe, run_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

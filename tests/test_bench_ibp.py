@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import child_env, one_thread
 
 from datkit.bench import ibp
 from datkit.methods.certified import CROWNIBPTraining, IBPTraining
+from helpers.runs import child_env, one_thread
 
 RATIO = re.compile(r"^ratio (.+)/clean \(median\): (\d+\.\d+)\s+\(target <= 2\.5: (reached|NOT reached)\)$", re.M)
 

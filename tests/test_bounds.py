@@ -20,13 +20,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import one_thread
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from datkit.certify import crown_ibp_bounds, ibp_bounds
 from datkit.certify.bounds import UnsupportedLayer, clean_batch_stats, margin_bounds, spec_matrix, supported_layers
 from datkit.models import Normalize, NormalizedModel
+from helpers.runs import one_thread
 
 TOL = 1e-4  # float32 rounding of a few hundred multiply-adds, relative to O(1) outputs
 CLASSES = 5

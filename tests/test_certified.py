@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import one_thread, train_inprocess
 from torch import nn
 
-from datkit.certify.bounds import Interval, bound_state, margin_bounds, spec_matrix
+from datkit.certify.bounds import Interval, bound_state, spec_matrix
 from datkit.certify.ibp_init import ibp_init, ibp_init_std
 from datkit.certify.regularizers import relu_balance_loss, tightness_loss, warmup_regularizer
 from datkit.certify.schedules import eps_schedule, smoothed_fraction
 from datkit.config import ConfigError, load_config
-from datkit.preflight import validate_config
 from datkit.methods import StepInfo, create_method
 from datkit.methods.certified import VerifiedAccuracy, robust_cross_entropy
 from datkit.models import create_model
+from datkit.preflight import validate_config
+from helpers.runs import one_thread, train_inprocess
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,7 +33,7 @@ def _one_thread():
 
 @pytest.mark.parametrize("name", ["linear", "smoothed"])
 def test_schedule_endpoints_and_monotone(name: str) -> None:
-    eps = [eps_schedule(name, 0.4, 2.0, 10.0, t / 10) for t in range(0, 150)]
+    eps = [eps_schedule(name, 0.4, 2.0, 10.0, t / 10) for t in range(150)]
     assert all(e == 0.0 for e in eps[:21]), "eps must be 0 for the first `start` epochs"
     assert eps[120] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4)
     assert all(b >= a - 1e-12 for a, b in zip(eps, eps[1:]))
@@ -182,9 +182,8 @@ def test_crown_ibp_mixes_with_beta_and_is_ibp_after_the_ramp() -> None:
     against bounds computed without datkit's engine (``tests/helpers/bounds_reference.py``,
     itself checked against an LP in ``tests/test_bounds.py``), on a ReLU network where CROWN-IBP and IBP differ:
     CROWN-IBP returning IBP's bounds, or a wrong mixing weight, fails here."""
-    from helpers import bounds_reference as ref
-
     from datkit.models import Normalize, NormalizedModel
+    from helpers import bounds_reference as ref
 
     _, m, _, x, y = _setup("crown-ibp", "bounds.reg_lambda=0", "bounds.loss_fusion=false")  # the margin form
     _, mi, *_ = _setup("ibp", "bounds.reg_lambda=0")

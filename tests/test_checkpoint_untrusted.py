@@ -13,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
-from helpers.runs import TINY, describe, one_thread, run_python
 
 from datkit import checkpoint as ckpt
+from helpers.runs import TINY, describe, one_thread, run_python
 
 FAST = ["train.max_steps=1", "train.epochs=1", "eval.num_samples=10", "eval.final_num_samples=10"]
 SEMI = ["data.num_labeled=100", "semisup.enabled=true"]

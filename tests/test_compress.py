@@ -7,8 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datkit.compress import (COMPRESSORS, ByteCounter, CountingCollectives, GradientBuckets, allreduce_bytes,
-                             compressor_from_config, get_compressor)
+from datkit.compress import (
+    COMPRESSORS,
+    ByteCounter,
+    CountingCollectives,
+    GradientBuckets,
+    allreduce_bytes,
+    compressor_from_config,
+    get_compressor,
+)
 from datkit.compress.onebit import pack_signs, unpack_signs
 from datkit.config import ConfigError, load_config
 from datkit.preflight import validate_config

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

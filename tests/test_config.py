@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.runs import REPO, describe, run_python
 from omegaconf import OmegaConf
 
 from datkit.backends import BACKEND_CHOICES
 from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world
-from datkit.preflight import validate_config
 from datkit.data import DATASETS
 from datkit.methods import METHODS
 from datkit.models import MODELS
 from datkit.optim import OPTIMIZERS, SCHEDULES
+from datkit.preflight import validate_config
+from helpers.runs import REPO, describe, run_python
 
 
 def _load_error(*overrides: str, config: str | None = None) -> str:

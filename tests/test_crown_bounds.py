@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.bounds_reference import backsubstitute, ibp_layers
-from helpers.runs import one_thread
 from test_bounds import Residual, ViewFlatten, pgd_extremes, sample_points
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -22,6 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from datkit.certify import crown_bounds, crown_ibp_bounds
 from datkit.certify.bounds import spec_matrix, verified
 from datkit.models import Normalize, NormalizedModel
+from helpers.bounds_reference import backsubstitute, ibp_layers
+from helpers.runs import one_thread
 
 CLASSES = 4
 TOL = 1e-9  # float64

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from helpers.collective_checks import read_results
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
@@ -119,7 +120,7 @@ def test_torch_backend_collectives(nproc: int, tmp_path: Path) -> None:
                       timeout=240, DATKIT_TEST_BACKEND="torch", DATKIT_TEST_WORLD=str(nproc))
     assert proc.returncode == 0, describe(proc)
     results = read_results(tmp_path, nproc)
-    assert results == {r: "ok" for r in range(nproc)}, f"collectives failed: {results}"
+    assert results == dict.fromkeys(range(nproc), "ok"), f"collectives failed: {results}"
 
 
 def test_torch_backend_single_process_collectives_are_noops() -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import assert_same_weights, describe, load_checkpoint, one_thread, run_python
 from torch import nn
 
 from datkit.models import create_model
 from datkit.models.sync_batchnorm import GlobalBatchNorm, convert_sync_batchnorm
+from helpers.runs import assert_same_weights, describe, load_checkpoint, one_thread, run_python
 
 # A tiny CNN-7 with BatchNorm; eps at its maximum from the first step (no warm-up, no regularizer: plain
 # IBP / CROWN-IBP with beta from the ramp), SGD as in test_distributed (Adam turns rounding noise in

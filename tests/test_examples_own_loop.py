@@ -13,19 +13,17 @@ from __future__ import annotations
 import ast
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from datkit.compress import COMPRESSORS, DDPCompressionHook, allreduce_bytes, register_ddp_hook
 from helpers.ports import reserve_port
 from helpers.runs import REPO, describe, run_python
-
-from datkit.compress import COMPRESSORS, DDPCompressionHook, allreduce_bytes, register_ddp_hook
-
 
 # --- register_ddp_hook in one process ---------------------------------------------------------------
 

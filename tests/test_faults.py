@@ -19,10 +19,11 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+
 from helpers.launch_watch import process_tree, session_pids, watch_launch
 from helpers.ports import reserve_port
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
@@ -197,7 +198,7 @@ def test_sigkill_of_one_of_3_workers_names_it_and_every_survivor_exits_3(backend
     assert out.exited_at - hit[0] < 120 and not out.left_over, out.describe()
     survivors = sorted({0, 1, 2} - {killed})
     # every survivor's own exit code is 3; the killed worker wrote none (SIGKILL)
-    assert exit_codes(codes) == {r: 3 for r in survivors}, out.describe()
+    assert exit_codes(codes) == dict.fromkeys(survivors, 3), out.describe()
     # every survivor names the killed rank, by its pid: "its process is gone" (a survivor that looks after another
     # survivor already stopped may name that one too: from outside, an exit is an exit)
     named = {int(m.group(3)) for _, line in out.lines

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import TINY, describe, load_checkpoint, run_python, train_inprocess
 
 from datkit.config import ConfigError, load_config
 from datkit.preflight import validate_config
+from helpers.runs import TINY, describe, load_checkpoint, run_python, train_inprocess
 
 RUN = ["train.epochs=2", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.05", "schedule.name=constant"]
 

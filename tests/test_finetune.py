@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import load_checkpoint, train_inprocess
 
 from datkit.checkpoint import atomic_save
 from datkit.config import ConfigError, load_config, validate_for_training
-from datkit.preflight import validate_config
 from datkit.data import build_data, resize_images
 from datkit.engine.transfer import init_from_checkpoint, last_linear
 from datkit.models import create_model
+from datkit.preflight import validate_config
+from helpers.runs import load_checkpoint, train_inprocess
 
 RUN = ["train.epochs=1", "train.max_steps=2"]
 

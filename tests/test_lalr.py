@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from datkit.config import ConfigError, load_config
-from datkit.preflight import validate_config
 from datkit.optim import LALR, build_optimizer
+from datkit.preflight import validate_config
 
 
 def _param(values, grad) -> torch.nn.Parameter:

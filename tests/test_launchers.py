@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers.runs import REPO, TINY, child_env, describe
 
 SCRIPTS = sorted((REPO / "launchers").glob("*.sh")) + sorted((REPO / "launchers").glob("*.sbatch"))

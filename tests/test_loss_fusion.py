@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import one_thread
 from test_bounds import every_layer_net, frozen_copy, sample_points, trained_mlp
 from torch import nn
 
@@ -28,6 +27,7 @@ from datkit.methods import StepInfo, create_method
 from datkit.methods.certified import robust_cross_entropy
 from datkit.models import Normalize, NormalizedModel, create_model
 from datkit.preflight import validate_config
+from helpers.runs import one_thread
 
 TOL = 2e-5
 

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import load_checkpoint, one_thread, train_inprocess
 
 from datkit.config import load_config
 from datkit.methods import METHODS, StepInfo, create_method
 from datkit.models import create_model
 from datkit.optim import OPTIMIZERS, build_optimizer
+from helpers.runs import load_checkpoint, one_thread, train_inprocess
 
 METHOD_NAMES = METHODS.names()
 OPTIMIZER_NAMES = OPTIMIZERS.names()

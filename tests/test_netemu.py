@@ -27,13 +27,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.runs import (REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint, no_horovod_mpi,
-                          run_python)
 
 from datkit.netemu import hosts as H
 from datkit.netemu.hosts import NEEDS, NetemuError, Topology, available, down, existing_namespaces, up
 from datkit.netemu.launch import LaunchSpec, host_commands, write_ssh_shim
 from datkit.netemu.probe import measure_throughput
+from helpers.runs import (
+    REPO,
+    TINY,
+    assert_same_weights,
+    child_env,
+    describe,
+    installed,
+    load_checkpoint,
+    no_horovod_mpi,
+    run_python,
+)
 
 REASON = available()
 needs_netns = pytest.mark.skipif(REASON is not None, reason=REASON or NEEDS)

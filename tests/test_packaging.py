@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+
 from helpers.runs import REPO, TINY, describe, load_checkpoint, run_python
 
 

@@ -7,11 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers.runs import train_inprocess
 
 from datkit.backends.comm_timer import CommTimer
 from datkit.backends.select import detect_backend
 from datkit.engine.results import markdown_table
+from helpers.runs import train_inprocess
 
 HEADER = "| epoch | loss | TA | RA | RA (train probe) | own attack (train probe) | C (s) | T (s) | bytes/iter |"
 PLAIN_HEADER = "| epoch | loss | TA | RA | C (s) | T (s) | bytes/iter |"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import assert_same_weights, load_checkpoint, train_inprocess
 
 from datkit import checkpoint as ckpt
 from datkit.engine import Trainer
+from helpers.runs import assert_same_weights, load_checkpoint, train_inprocess
 
 # 2 steps per epoch keeps 4 epochs fast; eval every epoch.
 RUN = ["train.max_steps=2", "train.batch_size=32", "train.checkpoint_every=1"]

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
 from datkit.backends.base import Backend
 from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world
-from datkit.preflight import validate_config
 from datkit.data import MixedBatchSampler, balanced_split
+from datkit.preflight import validate_config
 from datkit.semisup import pseudo_label
+from helpers.runs import TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
 SEMI = ["data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2", "train.epochs=1", "train.max_steps=3"]
 

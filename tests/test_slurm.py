@@ -21,13 +21,21 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.ports import reserve_port
-from helpers.runs import (REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint,
-                          no_horovod_mpi)
 
 from datkit.netemu import slurm as S
 from datkit.netemu.hosts import NEEDS, NetemuError, Topology, existing_namespaces, ns_pids
 from datkit.netemu.slurm_conf import state_dir
+from helpers.ports import reserve_port
+from helpers.runs import (
+    REPO,
+    TINY,
+    assert_same_weights,
+    child_env,
+    describe,
+    installed,
+    load_checkpoint,
+    no_horovod_mpi,
+)
 
 REASON = S.slurm_available()
 needs_slurm = pytest.mark.skipif(REASON is not None, reason=REASON or NEEDS)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import describe, one_thread, run_python, train_inprocess
 
 from datkit.certify import __main__ as certify_main
 from datkit.certify.smoothing_report import COLUMNS, certified_accuracy, summary, update_results_json
 from datkit.certify.smoothing_run import certify
 from datkit.config import ConfigError, load_config
 from datkit.preflight import validate_config
+from helpers.runs import describe, one_thread, run_python, train_inprocess
 
 SIGMA = 0.5  # the training sigma; certification inherits it
 FAST = ["smoothing.n0=20", "smoothing.n=300", "smoothing.batch_size=150", "log.progress=false"]
