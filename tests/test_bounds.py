@@ -85,7 +85,7 @@ def frozen_copy(model: nn.Module, x: torch.Tensor) -> nn.Module:
     function that train-mode bounds bound (BatchNorm fixed by the clean batch)."""
     stats = clean_batch_stats(model, x)
     frozen = copy.deepcopy(model).eval()
-    for (name, m), (_, f) in zip(model.named_modules(), frozen.named_modules()):
+    for (_name, m), (_, f) in zip(model.named_modules(), frozen.named_modules()):
         if m in stats:
             f.running_mean.data.copy_(stats[m][0].detach())
             f.running_var.data.copy_(stats[m][1].detach())

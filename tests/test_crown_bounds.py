@@ -117,7 +117,8 @@ def dense_layers(net: nn.Module, pieces: list[nn.Module], in_shape: tuple[int, .
     for piece in pieces:
         z = torch.zeros(1, *shape, dtype=torch.float64)
         out = piece(z)
-        J = torch.autograd.functional.jacobian(lambda t: piece(t.view(1, *shape)).flatten(), z.flatten())
+        J = torch.autograd.functional.jacobian(lambda t, piece=piece, shape=shape: piece(t.view(1, *shape)).flatten(),
+                                               z.flatten())
         layers.append((J.detach().numpy(), out.detach().flatten().numpy()))
         shape = tuple(out.shape[1:])
     return layers

@@ -87,7 +87,7 @@ def test_results_md(run: tuple[Path, dict]) -> None:
     assert HEADER in text
     lines = text.splitlines()
     i = lines.index(HEADER)
-    rows = [line for line in lines[i + 2: lines.index("", i)]]
+    rows = list(lines[i + 2: lines.index("", i)])
     assert [row.split("|")[1].strip() for row in rows] == [str(e) for e in range(1, EPOCHS + 1)]
     assert f"TA {final['TA']:.4f}" in text and f"RA {final['RA']:.4f}" in text
     final_header = "| TA | RA | AA | C (s) | T (s) | bytes/iter |"
