@@ -185,7 +185,8 @@ def test_single_linear_layer_bounds_are_exact() -> None:
             exact_lo = torch.stack([fn(lo_vertex[:, k].view(3, 1, 7, 1))[:, k] for k in range(W.shape[1])], 1)
             exact_hi = torch.stack([fn(hi_vertex[:, k].view(3, 1, 7, 1))[:, k] for k in range(W.shape[1])], 1)
             spec = None if rows.shape[1] == 4 and torch.equal(rows, torch.eye(4).expand(3, 4, 4)) else rows
-            for name, (lb, ub) in {"IBP": ibp_bounds(model, x, eps, spec), "CROWN-IBP": crown_ibp_bounds(model, x, eps, spec)}.items():
+            for name, (lb, ub) in {"IBP": ibp_bounds(model, x, eps, spec),
+                                   "CROWN-IBP": crown_ibp_bounds(model, x, eps, spec)}.items():
                 torch.testing.assert_close(lb, exact_lo, rtol=0, atol=1e-5, msg=f"{name}: lower bound not exact")
                 torch.testing.assert_close(ub, exact_hi, rtol=0, atol=1e-5, msg=f"{name}: upper bound not exact")
     assert W_eff.shape == (3, 3, 7)

@@ -58,7 +58,8 @@ def test_ibp_init_std_last_layer_and_residual_halving() -> None:
     model = create_model("wide_resnet_8", 10, 3, 16, widen_factor=2)
     last = model.net.head[-1].weight.detach().clone()
     changed = ibp_init(model)
-    assert "net.head.4" not in changed and torch.equal(model.net.head[-1].weight, last), "the classifier must keep its init"
+    assert ("net.head.4" not in changed
+            and torch.equal(model.net.head[-1].weight, last)), "the classifier must keep its init"
     conv = model.net.layers[0].conv2  # its input is a ReLU of a conv branch: plain IBP init
     assert conv.weight.std().item() == pytest.approx(ibp_init_std(conv), rel=0.1)
     # the first conv of block 2 reads relu(block-1 sum): halved; so is that block's shortcut conv
@@ -255,9 +256,12 @@ def test_auto_lirpa_engine_says_it_is_not_installed() -> None:
         create_method(cfg)
 
 
-@pytest.mark.parametrize("override, key", [("bounds.engine=lirpa", "bounds.engine"), ("bounds.eps_schedule=cosine", "bounds.eps_schedule"),
-                                           ("bounds.init=xavier", "bounds.init"), ("bounds.reg_lambda=-1", "bounds.reg_lambda"),
-                                           ("bounds.reg_terms=[std]", "bounds.reg_terms"), ("bounds.verify=[ibp,lp]", "bounds.verify"),
+@pytest.mark.parametrize("override, key", [("bounds.engine=lirpa", "bounds.engine"),
+                                           ("bounds.eps_schedule=cosine", "bounds.eps_schedule"),
+                                           ("bounds.init=xavier", "bounds.init"),
+                                           ("bounds.reg_lambda=-1", "bounds.reg_lambda"),
+                                           ("bounds.reg_terms=[std]", "bounds.reg_terms"),
+                                           ("bounds.verify=[ibp,lp]", "bounds.verify"),
                                            ("bounds.eps_length=-2", "bounds.eps_length")])
 def test_bad_bounds_values_are_named(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

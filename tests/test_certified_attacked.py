@@ -88,18 +88,21 @@ def test_sabr_bounds_a_small_box_inside_the_eps_box() -> None:
 
 # --- whole runs: the limits are the methods they generalize ------------------------------------------------
 
-RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "log.progress=false", "log.tensorboard=false", "log.plot=false",
-       "data.name=digits", "model.name=cnn_7layer_bn", "model.kwargs.width=4", "model.kwargs.linear_size=16",
-       "attack.eps=0.05", "eval.eps=0.05", "attack.steps=2", "bounds.eps_schedule=linear", "bounds.eps_start=0",
-       "bounds.eps_length=1", "bounds.reg_lambda=0.5", "train.epochs=1", "train.max_steps=3", "train.grad_clip=10",
+RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "log.progress=false", "log.tensorboard=false",
+       "log.plot=false", "data.name=digits", "model.name=cnn_7layer_bn", "model.kwargs.width=4",
+       "model.kwargs.linear_size=16", "attack.eps=0.05", "eval.eps=0.05", "attack.steps=2",
+       "bounds.eps_schedule=linear", "bounds.eps_start=0", "bounds.eps_length=1", "bounds.reg_lambda=0.5",
+       "train.epochs=1", "train.max_steps=3", "train.grad_clip=10",
        "eval.num_samples=20", "eval.final_num_samples=20", "eval.pgd_steps=2",
        "optim.name=sgd", "optim.lr=0.05"]  # SGD: Adam turns rounding noise in near-zero gradients into lr-sized steps
 LIMITS = {  # (method run, the run it must equal)
     "mtl-ibp alpha=1 == ibp": (["method.name=mtl-ibp", "bounds.alpha=1"], ["method.name=ibp"]),
     "cc-ibp alpha=1 == ibp": (["method.name=cc-ibp", "bounds.alpha=1"], ["method.name=ibp"]),
     "sabr lambda=1 == ibp": (["method.name=sabr", "bounds.lambda_box=1"], ["method.name=ibp"]),
-    **{f"{m} alpha=0 == pgd lam=0": ([f"method.name={m}", "bounds.alpha=0", "bounds.init=default", "bounds.reg_lambda=0"],
-                                     ["method.name=pgd", "method.lam=0", "attack.eps_warmup_epochs=1"]) for m in ("mtl-ibp", "cc-ibp")},
+    **{f"{m} alpha=0 == pgd lam=0": ([f"method.name={m}", "bounds.alpha=0", "bounds.init=default",
+                                      "bounds.reg_lambda=0"],
+                                     ["method.name=pgd", "method.lam=0", "attack.eps_warmup_epochs=1"])
+       for m in ("mtl-ibp", "cc-ibp")},
 }
 
 

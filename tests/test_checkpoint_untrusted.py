@@ -264,7 +264,8 @@ def test_optimizer_state_must_fit(tmp_path: Path) -> None:
     opt_b = torch.optim.Adam(b.parameters())
     b(torch.ones(1, 4)).sum().backward()
     opt_b.step()
-    with pytest.raises(ckpt.CheckpointError, match=r"'exp_avg' of parameter 0 has shape \(2, 4\), the parameter \(2, 3\)"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"'exp_avg' of parameter 0 has shape \(2, 4\), the parameter \(2, 3\)"):
         ckpt.load_optimizer_state(torch.optim.Adam(a.parameters()), opt_b.state_dict(), "train.resume", "x.pt")
     with pytest.raises(ckpt.CheckpointError, match=r"parameter groups of sizes \[1\], this run's optimizer \[2\]"):
         ckpt.load_optimizer_state(torch.optim.Adam(a.parameters()), torch.optim.Adam([a.bias]).state_dict(),

@@ -213,5 +213,6 @@ def test_config_builds_the_compressor_with_its_options() -> None:
                              "compression.block_size=128"])
     validate_config(cfg)
     comp = compressor_from_config(cfg.compression, seed=5)
-    assert (comp.name, comp.two_sided, comp.rounding, comp.block_size, comp.seed) == ("int8", True, "stochastic", 128, 5)
+    assert ((comp.name, comp.two_sided, comp.rounding, comp.block_size, comp.seed)
+            == ("int8", True, "stochastic", 128, 5))
     assert compressor_from_config(load_config(None, []).compression) is None

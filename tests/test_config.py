@@ -285,7 +285,8 @@ def test_cli_bad_value_exits_2_before_training(tmp_path: Path) -> None:
     ref = run_python(["-c", "import datkit.train"], cwd=tmp_path, timeout=180)
     startup = time.monotonic() - start
     assert ref.returncode == 0, describe(ref)
-    assert elapsed < 3 * startup + 15, f"took {elapsed:.1f} s to reject the config (importing datkit.train: {startup:.1f} s)"
+    assert elapsed < 3 * startup + 15, (f"took {elapsed:.1f} s to reject the config "
+                                        f"(importing datkit.train: {startup:.1f} s)")
 
 
 @pytest.mark.slow

@@ -95,7 +95,8 @@ def test_crown_is_sound_and_no_looser_than_crown_ibp_for_every_layer(kind: str) 
     with torch.no_grad():
         bounds = {"logits": (crown_bounds(net, x, eps), crown_ibp_bounds(net, x, eps)),
                   "margins": (crown_bounds(net, x, eps, C), crown_ibp_bounds(net, x, eps, C))}
-    points = sample_points(x, eps, 20) + pgd_extremes(net, x, eps, CLASSES, steps=5) + pgd_extremes(margin, x, eps, CLASSES - 1, steps=5)
+    points = (sample_points(x, eps, 20) + pgd_extremes(net, x, eps, CLASSES, steps=5)
+              + pgd_extremes(margin, x, eps, CLASSES - 1, steps=5))
     for what, ((lb, ub), (lb_ci, ub_ci)) in bounds.items():
         assert (lb >= lb_ci - TOL).all() and (ub <= ub_ci + TOL).all(), f"{kind}: looser than CROWN-IBP ({what})"
         for z in points:
@@ -111,7 +112,8 @@ def test_crown_is_sound_and_no_looser_than_crown_ibp_for_every_layer(kind: str) 
 
 # --- the independent reference ---------------------------------------------------------------------
 
-def dense_layers(net: nn.Module, pieces: list[nn.Module], in_shape: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+def dense_layers(net: nn.Module, pieces: list[nn.Module],
+                 in_shape: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each affine piece as a dense ``(W, b)`` (its Jacobian at 0 and its value at 0); ReLU between pieces."""
     layers, shape = [], in_shape
     for piece in pieces:
@@ -130,7 +132,8 @@ def reference_crown(layers, lo: np.ndarray, hi: np.ndarray, C: np.ndarray) -> np
     pre = []
     for k, (l_ibp, u_ibp) in enumerate(ibp):
         eye = np.eye(len(l_ibp))
-        l_cr, u_cr = backsubstitute(layers[: k + 1], pre, eye, lo, hi), -backsubstitute(layers[: k + 1], pre, -eye, lo, hi)
+        l_cr, u_cr = (backsubstitute(layers[: k + 1], pre, eye, lo, hi),
+                      -backsubstitute(layers[: k + 1], pre, -eye, lo, hi))
         pre.append((np.maximum(l_ibp, l_cr), np.minimum(u_ibp, u_cr)))
     return np.maximum(backsubstitute(layers, pre, C, lo, hi), backsubstitute(layers, ibp, C, lo, hi))
 

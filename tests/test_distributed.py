@@ -51,7 +51,8 @@ def one_worker_accumulating(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_two_workers_match_one_worker_with_the_same_global_batch(ddp: str, one_worker: dict,
                                                                  one_worker_accumulating: dict, tmp_path: Path) -> None:
     out2 = tmp_path / "two"
-    proc = _torchrun(2, ["-m", "datkit.train", *TINY, *STEPS, f"dist.ddp={ddp}", f"train.output_dir={out2}"], cwd=tmp_path)
+    proc = _torchrun(2, ["-m", "datkit.train", *TINY, *STEPS, f"dist.ddp={ddp}", f"train.output_dir={out2}"],
+                     cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "world_size=2" in proc.stdout, describe(proc)
 

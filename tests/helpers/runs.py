@@ -84,7 +84,8 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_python(args: Sequence[str], cwd: str | os.PathLike, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+def run_python(args: Sequence[str], cwd: str | os.PathLike, timeout: float = 240,
+               **env: str) -> subprocess.CompletedProcess:
     """``sys.executable *args`` in ``cwd``; stdout/stderr captured as text."""
     return subprocess.run([sys.executable, *args], cwd=str(cwd), env=child_env(**env), capture_output=True,
                           text=True, timeout=timeout)
