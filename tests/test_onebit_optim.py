@@ -1,4 +1,5 @@
-"""1-bit Adam / 1-bit LAMB (``datkit.optim.onebit``) and the communicating-optimizer seam (``datkit.optim.communicating``).
+"""1-bit Adam / 1-bit LAMB (``datkit.optim.onebit``) and the communicating-optimizer seam
+(``datkit.optim.communicating``).
 
 In-process: the warm-up is exactly ``torch.optim.Adam`` (1-bit LAMB: exactly LALR), the variance freezes at
 ``freeze_step``, a fractional ``freeze_step`` resolves against the run, bad settings fail at start-up.
@@ -135,7 +136,8 @@ def test_bytes_after_the_warm_up_are_the_codecs_and_match_the_wire(torch_onebit:
     ckpt = load_checkpoint(torch_onebit / "ddp")
     first, compressed = (r["bytes_per_iter"] for r in ckpt["records"])
     fp32, onebit = _fp32_allreduce_bytes(ckpt["model"]), _onebit_bytes(ckpt["model"])
-    assert first == pytest.approx((2 * fp32 + onebit) / 3, rel=1e-9)  # 2 float32 allreduces of the gradients, 1 codec step
+    # 2 float32 allreduces of the gradients, 1 codec step
+    assert first == pytest.approx((2 * fp32 + onebit) / 3, rel=1e-9)
     assert compressed == pytest.approx(onebit, rel=1e-9)
     assert compressed <= 0.04 * fp32, compressed / fp32
     recs = [r for r in wire_records(torch_onebit) if r["run"] == "ddp" and r["epoch"] == 2]
