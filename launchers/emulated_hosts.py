@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from datkit.netemu.cli import main  # noqa: E402
+from datkit.netemu.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,9 +30,9 @@ def _one_thread():
 
 def test_step_cli_prints_parseable_ratio(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "datkit.bench", "step", "--iters", "3", "--warmup", "1", "--batch", "16",
-                           "--steps", "2", "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
-                          env=ONE_THREAD)
+    proc = subprocess.run([sys.executable, "-m", "datkit.bench", "step", "--iters", "3", "--warmup", "1",
+                           "--batch", "16", "--steps", "2", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     m = RATIO.search(proc.stdout)
     assert m, proc.stdout

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.runs import describe, run_python
 
 from datkit.bench.comm import VARIANTS, loopback_bytes
+from helpers.runs import describe, run_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -24,8 +24,8 @@ def test_every_variant_has_a_target() -> None:
 @pytest.mark.skipif(loopback_bytes() is None, reason="needs Linux's /proc/net/dev with a loopback interface")
 def test_bench_comm_reports_bytes_matching_the_wire(tmp_path: Path) -> None:
     out = tmp_path / "comm.json"
-    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.bench", "comm",
-                       "--numel", "2000000", "--iters", "2", "--json", str(out)], cwd=tmp_path, timeout=280)
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.bench",
+                       "comm", "--numel", "2000000", "--iters", "2", "--json", str(out)], cwd=tmp_path, timeout=280)
     assert proc.returncode == 0, describe(proc)
     assert "| compressor | bytes/iter" in proc.stdout
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import child_env, one_thread
 
 from datkit.bench import ibp
 from datkit.methods.certified import CROWNIBPTraining, IBPTraining
+from helpers.runs import child_env, one_thread
 
 RATIO = re.compile(r"^ratio (.+)/clean \(median\): (\d+\.\d+)\s+\(target <= 2\.5: (reached|NOT reached)\)$", re.M)
 
@@ -37,7 +37,8 @@ def test_ibp_cli_prints_parseable_ratios(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     assert set(res["rows"]) == {"clean", "ibp", "ibp (warm-up)", "crown-ibp (warm-up)"}
     assert all(len(r["times_s"]) == 2 for r in res["rows"].values())
-    assert res["rows"]["ibp"]["eps"] == pytest.approx(0.3) and res["rows"]["crown-ibp (warm-up)"]["eps"] == pytest.approx(0.15)
+    assert (res["rows"]["ibp"]["eps"] == pytest.approx(0.3)
+            and res["rows"]["crown-ibp (warm-up)"]["eps"] == pytest.approx(0.15))
     assert abs(res["rows"]["ibp"]["ratio"] - found["ibp"][0]) < 1e-3
     assert res["setup"]["batch"] == 8 and res["setup"]["threads"] == 1
 

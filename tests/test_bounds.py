@@ -20,13 +20,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import one_thread
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from datkit.certify import crown_ibp_bounds, ibp_bounds
 from datkit.certify.bounds import UnsupportedLayer, clean_batch_stats, margin_bounds, spec_matrix, supported_layers
 from datkit.models import Normalize, NormalizedModel
+from helpers.runs import one_thread
 
 TOL = 1e-4  # float32 rounding of a few hundred multiply-adds, relative to O(1) outputs
 CLASSES = 5
@@ -85,7 +85,7 @@ def frozen_copy(model: nn.Module, x: torch.Tensor) -> nn.Module:
     function that train-mode bounds bound (BatchNorm fixed by the clean batch)."""
     stats = clean_batch_stats(model, x)
     frozen = copy.deepcopy(model).eval()
-    for (name, m), (_, f) in zip(model.named_modules(), frozen.named_modules()):
+    for (_name, m), (_, f) in zip(model.named_modules(), frozen.named_modules()):
         if m in stats:
             f.running_mean.data.copy_(stats[m][0].detach())
             f.running_var.data.copy_(stats[m][1].detach())
@@ -185,7 +185,8 @@ def test_single_linear_layer_bounds_are_exact() -> None:
             exact_lo = torch.stack([fn(lo_vertex[:, k].view(3, 1, 7, 1))[:, k] for k in range(W.shape[1])], 1)
             exact_hi = torch.stack([fn(hi_vertex[:, k].view(3, 1, 7, 1))[:, k] for k in range(W.shape[1])], 1)
             spec = None if rows.shape[1] == 4 and torch.equal(rows, torch.eye(4).expand(3, 4, 4)) else rows
-            for name, (lb, ub) in {"IBP": ibp_bounds(model, x, eps, spec), "CROWN-IBP": crown_ibp_bounds(model, x, eps, spec)}.items():
+            for name, (lb, ub) in {"IBP": ibp_bounds(model, x, eps, spec),
+                                   "CROWN-IBP": crown_ibp_bounds(model, x, eps, spec)}.items():
                 torch.testing.assert_close(lb, exact_lo, rtol=0, atol=1e-5, msg=f"{name}: lower bound not exact")
                 torch.testing.assert_close(ub, exact_hi, rtol=0, atol=1e-5, msg=f"{name}: upper bound not exact")
     assert W_eff.shape == (3, 3, 7)

@@ -16,7 +16,6 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import one_thread
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -26,6 +25,7 @@ from datkit.certify.cascade import STAGES, VerifiedAccuracy, run_cascade, stage_
 from datkit.config import ConfigError, load_config
 from datkit.models import Normalize, NormalizedModel
 from datkit.preflight import validate_config
+from helpers.runs import one_thread
 
 EPS = 0.05  # here IBP verifies 9 of 64, CROWN-IBP 53, CROWN 60
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import one_thread, train_inprocess
 from torch import nn
 
-from datkit.certify.bounds import Interval, bound_state, margin_bounds, spec_matrix
+from datkit.certify.bounds import Interval, bound_state, spec_matrix
 from datkit.certify.ibp_init import ibp_init, ibp_init_std
 from datkit.certify.regularizers import relu_balance_loss, tightness_loss, warmup_regularizer
 from datkit.certify.schedules import eps_schedule, smoothed_fraction
 from datkit.config import ConfigError, load_config
-from datkit.preflight import validate_config
 from datkit.methods import StepInfo, create_method
 from datkit.methods.certified import VerifiedAccuracy, robust_cross_entropy
 from datkit.models import create_model
+from datkit.preflight import validate_config
+from helpers.runs import one_thread, train_inprocess
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,7 +33,7 @@ def _one_thread():
 
 @pytest.mark.parametrize("name", ["linear", "smoothed"])
 def test_schedule_endpoints_and_monotone(name: str) -> None:
-    eps = [eps_schedule(name, 0.4, 2.0, 10.0, t / 10) for t in range(0, 150)]
+    eps = [eps_schedule(name, 0.4, 2.0, 10.0, t / 10) for t in range(150)]
     assert all(e == 0.0 for e in eps[:21]), "eps must be 0 for the first `start` epochs"
     assert eps[120] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4)
     assert all(b >= a - 1e-12 for a, b in zip(eps, eps[1:]))
@@ -58,7 +58,8 @@ def test_ibp_init_std_last_layer_and_residual_halving() -> None:
     model = create_model("wide_resnet_8", 10, 3, 16, widen_factor=2)
     last = model.net.head[-1].weight.detach().clone()
     changed = ibp_init(model)
-    assert "net.head.4" not in changed and torch.equal(model.net.head[-1].weight, last), "the classifier must keep its init"
+    assert ("net.head.4" not in changed
+            and torch.equal(model.net.head[-1].weight, last)), "the classifier must keep its init"
     conv = model.net.layers[0].conv2  # its input is a ReLU of a conv branch: plain IBP init
     assert conv.weight.std().item() == pytest.approx(ibp_init_std(conv), rel=0.1)
     # the first conv of block 2 reads relu(block-1 sum): halved; so is that block's shortcut conv
@@ -182,9 +183,8 @@ def test_crown_ibp_mixes_with_beta_and_is_ibp_after_the_ramp() -> None:
     against bounds computed without datkit's engine (``tests/helpers/bounds_reference.py``,
     itself checked against an LP in ``tests/test_bounds.py``), on a ReLU network where CROWN-IBP and IBP differ:
     CROWN-IBP returning IBP's bounds, or a wrong mixing weight, fails here."""
-    from helpers import bounds_reference as ref
-
     from datkit.models import Normalize, NormalizedModel
+    from helpers import bounds_reference as ref
 
     _, m, _, x, y = _setup("crown-ibp", "bounds.reg_lambda=0", "bounds.loss_fusion=false")  # the margin form
     _, mi, *_ = _setup("ibp", "bounds.reg_lambda=0")
@@ -256,9 +256,12 @@ def test_auto_lirpa_engine_says_it_is_not_installed() -> None:
         create_method(cfg)
 
 
-@pytest.mark.parametrize("override, key", [("bounds.engine=lirpa", "bounds.engine"), ("bounds.eps_schedule=cosine", "bounds.eps_schedule"),
-                                           ("bounds.init=xavier", "bounds.init"), ("bounds.reg_lambda=-1", "bounds.reg_lambda"),
-                                           ("bounds.reg_terms=[std]", "bounds.reg_terms"), ("bounds.verify=[ibp,lp]", "bounds.verify"),
+@pytest.mark.parametrize("override, key", [("bounds.engine=lirpa", "bounds.engine"),
+                                           ("bounds.eps_schedule=cosine", "bounds.eps_schedule"),
+                                           ("bounds.init=xavier", "bounds.init"),
+                                           ("bounds.reg_lambda=-1", "bounds.reg_lambda"),
+                                           ("bounds.reg_terms=[std]", "bounds.reg_terms"),
+                                           ("bounds.verify=[ibp,lp]", "bounds.verify"),
                                            ("bounds.eps_length=-2", "bounds.eps_length")])
 def test_bad_bounds_values_are_named(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

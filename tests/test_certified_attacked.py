@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import assert_same_weights, load_checkpoint, one_thread
 
 from datkit.attacks import PGD
 from datkit.certify.bounds import margin_bounds
@@ -17,6 +16,7 @@ from datkit.methods import StepInfo, create_method
 from datkit.methods.certified import robust_cross_entropy
 from datkit.models import create_model
 from datkit.preflight import validate_config
+from helpers.runs import assert_same_weights, load_checkpoint, one_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,18 +88,21 @@ def test_sabr_bounds_a_small_box_inside_the_eps_box() -> None:
 
 # --- whole runs: the limits are the methods they generalize ------------------------------------------------
 
-RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "log.progress=false", "log.tensorboard=false", "log.plot=false",
-       "data.name=digits", "model.name=cnn_7layer_bn", "model.kwargs.width=4", "model.kwargs.linear_size=16",
-       "attack.eps=0.05", "eval.eps=0.05", "attack.steps=2", "bounds.eps_schedule=linear", "bounds.eps_start=0",
-       "bounds.eps_length=1", "bounds.reg_lambda=0.5", "train.epochs=1", "train.max_steps=3", "train.grad_clip=10",
+RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "log.progress=false", "log.tensorboard=false",
+       "log.plot=false", "data.name=digits", "model.name=cnn_7layer_bn", "model.kwargs.width=4",
+       "model.kwargs.linear_size=16", "attack.eps=0.05", "eval.eps=0.05", "attack.steps=2",
+       "bounds.eps_schedule=linear", "bounds.eps_start=0", "bounds.eps_length=1", "bounds.reg_lambda=0.5",
+       "train.epochs=1", "train.max_steps=3", "train.grad_clip=10",
        "eval.num_samples=20", "eval.final_num_samples=20", "eval.pgd_steps=2",
        "optim.name=sgd", "optim.lr=0.05"]  # SGD: Adam turns rounding noise in near-zero gradients into lr-sized steps
 LIMITS = {  # (method run, the run it must equal)
     "mtl-ibp alpha=1 == ibp": (["method.name=mtl-ibp", "bounds.alpha=1"], ["method.name=ibp"]),
     "cc-ibp alpha=1 == ibp": (["method.name=cc-ibp", "bounds.alpha=1"], ["method.name=ibp"]),
     "sabr lambda=1 == ibp": (["method.name=sabr", "bounds.lambda_box=1"], ["method.name=ibp"]),
-    **{f"{m} alpha=0 == pgd lam=0": ([f"method.name={m}", "bounds.alpha=0", "bounds.init=default", "bounds.reg_lambda=0"],
-                                     ["method.name=pgd", "method.lam=0", "attack.eps_warmup_epochs=1"]) for m in ("mtl-ibp", "cc-ibp")},
+    **{f"{m} alpha=0 == pgd lam=0": ([f"method.name={m}", "bounds.alpha=0", "bounds.init=default",
+                                      "bounds.reg_lambda=0"],
+                                     ["method.name=pgd", "method.lam=0", "attack.eps_warmup_epochs=1"])
+       for m in ("mtl-ibp", "cc-ibp")},
 }
 
 
@@ -135,7 +138,7 @@ def test_limits_train_the_same_weights(case: str, ibp_run: Path, pgd_run: Path, 
 
 
 # Runs that the Horovod and DeepSpeed tests compare with the torch backend (2 workers each, in the launches of
-# test_onebit_optim.torch_onebit, test_horovod.hvd_runs and test_deepspeed.zero_runs): weights within 1e-5 after ONE
+# conftest.torch_onebit, test_horovod.hvd_runs and test_deepspeed.zero_runs): weights within 1e-5 after ONE
 # step. Later steps attack slightly different weights (the backends sum gradients in different orders), and PGD's
 # sign steps turn a 1e-8 difference into a different adversarial pixel: 2e-4 after 3 steps on Horovod.
 _CERTIFIED = ["model.kwargs.hidden=32", "attack.eps=0.05", "eval.eps=0.05", "attack.steps=2", "bounds.eps_start=0",

@@ -13,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
-from helpers.runs import TINY, describe, one_thread, run_python
 
 from datkit import checkpoint as ckpt
+from helpers.runs import TINY, describe, one_thread, run_python
 
 FAST = ["train.max_steps=1", "train.epochs=1", "eval.num_samples=10", "eval.final_num_samples=10"]
 SEMI = ["data.num_labeled=100", "semisup.enabled=true"]
@@ -264,7 +264,8 @@ def test_optimizer_state_must_fit(tmp_path: Path) -> None:
     opt_b = torch.optim.Adam(b.parameters())
     b(torch.ones(1, 4)).sum().backward()
     opt_b.step()
-    with pytest.raises(ckpt.CheckpointError, match=r"'exp_avg' of parameter 0 has shape \(2, 4\), the parameter \(2, 3\)"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"'exp_avg' of parameter 0 has shape \(2, 4\), the parameter \(2, 3\)"):
         ckpt.load_optimizer_state(torch.optim.Adam(a.parameters()), opt_b.state_dict(), "train.resume", "x.pt")
     with pytest.raises(ckpt.CheckpointError, match=r"parameter groups of sizes \[1\], this run's optimizer \[2\]"):
         ckpt.load_optimizer_state(torch.optim.Adam(a.parameters()), torch.optim.Adam([a.bias]).state_dict(),

@@ -7,8 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datkit.compress import (COMPRESSORS, ByteCounter, CountingCollectives, GradientBuckets, allreduce_bytes,
-                             compressor_from_config, get_compressor)
+from datkit.compress import (
+    COMPRESSORS,
+    ByteCounter,
+    CountingCollectives,
+    GradientBuckets,
+    allreduce_bytes,
+    compressor_from_config,
+    get_compressor,
+)
 from datkit.compress.onebit import pack_signs, unpack_signs
 from datkit.config import ConfigError, load_config
 from datkit.preflight import validate_config
@@ -206,5 +213,6 @@ def test_config_builds_the_compressor_with_its_options() -> None:
                              "compression.block_size=128"])
     validate_config(cfg)
     comp = compressor_from_config(cfg.compression, seed=5)
-    assert (comp.name, comp.two_sided, comp.rounding, comp.block_size, comp.seed) == ("int8", True, "stochastic", 128, 5)
+    assert ((comp.name, comp.two_sided, comp.rounding, comp.block_size, comp.seed)
+            == ("int8", True, "stochastic", 128, 5))
     assert compressor_from_config(load_config(None, []).compression) is None

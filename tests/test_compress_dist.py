@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -27,7 +28,8 @@ def _torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 300, **en
 @pytest.fixture(scope="module", params=[2, 3], ids=["2_workers", "3_workers"])
 def checks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp(f"compress{request.param}")
-    proc = _torchrun(request.param, [str(REPO / "tests" / "helpers" / "compress_checks.py"), str(tmp / "res.json")], cwd=tmp)
+    proc = _torchrun(request.param, [str(REPO / "tests" / "helpers" / "compress_checks.py"), str(tmp / "res.json")],
+                     cwd=tmp)
     assert proc.returncode == 0, describe(proc)
     res = json.loads((tmp / "res.json").read_text())
     assert res["world_size"] == request.param
@@ -80,8 +82,8 @@ def test_residuals_gather_to_rank_0_and_come_back(checks: dict) -> None:
 
 MNIST_CLEAN = ["backend=torch", "device=cpu", "data.name=mnist5k", "data.test=split", "method.name=clean",
                "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0", "schedule.name=constant", "train.batch_size=64",
-               "train.epochs=2", "eval.every=2", "eval.final_num_samples=0", "eval.pgd_steps=1", "log.tensorboard=false",
-               "log.plot=false", "log.progress=false"]
+               "train.epochs=2", "eval.every=2", "eval.final_num_samples=0", "eval.pgd_steps=1",
+               "log.tensorboard=false", "log.plot=false", "log.progress=false"]
 
 
 def test_onebit_with_error_feedback_trains_like_uncompressed(tmp_path: Path) -> None:
@@ -118,8 +120,8 @@ def test_resume_restores_error_feedback_exactly(tmp_path: Path, ddp: str) -> Non
     assert proc.returncode == 0, describe(proc)
     saved = load_checkpoint(part)["compression"]
     assert saved["world_size"] == 2 and saved["ranks"][1]["worker"], "the residuals of both workers are saved"
-    proc = _torchrun(2, ["-m", "datkit.train", *args, "train.epochs=2", "train.resume=true", f"train.output_dir={part}"],
-                     cwd=tmp_path)
+    proc = _torchrun(2, ["-m", "datkit.train", *args, "train.epochs=2", "train.resume=true",
+                         f"train.output_dir={part}"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     a, b = load_checkpoint(full), load_checkpoint(part)
     assert_same_weights(a["model"], b["model"], atol=0.0)

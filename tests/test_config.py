@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.runs import REPO, describe, run_python
 from omegaconf import OmegaConf
 
 from datkit.backends import BACKEND_CHOICES
 from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world
-from datkit.preflight import validate_config
 from datkit.data import DATASETS
 from datkit.methods import METHODS
 from datkit.models import MODELS
 from datkit.optim import OPTIMIZERS, SCHEDULES
+from datkit.preflight import validate_config
+from helpers.runs import REPO, describe, run_python
 
 
 def _load_error(*overrides: str, config: str | None = None) -> str:
@@ -285,7 +285,8 @@ def test_cli_bad_value_exits_2_before_training(tmp_path: Path) -> None:
     ref = run_python(["-c", "import datkit.train"], cwd=tmp_path, timeout=180)
     startup = time.monotonic() - start
     assert ref.returncode == 0, describe(ref)
-    assert elapsed < 3 * startup + 15, f"took {elapsed:.1f} s to reject the config (importing datkit.train: {startup:.1f} s)"
+    assert elapsed < 3 * startup + 15, (f"took {elapsed:.1f} s to reject the config "
+                                        f"(importing datkit.train: {startup:.1f} s)")
 
 
 @pytest.mark.slow

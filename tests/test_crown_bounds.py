@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.bounds_reference import backsubstitute, ibp_layers
-from helpers.runs import one_thread
 from test_bounds import Residual, ViewFlatten, pgd_extremes, sample_points
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -22,6 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from datkit.certify import crown_bounds, crown_ibp_bounds
 from datkit.certify.bounds import spec_matrix, verified
 from datkit.models import Normalize, NormalizedModel
+from helpers.bounds_reference import backsubstitute, ibp_layers
+from helpers.runs import one_thread
 
 CLASSES = 4
 TOL = 1e-9  # float64
@@ -95,7 +95,8 @@ def test_crown_is_sound_and_no_looser_than_crown_ibp_for_every_layer(kind: str) 
     with torch.no_grad():
         bounds = {"logits": (crown_bounds(net, x, eps), crown_ibp_bounds(net, x, eps)),
                   "margins": (crown_bounds(net, x, eps, C), crown_ibp_bounds(net, x, eps, C))}
-    points = sample_points(x, eps, 20) + pgd_extremes(net, x, eps, CLASSES, steps=5) + pgd_extremes(margin, x, eps, CLASSES - 1, steps=5)
+    points = (sample_points(x, eps, 20) + pgd_extremes(net, x, eps, CLASSES, steps=5)
+              + pgd_extremes(margin, x, eps, CLASSES - 1, steps=5))
     for what, ((lb, ub), (lb_ci, ub_ci)) in bounds.items():
         assert (lb >= lb_ci - TOL).all() and (ub <= ub_ci + TOL).all(), f"{kind}: looser than CROWN-IBP ({what})"
         for z in points:
@@ -111,13 +112,15 @@ def test_crown_is_sound_and_no_looser_than_crown_ibp_for_every_layer(kind: str) 
 
 # --- the independent reference ---------------------------------------------------------------------
 
-def dense_layers(net: nn.Module, pieces: list[nn.Module], in_shape: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+def dense_layers(net: nn.Module, pieces: list[nn.Module],
+                 in_shape: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each affine piece as a dense ``(W, b)`` (its Jacobian at 0 and its value at 0); ReLU between pieces."""
     layers, shape = [], in_shape
     for piece in pieces:
         z = torch.zeros(1, *shape, dtype=torch.float64)
         out = piece(z)
-        J = torch.autograd.functional.jacobian(lambda t: piece(t.view(1, *shape)).flatten(), z.flatten())
+        J = torch.autograd.functional.jacobian(lambda t, piece=piece, shape=shape: piece(t.view(1, *shape)).flatten(),
+                                               z.flatten())
         layers.append((J.detach().numpy(), out.detach().flatten().numpy()))
         shape = tuple(out.shape[1:])
     return layers
@@ -129,7 +132,8 @@ def reference_crown(layers, lo: np.ndarray, hi: np.ndarray, C: np.ndarray) -> np
     pre = []
     for k, (l_ibp, u_ibp) in enumerate(ibp):
         eye = np.eye(len(l_ibp))
-        l_cr, u_cr = backsubstitute(layers[: k + 1], pre, eye, lo, hi), -backsubstitute(layers[: k + 1], pre, -eye, lo, hi)
+        l_cr, u_cr = (backsubstitute(layers[: k + 1], pre, eye, lo, hi),
+                      -backsubstitute(layers[: k + 1], pre, -eye, lo, hi))
         pre.append((np.maximum(l_ibp, l_cr), np.minimum(u_ibp, u_cr)))
     return np.maximum(backsubstitute(layers, pre, C, lo, hi), backsubstitute(layers, ibp, C, lo, hi))
 

@@ -6,13 +6,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.runs import OFFICIAL_MNIST_RAW, SHARED_DATA
 from omegaconf import OmegaConf
 
 from datkit.config import load_config
-from datkit.data import (DATASETS, ShardedBatchSampler, build_data, eval_subset, iterate_batches, load_official_mnist_test,
-                         official_mnist_available, resolve_test_set, shard_range)
+from datkit.data import (
+    DATASETS,
+    ShardedBatchSampler,
+    build_data,
+    eval_subset,
+    iterate_batches,
+    load_official_mnist_test,
+    official_mnist_available,
+    resolve_test_set,
+    shard_range,
+)
 from datkit.data.embedded import _mnist5k_arrays, build_digits, build_mnist5k, stratified_split
+from helpers.runs import OFFICIAL_MNIST_RAW, SHARED_DATA
 
 
 def _need_official_mnist() -> None:

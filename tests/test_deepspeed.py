@@ -17,12 +17,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_certified_attacked import CROSS_BACKEND
+from test_onebit_optim import ONEBIT
+
 from helpers.collective_checks import read_results
 from helpers.ports import reserve_port
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 from helpers.wire import wire_records
-from test_certified_attacked import CROSS_BACKEND
-from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]'; the dev extra has it)")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
@@ -36,7 +37,8 @@ STAGES = [0, 1, 2, 3]
 WIRE = REPO / "tests" / "helpers" / "wire_train.py"
 
 
-def _deepspeed(args: list[str], cwd: Path, timeout: float = 400, script: Path = REPO / "datkit" / "train.py", **env: str):
+def _deepspeed(args: list[str], cwd: Path, timeout: float = 400, script: Path = REPO / "datkit" / "train.py",
+               **env: str):
     port = reserve_port()
     train = script.name == "train.py"  # datkit.train takes --local_rank; a plain script gets --no_local_rank
     proc = run_python(["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
@@ -58,8 +60,8 @@ def torch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """(checkpoint, folder of the wire records) of the torch backend's run (torchrun, DDP's plain allreduce)."""
     tmp = tmp_path_factory.mktemp("torch")
     runs = {"torch": ["backend=torch", *_tiny(), *ZERO, f"train.output_dir={tmp / 'out'}"]}
-    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WIRE), json.dumps(runs)],
-                      cwd=tmp, timeout=300, DATKIT_TEST_WIRE_DIR=str(tmp))
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WIRE),
+                       json.dumps(runs)], cwd=tmp, timeout=300, DATKIT_TEST_WIRE_DIR=str(tmp))
     assert proc.returncode == 0, describe(proc)
     return load_checkpoint(tmp / "out"), tmp
 
@@ -68,8 +70,8 @@ def torch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Every DeepSpeed training run of this module but the resumed one, in ONE 2-worker launch (``wire_train.py``:
     one start-up of DeepSpeed for all): ZeRO-0/1/2/3 (``zero<stage>``), the first epochs of ZeRO-2 and ZeRO-0 alone
-    (``zero2_part``, ``zero0_part``, resumed by the resume tests) and onebit at stage 0 with a semi-supervised teacher (``onebit``).
-    Returns (folder with one output folder per run and the wire records, stdout)."""
+    (``zero2_part``, ``zero0_part``, resumed by the resume tests) and onebit at stage 0 with a semi-supervised
+    teacher (``onebit``). Returns (folder with one output folder per run and the wire records, stdout)."""
     tmp = tmp_path_factory.mktemp("zero")
     runs = {f"zero{stage}": [*_tiny(), *ZERO, f"deepspeed.zero_stage={stage}"] for stage in (0, 1, 2)}
     runs["zero2_part"] = [*_tiny(), *ZERO, "deepspeed.zero_stage=2", "train.epochs=1"]
@@ -81,9 +83,11 @@ def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     runs["onebit_adam"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0"]
     runs["onebit_part"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0", "train.epochs=1"]
     runs["onebit_resumed"] = [*_tiny(), *ONEBIT, "deepspeed.zero_stage=0", "train.resume=true"]
-    runs.update({name: [*_tiny(), *args, "deepspeed.zero_stage=0"] for name, args in CROSS_BACKEND.items()})  # MTL-IBP, SABR
+    # MTL-IBP, SABR
+    runs.update({name: [*_tiny(), *args, "deepspeed.zero_stage=0"] for name, args in CROSS_BACKEND.items()})
     runs["zero3"] = [*_tiny(), *ZERO, "deepspeed.zero_stage=3"]  # last: ZeRO-3 leaves hooks in DeepSpeed's globals
-    runs = {name: ["backend=deepspeed", *args, f"train.output_dir={tmp / ('onebit_part' if name == 'onebit_resumed' else name)}"]
+    runs = {name: ["backend=deepspeed", *args,
+                   f"train.output_dir={tmp / ('onebit_part' if name == 'onebit_resumed' else name)}"]
             for name, args in runs.items()}
     proc = _deepspeed([json.dumps(runs)], tmp, timeout=480, script=WIRE, DATKIT_TEST_WIRE_DIR=str(tmp))
     assert proc.returncode == 0, describe(proc)
@@ -163,7 +167,8 @@ def test_onebit_compression_at_stage_0_teacher_included(zero_runs) -> None:
     assert all(0 < r["bytes_per_iter"] < 2000 for r in teacher["epochs"]), teacher["epochs"]
 
 
-def test_onebit_adam_at_stage_0_takes_the_torch_backends_steps_and_resumes_exactly(zero_runs, torch_onebit: Path) -> None:
+def test_onebit_adam_at_stage_0_takes_the_torch_backends_steps_and_resumes_exactly(zero_runs,
+                                                                                   torch_onebit: Path) -> None:
     """1-bit Adam as DeepSpeed's client optimizer (the engine's allreduce off, the optimizer's exchange over
     deepspeed.comm): the torch backend's weights (1e-5) and bytes; resumed after epoch 1, the uninterrupted end."""
     ds, ref = load_checkpoint(zero_runs[0] / "onebit_adam"), load_checkpoint(torch_onebit / "ddp")
@@ -174,7 +179,8 @@ def test_onebit_adam_at_stage_0_takes_the_torch_backends_steps_and_resumes_exact
 
 
 @pytest.mark.parametrize("name", list(CROSS_BACKEND))
-def test_certified_training_with_a_pgd_point_matches_the_torch_backend(name: str, zero_runs, torch_onebit: Path) -> None:
+def test_certified_training_with_a_pgd_point_matches_the_torch_backend(name: str, zero_runs,
+                                                                        torch_onebit: Path) -> None:
     """MTL-IBP and SABR at ZeRO-0: the torch backend's weights (the bound rules read the modules' weights)."""
     ds, ref = load_checkpoint(zero_runs[0] / name), load_checkpoint(torch_onebit / name)
     assert ds["world_size"] == 2 and ref["world_size"] == 2
@@ -214,12 +220,13 @@ def test_missing_deepspeed_says_how_to_install(tmp_path: Path) -> None:
               "from datkit.train import main\nmain(['backend=deepspeed'])\n")
     proc = run_python(["-c", script], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, describe(proc)
-    assert "pip install" in proc.stderr and "deepspeed" in proc.stderr and "backend=torch" in proc.stderr, describe(proc)
+    assert ("pip install" in proc.stderr and "deepspeed" in proc.stderr
+            and "backend=torch" in proc.stderr), describe(proc)
 
 
 def test_bad_deepspeed_values_fail_at_start_up(tmp_path: Path) -> None:
-    proc = run_python(["-m", "datkit.train", "backend=deepspeed", "deepspeed.zero_stage=4", "deepspeed.offload_param=cpu"],
-                      cwd=tmp_path, timeout=120)
+    proc = run_python(["-m", "datkit.train", "backend=deepspeed", "deepspeed.zero_stage=4",
+                       "deepspeed.offload_param=cpu"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, describe(proc)
     assert "deepspeed.zero_stage=4 is not one of: 0, 1, 2, 3" in proc.stderr, describe(proc)
     assert "offload_param=cpu needs deepspeed.zero_stage=3" in proc.stderr, describe(proc)
@@ -227,8 +234,8 @@ def test_bad_deepspeed_values_fail_at_start_up(tmp_path: Path) -> None:
 
 def test_bench_zero_halves_optimizer_state_at_stage_1_and_2(tmp_path: Path) -> None:
     out = tmp_path / "zero.json"
-    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.bench", "zero",
-                       "--model", "cnn_small", "--data", "mnist5k", "--image-size", "28", "--json", str(out)],
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.bench",
+                       "zero", "--model", "cnn_small", "--data", "mnist5k", "--image-size", "28", "--json", str(out)],
                       cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, describe(proc)
     import json
@@ -251,7 +258,8 @@ def test_example_deepspeed_json_merges_over_datkits_config(path: Path) -> None:
     ds = build_ds_config(cfg, world_size=2, on_gpu=False)
     user = json.loads(path.read_text())
     assert ds["zero_optimization"]["stage"] == user["zero_optimization"]["stage"]
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 16, 2)
+    assert ((ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+            == (64, 16, 2))
     assert ds["zero_allow_untested_optimizer"] is True
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from helpers.collective_checks import read_results
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
@@ -50,7 +51,8 @@ def one_worker_accumulating(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_two_workers_match_one_worker_with_the_same_global_batch(ddp: str, one_worker: dict,
                                                                  one_worker_accumulating: dict, tmp_path: Path) -> None:
     out2 = tmp_path / "two"
-    proc = _torchrun(2, ["-m", "datkit.train", *TINY, *STEPS, f"dist.ddp={ddp}", f"train.output_dir={out2}"], cwd=tmp_path)
+    proc = _torchrun(2, ["-m", "datkit.train", *TINY, *STEPS, f"dist.ddp={ddp}", f"train.output_dir={out2}"],
+                     cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "world_size=2" in proc.stdout, describe(proc)
 
@@ -119,7 +121,7 @@ def test_torch_backend_collectives(nproc: int, tmp_path: Path) -> None:
                       timeout=240, DATKIT_TEST_BACKEND="torch", DATKIT_TEST_WORLD=str(nproc))
     assert proc.returncode == 0, describe(proc)
     results = read_results(tmp_path, nproc)
-    assert results == {r: "ok" for r in range(nproc)}, f"collectives failed: {results}"
+    assert results == dict.fromkeys(range(nproc), "ok"), f"collectives failed: {results}"
 
 
 def test_torch_backend_single_process_collectives_are_noops() -> None:

@@ -14,28 +14,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import assert_same_weights, describe, load_checkpoint, one_thread, run_python
 from torch import nn
 
 from datkit.models import create_model
 from datkit.models.sync_batchnorm import GlobalBatchNorm, convert_sync_batchnorm
+from helpers.runs import assert_same_weights, describe, load_checkpoint, one_thread, run_python
 
 # A tiny CNN-7 with BatchNorm; eps at its maximum from the first step (no warm-up, no regularizer: plain
 # IBP / CROWN-IBP with beta from the ramp), SGD as in test_distributed (Adam turns rounding noise in
 # near-zero gradients into lr-sized steps), gradient clipping as in the paper.
-RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "data.name=digits", "model.name=cnn_7layer_bn", "model.kwargs.width=4",
-       "model.kwargs.linear_size=16", "attack.eps=0.01", "eval.eps=0.01", "bounds.eps_schedule=linear", "bounds.eps_start=0",
-       "bounds.reg_lambda=0", "train.epochs=1", "train.max_steps=3", "train.batch_size=32", "train.grad_clip=10",
+RUN = ["backend=torch", "device=cpu", "eval.aa_samples=0", "data.name=digits", "model.name=cnn_7layer_bn",
+       "model.kwargs.width=4", "model.kwargs.linear_size=16", "attack.eps=0.01", "eval.eps=0.01",
+       "bounds.eps_schedule=linear", "bounds.eps_start=0", "bounds.reg_lambda=0", "train.epochs=1", "train.max_steps=3",
+       "train.batch_size=32", "train.grad_clip=10",
        "optim.name=sgd", "optim.lr=0.05", "eval.num_samples=50", "eval.final_num_samples=50", "eval.batch_size=50",
        "eval.pgd_steps=2", "log.progress=false", "log.tensorboard=false", "log.plot=false"]
 METHODS = {"ibp": ["method.name=ibp", "bounds.eps_length=0"],  # eps_max from the start
-           # mid-ramp: beta > 0 (CROWN-IBP bounds used); VA by the whole verification cascade (datkit.certify.cascade) at an
-           # eval.eps where IBP verifies none of these 50 images and full CROWN the clean-correct ones
-           "crown-ibp": ["method.name=crown-ibp", "bounds.eps_length=2", "bounds.verify=[ibp,crown-ibp,crown]", "eval.eps=0.05"],
+           # mid-ramp: beta > 0 (CROWN-IBP bounds used); VA by the whole verification cascade
+           # (datkit.certify.cascade) at an eval.eps where IBP verifies none of these 50 images and full CROWN the
+           # clean-correct ones
+           "crown-ibp": ["method.name=crown-ibp", "bounds.eps_length=2", "bounds.verify=[ibp,crown-ibp,crown]",
+                         "eval.eps=0.05"],
            # a PGD point in the loss: the attack's forward passes normalize with the global batch too
            "mtl-ibp": ["method.name=mtl-ibp", "bounds.alpha=0.5", "bounds.eps_length=0", "attack.steps=2"],
            "sabr": ["method.name=sabr", "bounds.lambda_box=0.5", "bounds.eps_length=0", "attack.steps=2"]}
-CASCADE = ["VA", "VA_gap", "VA_gain_ibp", "VA_gain_crown-ibp", "VA_gain_crown"]  # the cascade's counts, sharded over workers
+# the cascade's counts, sharded over workers
+CASCADE = ["VA", "VA_gap", "VA_gain_ibp", "VA_gain_crown-ibp", "VA_gain_crown"]
 
 
 def _train(nproc: int, args: list[str], out: Path) -> dict:
@@ -64,10 +68,12 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(method: str, tm
     assert two["records"][0]["train_loss"] == pytest.approx(one["records"][0]["train_loss"], rel=1e-5)
     if method == "crown-ibp":  # the cascade's per-stage fractions: the same for 1 and 2 workers
         assert {k: two["records"][0][k] for k in CASCADE} == pytest.approx({k: one["records"][0][k] for k in CASCADE})
-        assert sum(one["records"][0][f"VA_gain_{s}"] for s in ("ibp", "crown-ibp", "crown")) == pytest.approx(one["records"][0]["VA"])
+        assert (sum(one["records"][0][f"VA_gain_{s}"] for s in ("ibp", "crown-ibp", "crown"))
+                == pytest.approx(one["records"][0]["VA"]))
         assert one["records"][0]["VA_gain_crown"] > 0 and one["records"][0]["VA_time_crown_s"] > 0
     init = _initial(tmp_path)
-    moved = max((one["model"][k].double() - init[k].double()).abs().max().item() for k in init if init[k].is_floating_point())
+    moved = max((one["model"][k].double() - init[k].double()).abs().max().item()
+                for k in init if init[k].is_floating_point())
     assert moved > 1e-3, "the weights did not change in 3 steps"
     if method == "ibp":  # control: without global statistics each worker normalizes its half batch
         plain = _train(2, METHODS[method], tmp_path / "plain")

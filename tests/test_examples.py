@@ -83,8 +83,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return outs
 
 
-@pytest.mark.parametrize("launcher,backend", [("torchrun", "torch"), ("horovodrun", "horovod"), ("deepspeed", "deepspeed"),
-                                              ("fit", "torch")])
+@pytest.mark.parametrize("launcher,backend", [("torchrun", "torch"), ("horovodrun", "horovod"),
+                                              ("deepspeed", "deepspeed"), ("fit", "torch")])
 def test_the_example_trains_under_each_launcher(runs: dict, launcher: str, backend: str) -> None:
     if launcher not in runs:
         pytest.skip("needs Horovod (launchers/install_horovod.sh)")
@@ -113,13 +113,16 @@ def test_fit_ends_with_the_command_lines_weights(runs: dict) -> None:
 # --- bad plug-ins ----------------------------------------------------------------------------------------------
 BAD = {  # case: (override, key named, cause in the message)
     "model_module_missing": ("model.name=no_such_module:make", "model.name", "cannot import module 'no_such_module'"),
-    "model_attribute_missing": (f"model.name={EXAMPLE}:no_such_factory", "model.name", "has no attribute 'no_such_factory'"),
+    "model_attribute_missing": (f"model.name={EXAMPLE}:no_such_factory", "model.name",
+                                "has no attribute 'no_such_factory'"),
     "model_not_a_module": ("model.name=helpers.bad_plugins:not_a_model", "model.name", "not a torch.nn.Module"),
     "data_import_fails": ("data.name=helpers.broken_module:make", "data.name", "RuntimeError: this module is broken"),
-    "data_not_a_pair": ("data.name=helpers.bad_plugins:not_a_pair", "data.name", "expected a pair (train_set, test_set)"),
+    "data_not_a_pair": ("data.name=helpers.bad_plugins:not_a_pair", "data.name",
+                        "expected a pair (train_set, test_set)"),
     "data_wrong_shape": ("data.name=helpers.bad_plugins:wrong_shape", "data.name", "expected a float tensor C x H x W"),
     "data_out_of_range": ("data.name=helpers.bad_plugins:out_of_range", "data.name", "expected [0, 1]"),
-    "method_not_a_method": ("method.name=helpers.bad_plugins:not_a_method", "method.name", "not a datkit.methods.Method"),
+    "method_not_a_method": ("method.name=helpers.bad_plugins:not_a_method", "method.name",
+                            "not a datkit.methods.Method"),
     "optim_not_an_optimizer": ("optim.name=helpers.bad_plugins:not_an_optimizer", "optim.name",
                                "not a torch.optim.Optimizer"),
     "compressor_not_a_compressor": ("compression.name=helpers.bad_plugins:NotACompressor", "compression.name",
@@ -168,7 +171,8 @@ def test_a_bad_plugin_exits_2_naming_the_key(bad_results: dict, case: str) -> No
     override, key, cause = BAD[case]
     code, stderr = bad_results[case]
     assert code == 2, f"{case}: exit {code}\n{stderr}"
-    line = next((ln for ln in stderr.splitlines() if ln.startswith("datkit: error:") or ln.lstrip().startswith("- ")), "")
+    line = next((ln for ln in stderr.splitlines() if ln.startswith("datkit: error:") or ln.lstrip().startswith("- ")),
+                "")
     assert key in stderr and cause in stderr, f"{case}: {stderr}"
     assert line, stderr
     assert "Traceback" not in stderr, f"{case}: {stderr}"
@@ -202,7 +206,8 @@ BAD_CONFIGS = {  # name -> (arguments, what the error line says)
     "bad_key": (["train.epochz=3"], "unknown config key 'train.epochz'"),
     "bad_type": (["train.epochs=many"], "bad value for config key 'train.epochs'"),
     "bad_value": (["train.nonfinite=continue"], "train.nonfinite='continue' is not one of: stop, skip, ignore"),
-    "malformed_yaml": (["--config", "{yaml}"], "is not valid YAML at line 3, column 1: did not find expected ',' or ']'"),
+    "malformed_yaml": (["--config", "{yaml}"],
+                       "is not valid YAML at line 3, column 1: did not find expected ',' or ']'"),
 }
 LAUNCHES = {"torchrun": torchrun, "horovodrun": horovodrun, "deepspeed": deepspeed}
 

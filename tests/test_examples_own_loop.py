@@ -13,19 +13,17 @@ from __future__ import annotations
 import ast
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from datkit.compress import COMPRESSORS, DDPCompressionHook, allreduce_bytes, register_ddp_hook
 from helpers.ports import reserve_port
 from helpers.runs import REPO, describe, run_python
-
-from datkit.compress import COMPRESSORS, DDPCompressionHook, allreduce_bytes, register_ddp_hook
-
 
 # --- register_ddp_hook in one process ---------------------------------------------------------------
 
@@ -105,8 +103,8 @@ def _int8_two_sided_bytes(n: int, m: int, block: int = 256) -> float:
 def test_own_loop_example_under_torchrun(tmp_path: Path) -> None:
     steps, m = 3, 2
     proc = run_python(["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={m}", "--master_addr=127.0.0.1",
-                       f"--master_port={reserve_port()}", str(REPO / "examples" / "own_loop_ddp.py"), "--steps", str(steps),
-                       "--save-weights", str(tmp_path / "w")], cwd=tmp_path, timeout=280)
+                       f"--master_port={reserve_port()}", str(REPO / "examples" / "own_loop_ddp.py"),
+                       "--steps", str(steps), "--save-weights", str(tmp_path / "w")], cwd=tmp_path, timeout=280)
     assert proc.returncode == 0, describe(proc)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, describe(proc)  # rank 0 alone prints

@@ -19,10 +19,11 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+
 from helpers.launch_watch import process_tree, session_pids, watch_launch
 from helpers.ports import reserve_port
 from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
@@ -102,7 +103,8 @@ EXACT = ["train.epochs=2", "train.max_steps=3", "optim.name=adam", "schedule.nam
 
 
 def exact_cmd(backend: str | None) -> list[str]:
-    """The command (fresh master port) of the recovery tests' run: one process, or 2 workers under ``backend``'s launcher."""
+    """The command (fresh master port) of the recovery tests' run: one process, or 2 workers under ``backend``'s
+    launcher."""
     return ["-m", "datkit.train", *TINY, *EXACT] if backend is None else [*launch_cmd(backend), *_tiny(), *EXACT]
 
 
@@ -197,7 +199,7 @@ def test_sigkill_of_one_of_3_workers_names_it_and_every_survivor_exits_3(backend
     assert out.exited_at - hit[0] < 120 and not out.left_over, out.describe()
     survivors = sorted({0, 1, 2} - {killed})
     # every survivor's own exit code is 3; the killed worker wrote none (SIGKILL)
-    assert exit_codes(codes) == {r: 3 for r in survivors}, out.describe()
+    assert exit_codes(codes) == dict.fromkeys(survivors, 3), out.describe()
     # every survivor names the killed rank, by its pid: "its process is gone" (a survivor that looks after another
     # survivor already stopped may name that one too: from outside, an exit is an exit)
     named = {int(m.group(3)) for _, line in out.lines
@@ -255,7 +257,8 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint_exactly(backend: str,
 @pytest.mark.parametrize("backend", ["horovod", "deepspeed"])
 def test_relaunch_with_resume_after_a_lost_worker_is_exact(backend: str, reference, tmp_path: Path) -> None:
     """The recovery for launchers without restarts (horovodrun without elastic, deepspeed): the job stops with
-    the lost worker named; the same command again with ``train.resume=true`` ends with the uninterrupted run's weights."""
+    the lost worker named; the same command again with ``train.resume=true`` ends with the uninterrupted run's
+    weights."""
     cmd = exact_cmd(backend)
     try:
         killed = watch_launch([*cmd, f"train.output_dir={tmp_path / 'again'}"], tmp_path, timeout=300,
@@ -265,13 +268,15 @@ def test_relaunch_with_resume_after_a_lost_worker_is_exact(backend: str, referen
     assert killed.returncode not in (None, 0) and killed.first(LOST), killed.describe()
     again = run_exact(backend, tmp_path / "again", tmp_path)  # the same command (a fresh master port)
     assert again.returncode == 0, describe(again)
-    assert "resumed from" in again.stdout + again.stderr and "after epoch 1" in again.stdout + again.stderr, describe(again)
+    assert ("resumed from" in again.stdout + again.stderr
+            and "after epoch 1" in again.stdout + again.stderr), describe(again)
     assert_equals_reference(load_checkpoint(tmp_path / "again"), reference(backend))
 
 
 @pytest.mark.parametrize("backend", [None, "torch", "horovod", "deepspeed"], ids=["one_process", "torch", "horovod",
                                                                              "deepspeed"])
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str | None, reference, tmp_path: Path) -> None:
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(backend: str | None, reference,
+                                                                  tmp_path: Path) -> None:
     """The whole job (launcher and every worker) is SIGKILLed while rank 0 writes epoch 2's checkpoint; the previous
     one loads, and a resume from it ends with the uninterrupted run's weights."""
     import torch
@@ -337,14 +342,16 @@ def test_preemption_with_onebit_adam_and_grad_accum_resumes_exactly(tmp_path: Pa
     freeze step: ceil(0.25 * 6) = 2), micro-batches (``train.grad_accum=2``) and each rank's global RNG (a model with
     dropout). SIGTERM on rank 0 before step 1 of epoch 2; the resumed run ends with an uninterrupted run's weights bit
     for bit."""
-    extra = ["optim.name=onebit_adam", "train.grad_accum=2", "train.nonfinite=ignore",  # ignore: the signals' all-gather
+    extra = ["optim.name=onebit_adam", "train.grad_accum=2",
+             "train.nonfinite=ignore",  # ignore: the signals' all-gather
              "model.name=helpers.good_plugins:dropout_mlp"]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
     full = run_python([*exact_cmd("torch"), *extra, f"train.output_dir={tmp_path / 'full'}"], cwd=tmp_path, timeout=300,
                       **env)
     assert full.returncode == 0, describe(full)
     cmd, out = [*exact_cmd("torch"), *extra, f"train.output_dir={tmp_path / 'cut'}"], tmp_path / "cut"
-    cut = run_python(cmd, cwd=tmp_path, timeout=300, DATKIT_TEST_SIGNAL_AT_STEP="0:2:1", DATKIT_TEST_SIGNAL="TERM", **env)
+    cut = run_python(cmd, cwd=tmp_path, timeout=300, DATKIT_TEST_SIGNAL_AT_STEP="0:2:1", DATKIT_TEST_SIGNAL="TERM",
+                     **env)
     assert cut.returncode == 1 and "datkit: got SIGTERM on rank 0: checkpoint after epoch 2 step 1" in cut.stdout, \
         describe(cut)
     state = load_checkpoint(out)

@@ -1,14 +1,14 @@
 """``train.nonfinite``: a NaN/Inf loss or gradient is found on every worker at the same step.
 
-- one worker (in-process): ``stop`` exits with code 4 naming epoch/step/rank (a NaN in a gradient only); ``skip`` drops the step,
-  counts it in results.json and keeps the weights finite; ``max_nonfinite_skips`` consecutive skips stop;
-  bad values of the keys fail at start-up;
+- one worker (in-process): ``stop`` exits with code 4 naming epoch/step/rank (a NaN in a gradient only); ``skip``
+  drops the step, counts it in results.json and keeps the weights finite; ``max_nonfinite_skips`` consecutive skips
+  stop; bad values of the keys fail at start-up;
 - two workers, one launch per gradient path (torchrun: DDP's float32 hook, ``dist.ddp=false`` with int8
-  compression in the step, onebit compression in DDP's hook; horovodrun: hvd.DistributedOptimizer; deepspeed: ZeRO-0): a NaN in one worker's
-  gradient only (finite loss) and a NaN loss are skipped on every worker, the rank named -- so the NaN was seen
-  before compression, where the decoded average would be finite garbage, and before the mean that hides whose
-  it was --, the error-feedback residuals do not carry it on, and after ``max_nonfinite_skips`` consecutive
-  skips every worker stops at the same step with exit code 4.
+  compression in the step, onebit compression in DDP's hook; horovodrun: hvd.DistributedOptimizer; deepspeed:
+  ZeRO-0): a NaN in one worker's gradient only (finite loss) and a NaN loss are skipped on every worker, the rank
+  named -- so the NaN was seen before compression, where the decoded average would be finite garbage, and before
+  the mean that hides whose it was --, the error-feedback residuals do not carry it on, and after
+  ``max_nonfinite_skips`` consecutive skips every worker stops at the same step with exit code 4.
 
 NaNs are injected with the test-only hooks ``DATKIT_TEST_NAN_AT_STEP=rank:epoch:step`` (the loss of that
 rank at that step is multiplied by NaN, so its gradients are NaN too) and ``DATKIT_TEST_GRAD_NAN_AT_STEP``
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import TINY, describe, load_checkpoint, run_python, train_inprocess
 
 from datkit.config import ConfigError, load_config
 from datkit.preflight import validate_config
+from helpers.runs import TINY, describe, load_checkpoint, run_python, train_inprocess
 
 RUN = ["train.epochs=2", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.05", "schedule.name=constant"]
 
@@ -122,8 +122,9 @@ def launches(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         cmd = launch_cmd(backend, record_exit=True)
         try:
             proc = run_python([*cmd, *tiny, *RUN, *overrides, "train.nonfinite=skip", "train.max_nonfinite_skips=2",
-                               f"train.output_dir={tmp / 'out'}"], cwd=tmp, timeout=300, DATKIT_TEST_GRAD_NAN_AT_STEP=GRAD_NAN,
-                              DATKIT_TEST_NAN_AT_STEP=LOSS_NAN, DATKIT_TEST_EXIT_LOG=str(tmp / "codes"))
+                               f"train.output_dir={tmp / 'out'}"], cwd=tmp, timeout=300,
+                              DATKIT_TEST_GRAD_NAN_AT_STEP=GRAD_NAN, DATKIT_TEST_NAN_AT_STEP=LOSS_NAN,
+                              DATKIT_TEST_EXIT_LOG=str(tmp / "codes"))
         finally:
             remove_deepspeed_shm(cmd)
         return proc, tmp / "out", exit_codes(tmp / "codes")

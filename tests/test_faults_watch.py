@@ -10,14 +10,13 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch.distributed as dist
 
 from datkit.backends import peer_watch
 from datkit.backends.peer_watch import LOST_WORKER_EXIT, PeerWatch, store_client
-
 
 LONG = 3600.0  # a staleness no test run reaches
 

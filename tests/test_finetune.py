@@ -6,21 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import load_checkpoint, train_inprocess
 
 from datkit.checkpoint import atomic_save
 from datkit.config import ConfigError, load_config, validate_for_training
-from datkit.preflight import validate_config
 from datkit.data import build_data, resize_images
 from datkit.engine.transfer import init_from_checkpoint, last_linear
 from datkit.models import create_model
+from datkit.preflight import validate_config
+from helpers.runs import load_checkpoint, train_inprocess
 
 RUN = ["train.epochs=1", "train.max_steps=2"]
 
 
 def _model(num_classes: int, image_size: int = 8, seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_model("cnn_small", num_classes, in_channels=1, image_size=image_size, channels=[4, 8], hidden=16, **kw)
+    return create_model("cnn_small", num_classes, in_channels=1, image_size=image_size, channels=[4, 8], hidden=16,
+                        **kw)
 
 
 def _save(model: torch.nn.Module, path: Path, name: str = "cnn_small") -> str:
@@ -152,7 +153,8 @@ def test_finetune_without_resize_is_refused(pretrained: Path, tmp_path: Path) ->
     assert exc.value.code == 2
 
 
-def test_finetuned_checkpoint_evaluates_and_resumes_without_the_pretrained_file(pretrained: Path, tmp_path: Path) -> None:
+def test_finetuned_checkpoint_evaluates_and_resumes_without_the_pretrained_file(pretrained: Path,
+                                                                                tmp_path: Path) -> None:
     from datkit.evaluate import evaluate
 
     moved = tmp_path / "pre.pt"

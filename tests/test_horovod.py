@@ -20,11 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.collective_checks import read_results
-from helpers.runs import (NO_HOROVOD, REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint,
-                          no_horovod_mpi, run_python)
 from test_certified_attacked import CROSS_BACKEND
-from test_onebit_optim import ONEBIT, torch_onebit  # noqa: F401  (the torch backend's 1-bit Adam runs: a fixture)
 
 # The same assertions as for the torch backend, collected here on this module's ``checks`` fixture.
 from test_compress_dist import (  # noqa: F401
@@ -36,7 +32,21 @@ from test_compress_dist import (  # noqa: F401
     test_stochastic_int8_is_unbiased,
     test_two_sided_is_one_sided_plus_the_server_quantization,
 )
+from test_onebit_optim import ONEBIT
 
+from helpers.collective_checks import read_results
+from helpers.runs import (
+    NO_HOROVOD,
+    REPO,
+    TINY,
+    assert_same_weights,
+    child_env,
+    describe,
+    installed,
+    load_checkpoint,
+    no_horovod_mpi,
+    run_python,
+)
 
 HAVE_HOROVOD = installed("horovod.torch")
 NO_HOROVOD_MPI = no_horovod_mpi()
@@ -82,7 +92,8 @@ RUNS: dict[str, list[str]] = {
     "int8_two_sided": ["compression.name=int8", "compression.two_sided=true"],
     "onebit": ["compression.name=onebit"],
     # the semi-supervised teacher trains through the same Trainer: Horovod's hooks, int8 compression and all
-    "semisup_int8": ["compression.name=int8", "data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2"],
+    "semisup_int8": ["compression.name=int8", "data.num_labeled=100", "semisup.enabled=true",
+                     "semisup.teacher_epochs=2"],
     # the wire check: an 8192-unit hidden layer (a 2 MB gradient per step) next to Horovod's negotiation, which
     # bytes_per_iter leaves out (7-16 KB per step here, more on a slower machine: one round per 1 ms cycle)
     "wide": ["model.kwargs.hidden=8192"],
@@ -334,7 +345,8 @@ def test_without_horovodrun_fails_with_the_launch_command(tmp_path: Path) -> Non
     out = tmp_path / "out"
     proc = run_python(["-m", "datkit.train", "backend=horovod", f"train.output_dir={out}"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, describe(proc)
-    assert "horovodrun -np 2 -H localhost:2 --gloo python -m datkit.train backend=horovod" in proc.stderr, describe(proc)
+    assert ("horovodrun -np 2 -H localhost:2 --gloo python -m datkit.train backend=horovod"
+            in proc.stderr), describe(proc)
     assert "backend=torch" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
     assert not out.exists()
 

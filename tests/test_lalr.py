@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from datkit.config import ConfigError, load_config
-from datkit.preflight import validate_config
 from datkit.optim import LALR, build_optimizer
+from datkit.preflight import validate_config
 
 
 def _param(values, grad) -> torch.nn.Parameter:
@@ -52,7 +52,8 @@ def test_zero_norm_tensor_with_c_l_zero_stays_and_c_l_moves_it() -> None:
     assert torch.equal(_step(p, lr=0.1, base="sgd", momentum=0.0, c_l=0.0), torch.zeros(1, 2, dtype=torch.float64))
     p = _param([[0.0, 0.0]], [[1.0, 1.0]])
     s = 0.1 * 0.2 / math.sqrt(2)
-    assert torch.allclose(_step(p, lr=0.1, base="sgd", momentum=0.0, c_l=0.2), torch.full((1, 2), -s, dtype=torch.float64))
+    assert torch.allclose(_step(p, lr=0.1, base="sgd", momentum=0.0, c_l=0.2),
+                          torch.full((1, 2), -s, dtype=torch.float64))
 
 
 def test_zero_direction_leaves_the_tensor_unchanged() -> None:
@@ -156,7 +157,8 @@ def test_exclude_none_adapts_every_tensor_and_callable_decides() -> None:
     ref = _run(lambda ps: torch.optim.SGD(ps, lr=0.05), _twins())
     assert all(not torch.allclose(a, b, atol=1e-5) for a, b in zip(none, ref))
     # the callable excludes only the 2-D weight: the opposite of the default
-    ours = _run(lambda ps: LALR(ps, base="sgd", lr=0.05, momentum=0.0, c_l=0.1, exclude=lambda p: p.ndim == 2), _twins())
+    ours = _run(lambda ps: LALR(ps, base="sgd", lr=0.05, momentum=0.0, c_l=0.1, exclude=lambda p: p.ndim == 2),
+                _twins())
     assert torch.allclose(ours[0], ref[0], atol=1e-6)
     assert all(torch.allclose(ours[i], none[i], atol=1e-6) for i in (1, 2, 3))
 
@@ -173,7 +175,8 @@ def test_per_param_group_exclude() -> None:
 def test_parameters_without_gradient_are_skipped() -> None:
     a, b = _param([[1.0, 2.0]], [[1.0, 0.0]]), torch.nn.Parameter(torch.ones(2, 2, dtype=torch.float64))
     LALR([a, b], lr=0.1, base="adam").step()
-    assert torch.equal(b.detach(), torch.ones(2, 2, dtype=torch.float64)) and not torch.equal(a.detach(), torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    assert (torch.equal(b.detach(), torch.ones(2, 2, dtype=torch.float64))
+            and not torch.equal(a.detach(), torch.tensor([[1.0, 2.0]], dtype=torch.float64)))
 
 
 # --- state: exact resume -------------------------------------------------------------------------------
@@ -255,7 +258,8 @@ def test_optim_name_lalr_builds_lalr_from_the_config() -> None:
     ("optim.c_u=0.001", "optim.c_u", ">= optim.c_l"),
 ])
 def test_bad_lalr_config(override: str, key: str, allowed: str) -> None:
-    cfg = load_config(None, ["optim.name=lalr", "optim.c_l=0.01", override] if key == "optim.c_u" else ["optim.name=lalr", override])
+    cfg = load_config(None, ["optim.name=lalr", "optim.c_l=0.01", override] if key == "optim.c_u"
+                      else ["optim.name=lalr", override])
     with pytest.raises(ConfigError) as exc:
         validate_config(cfg)
     assert f"{key}=" in str(exc.value) and allowed in str(exc.value), str(exc.value)
@@ -284,7 +288,8 @@ def test_lalr_two_workers_match_one_worker(ddp: str, lalr_one_worker: dict, tmp_
     from helpers.runs import TINY, assert_same_weights, describe, load_checkpoint, run_python
 
     proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.train", *TINY,
-                       *_DIST_STEPS, f"dist.ddp={ddp}", f"train.output_dir={tmp_path / 'two'}"], cwd=tmp_path, timeout=280)
+                       *_DIST_STEPS, f"dist.ddp={ddp}", f"train.output_dir={tmp_path / 'two'}"], cwd=tmp_path,
+                      timeout=280)
     assert proc.returncode == 0, describe(proc)
     two = load_checkpoint(tmp_path / "two")
     assert two["world_size"] == 2
@@ -328,8 +333,8 @@ def test_lalr_as_deepspeed_client_optimizer_matches_torch(lalr_one_worker: dict,
     port = reserve_port()
     tiny = [a for a in TINY if not a.startswith("backend=")]
     proc = run_python(["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-                       str(REPO / "datkit" / "train.py"), "backend=deepspeed", "deepspeed.zero_stage=0", *tiny, *_DIST_STEPS,
-                       f"train.output_dir={tmp_path / 'ds'}"], cwd=tmp_path, timeout=400)
+                       str(REPO / "datkit" / "train.py"), "backend=deepspeed", "deepspeed.zero_stage=0", *tiny,
+                       *_DIST_STEPS, f"train.output_dir={tmp_path / 'ds'}"], cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, describe(proc)
     assert_same_weights(load_checkpoint(tmp_path / "ds")["model"], lalr_one_worker["model"], atol=1e-5)
 

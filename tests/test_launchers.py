@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers.runs import REPO, TINY, child_env, describe
 
 SCRIPTS = sorted((REPO / "launchers").glob("*.sh")) + sorted((REPO / "launchers").glob("*.sbatch"))
@@ -23,7 +24,8 @@ def test_launcher_is_valid_bash(script: Path) -> None:
                     reason="needs the repo's .venv, which `bash tests/run.sh` creates")
 def test_quickstart_passes_overrides_to_the_main_job(tmp_path: Path) -> None:
     out = tmp_path / "qs"
-    args = [a for a in TINY if not a.startswith("backend=")] + ["train.epochs=1", "train.max_steps=2", f"train.output_dir={out}"]
+    args = [a for a in TINY if not a.startswith("backend=")] + ["train.epochs=1", "train.max_steps=2",
+                                                                f"train.output_dir={out}"]
     proc = subprocess.run(["bash", str(REPO / "launchers" / "quickstart.sh"), *args], capture_output=True, text=True,
                           timeout=600, env=child_env())
     assert proc.returncode == 0, describe(proc)

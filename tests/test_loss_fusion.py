@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import one_thread
 from test_bounds import every_layer_net, frozen_copy, sample_points, trained_mlp
 from torch import nn
 
@@ -28,6 +27,7 @@ from datkit.methods import StepInfo, create_method
 from datkit.methods.certified import robust_cross_entropy
 from datkit.models import Normalize, NormalizedModel, create_model
 from datkit.preflight import validate_config
+from helpers.runs import one_thread
 
 TOL = 2e-5
 
@@ -75,7 +75,8 @@ def test_fused_bound_is_sound_at_sampled_and_attacked_points(seed: int, mode: st
     worst = torch.maximum(worst, pgd_cross_entropy(f, x, y, eps))
     for beta, b in bounds.items():
         assert torch.isfinite(b).all()
-        assert (b >= worst - TOL).all(), f"beta={beta}: the bound is below a reachable cross-entropy by {(worst - b).max():.3g}"
+        assert (b >= worst - TOL).all(), (f"beta={beta}: the bound is below a reachable cross-entropy by "
+                                          f"{(worst - b).max():.3g}")
 
 
 def test_fused_bound_is_sound_and_tighter_than_ibp_on_a_trained_network() -> None:
@@ -105,7 +106,8 @@ def test_beta_zero_is_the_cross_entropy_of_the_ibp_margins() -> None:
 
 def test_every_beta_gives_the_clean_loss_at_eps_zero_and_beta_one_beats_ibp_on_an_affine_net() -> None:
     torch.manual_seed(0)
-    net = NormalizedModel(Normalize((0.3,), (0.4,)), nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 3))).eval()
+    net = NormalizedModel(Normalize((0.3,), (0.4,)),
+                          nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 3))).eval()
     x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
     clean = F.cross_entropy(net(x), y, reduction="none")
     for beta in (0.0, 0.3, 1.0):
@@ -209,7 +211,8 @@ def test_crown_ibp_training_uses_the_fused_loss_with_one_ibp_pass_and_the_regula
     assert m.loss(net, net, x, y, StepInfo(eps=0.05)).item() == pytest.approx(expected.item(), rel=1e-5)
     _, m_off, *_ = _method("bounds.reg_lambda=0", "bounds.loss_fusion=false")
     margins = margin_bounds(net, x, y, 0.05, "crown-ibp", beta=0.75)
-    assert m_off.loss(net, net, x, y, StepInfo(eps=0.05)).item() == pytest.approx(robust_cross_entropy(margins.lower).item(), rel=1e-5)
+    assert (m_off.loss(net, net, x, y, StepInfo(eps=0.05)).item()
+            == pytest.approx(robust_cross_entropy(margins.lower).item(), rel=1e-5))
     # the regularizers read the intervals of the same (single) IBP pass
     _, m_reg, *_ = _method("bounds.reg_lambda=0.5")
     calls = []
@@ -243,7 +246,8 @@ def test_relu_backward_step_equals_the_composed_ops_in_value_and_gradient() -> N
     from datkit.certify.bounds.rules_relu import ReLUBackwardStep, relu_relaxation
 
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    a, b = (torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
+            torch.randn(2, 3, 4, generator=g, dtype=torch.float64))
     l, u = torch.minimum(a, b).requires_grad_(True), torch.maximum(a, b).requires_grad_(True)
     with torch.no_grad():  # active, inactive, and exactly-zero neurons next to the unstable ones
         l[0, 0], u[0, 0] = 0.5, 1.0

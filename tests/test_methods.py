@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import load_checkpoint, one_thread, train_inprocess
 
 from datkit.config import load_config
 from datkit.methods import METHODS, StepInfo, create_method
 from datkit.models import create_model
 from datkit.optim import OPTIMIZERS, build_optimizer
+from helpers.runs import load_checkpoint, one_thread, train_inprocess
 
 METHOD_NAMES = METHODS.names()
 OPTIMIZER_NAMES = OPTIMIZERS.names()
@@ -97,7 +97,8 @@ def test_attack_increases_the_loss(method: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_train_main_one_step(method: str, tmp_path) -> None:
-    final = train_inprocess([f"method.name={method}", "train.epochs=1", "train.max_steps=1", f"train.output_dir={tmp_path}"])
+    final = train_inprocess([f"method.name={method}", "train.epochs=1", "train.max_steps=1",
+                             f"train.output_dir={tmp_path}"])
     assert 0.0 <= final["TA"] <= 1.0
     state = load_checkpoint(tmp_path)
     assert math.isfinite(state["records"][0]["train_loss"])

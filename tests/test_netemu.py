@@ -27,13 +27,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.runs import (REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint, no_horovod_mpi,
-                          run_python)
 
 from datkit.netemu import hosts as H
 from datkit.netemu.hosts import NEEDS, NetemuError, Topology, available, down, existing_namespaces, up
 from datkit.netemu.launch import LaunchSpec, host_commands, write_ssh_shim
 from datkit.netemu.probe import measure_throughput
+from helpers.runs import (
+    REPO,
+    TINY,
+    assert_same_weights,
+    child_env,
+    describe,
+    installed,
+    load_checkpoint,
+    no_horovod_mpi,
+    run_python,
+)
 
 REASON = available()
 needs_netns = pytest.mark.skipif(REASON is not None, reason=REASON or NEEDS)
@@ -63,7 +72,8 @@ def test_rates_and_refusal_without_root(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert available() is not None and available().startswith(NEEDS)
     # CLI errors exit 2 with a message and no traceback (as root: the bad rate; otherwise: not root)
-    proc = run_python(["-m", "datkit.netemu", "up", "--hosts", "2", "--rate", "100mb", "--prefix", _prefix("x")], cwd=REPO)
+    proc = run_python(["-m", "datkit.netemu", "up", "--hosts", "2", "--rate", "100mb", "--prefix", _prefix("x")],
+                      cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
     assert ("bits per second" if REASON is None else NEEDS) in proc.stderr, describe(proc)
 
@@ -81,7 +91,8 @@ def test_up_down_touch_only_their_namespaces() -> None:
                                   text=True, check=True).stdout
             assert f"{topo.addr(i)}/24" in addr
             for ns, dev in ((topo.host_ns(i), topo.iface), (topo.switch_ns, topo.port(i))):
-                qdisc = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
+                qdisc = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True,
+                                       text=True).stdout
                 assert "tbf" in qdisc and "rate 1Gbit" in qdisc, qdisc
         with pytest.raises(NetemuError, match="exist already"):
             up(Topology(2, "1gbit", prefix))
@@ -118,7 +129,8 @@ def test_100mbit_link_throughput_and_ssh_shim(tmp_path: Path) -> None:
 NO_HOROVOD = None if installed("horovod.torch") else "needs Horovod (launchers/install_horovod.sh)"
 NO_HOROVOD_MPI = no_horovod_mpi()
 BACKENDS = [pytest.param("torch", id="torch"),
-            pytest.param("horovod", id="horovod", marks=pytest.mark.skipif(NO_HOROVOD is not None, reason=str(NO_HOROVOD))),
+            pytest.param("horovod", id="horovod", marks=pytest.mark.skipif(
+                NO_HOROVOD is not None, reason=str(NO_HOROVOD))),
             pytest.param("deepspeed", id="deepspeed", marks=pytest.mark.skipif(
                 not installed("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')"))]
 
@@ -133,8 +145,9 @@ def two_host_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
             tmp = tmp_path_factory.mktemp(f"two_host_{launcher or backend}")
             prefix, out = _prefix("r"), tmp / "out"
             via = ["--launcher", launcher] if launcher else []
-            proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--rate", "1gbit", "--backend", backend, *via,
-                               "--prefix", prefix, "--timeout", "300", "--", *_tiny(), *FEW, f"train.output_dir={out}"],
+            proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--rate", "1gbit", "--backend", backend,
+                               *via, "--prefix", prefix, "--timeout", "300", "--", *_tiny(), *FEW,
+                               f"train.output_dir={out}"],
                               cwd=tmp, timeout=360)
             assert proc.returncode == 0, describe(proc)
             assert existing_namespaces(prefix) == []
@@ -174,10 +187,10 @@ def test_horovod_over_mpi_across_hosts_matches_gloo(launcher: str, two_host_run:
 def test_sigterm_mid_run_tears_down(tmp_path: Path) -> None:
     prefix = _prefix("s")
     before = _root_net()
-    proc = subprocess.Popen([sys.executable, "-m", "datkit.netemu", "run", "--hosts", "2", "--rate", "1gbit", "--backend",
-                             "torch", "--prefix", prefix, "--", *_tiny(), "train.epochs=50", "log.progress=false",
-                             f"train.output_dir={tmp_path / 'out'}"], cwd=tmp_path, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "datkit.netemu", "run", "--hosts", "2", "--rate", "1gbit",
+                             "--backend", "torch", "--prefix", prefix, "--", *_tiny(), "train.epochs=50",
+                             "log.progress=false", f"train.output_dir={tmp_path / 'out'}"], cwd=tmp_path,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (tmp_path / "out" / "metrics.jsonl").exists():
         assert proc.poll() is None, proc.communicate()
@@ -202,7 +215,8 @@ def bench_network(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
         pytest.skip(REASON)
     out = tmp_path_factory.mktemp("bench") / "bench"
     proc = run_python(["-m", "datkit.bench", "network", "--hosts", "2", "--rates", "100mbit", "--compressors", "none",
-                       "int8-2s", "onebit", "onebit-adam", "--steps", "4", "--epochs", "2", "--prefix", _prefix("n"), "--out", str(out)],
+                       "int8-2s", "onebit", "onebit-adam", "--steps", "4", "--epochs", "2", "--prefix", _prefix("n"),
+                       "--out", str(out)],
                       cwd=out.parent, timeout=480)
     assert proc.returncode == 0, describe(proc)
     rows = json.loads((out / "bench_network.json").read_text())["rows"]
@@ -223,7 +237,8 @@ def test_bench_network_writes_its_table_plot_and_goals(bench_network: tuple[Path
     for comp, goal in (("int8-2s", 0.3), ("onebit", 0.06), ("onebit-adam", 0.06)):
         assert f"goal C({comp})/C(none) <= {goal} at 2 hosts x 100mbit: **" in table, table
         assert rows[comp]["goal_reached"] == (rows[comp]["C_ratio"] <= goal)
-    assert "s/step" in table and 0.01 < json.loads((out / "bench_network.json").read_text())["setup"]["plain_step_s"] < 30
+    assert ("s/step" in table
+            and 0.01 < json.loads((out / "bench_network.json").read_text())["setup"]["plain_step_s"] < 30)
     assert (out / "bench_network.png").stat().st_size > 1000
 
 
@@ -279,6 +294,7 @@ def test_mpi_launches_and_a_launcher_of_another_backend(tmp_path: Path) -> None:
     assert host_commands("horovod", spec)[0].argv[cmd.argv.index("--mpi")] == "--gloo"  # horovod's own: gloo
     with pytest.raises(ValueError, match="does not launch backend=torch"):
         host_commands("torch", spec, "mpirun")
-    proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--backend", "torch", "--launcher", "mpirun"], cwd=REPO)
+    proc = run_python(["-m", "datkit.netemu", "run", "--hosts", "2", "--backend", "torch", "--launcher", "mpirun"],
+                      cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
     assert ("does not launch --backend torch" if REASON is None else NEEDS) in proc.stderr, describe(proc)

@@ -1,4 +1,5 @@
-"""1-bit Adam / 1-bit LAMB (``datkit.optim.onebit``) and the communicating-optimizer seam (``datkit.optim.communicating``).
+"""1-bit Adam / 1-bit LAMB (``datkit.optim.onebit``) and the communicating-optimizer seam
+(``datkit.optim.communicating``).
 
 In-process: the warm-up is exactly ``torch.optim.Adam`` (1-bit LAMB: exactly LALR), the variance freezes at
 ``freeze_step``, a fractional ``freeze_step`` resolves against the run, bad settings fail at start-up.
@@ -10,28 +11,20 @@ uninterrupted run's weights (atol 0); 1-bit LAMB trains. Horovod and DeepSpeed Z
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import REPO, TINY, assert_same_weights, describe, load_checkpoint, run_python
 
 from datkit.optim import LALR
 from datkit.optim.onebit import OnebitAdam
+from helpers.runs import assert_same_weights, load_checkpoint
 
 # 2 epochs of 3 steps, the variance frozen after step 2: epoch 1 ends with a compressed step (so a checkpoint after
 # it holds error-feedback residuals), epoch 2 is compressed. A 512-unit
 # hidden layer (~40k parameters) so that the codec's padding to whole blocks is small next to the payload.
 ONEBIT = ["optim.name=onebit_adam", "optim.freeze_step=2", "optim.lr=0.01", "schedule.name=constant", "train.epochs=2",
           "train.max_steps=3", "model.kwargs.hidden=512"]
-WIRE = REPO / "tests" / "helpers" / "wire_train.py"
-from test_certified_attacked import CROSS_BACKEND  # noqa: E402
-
-
-def _tiny() -> list[str]:
-    return [a for a in TINY if not a.startswith("backend=")]
-
 
 # --- in-process ---------------------------------------------------------------------------------------
 def _train(make, steps: int = 12) -> torch.Tensor:
@@ -106,24 +99,8 @@ def test_zero_stage_1_is_refused_with_the_reason() -> None:
 
 
 # --- one torchrun launch --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def torch_onebit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every torch-backend run of this module in ONE 2-worker torchrun launch, with the certified runs that
-    test_horovod and test_deepspeed compare with (``test_certified_attacked.CROSS_BACKEND``); returns the folder
-    of their outputs."""
-    tmp = tmp_path_factory.mktemp("onebit")
-    base = ["backend=torch", *_tiny(), *ONEBIT]
-    runs = {"ddp": base, "noddp": [*base, "dist.ddp=false"],
-            "adam_warm": [*base, "optim.name=adam", "train.epochs=1", "train.max_steps=2"],
-            "onebit_warm": [*base, "train.epochs=1", "train.max_steps=2"],
-            "part": [*base, "train.epochs=1"], "resumed": [*base, "train.resume=true"],
-            "lamb": [*base, "optim.name=onebit_lamb"]}
-    runs.update({name: ["backend=torch", *_tiny(), *args] for name, args in CROSS_BACKEND.items()})
-    runs = {name: [*args, f"train.output_dir={tmp / ('part' if name == 'resumed' else name)}"] for name, args in runs.items()}
-    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WIRE), json.dumps(runs)],
-                      cwd=tmp, timeout=300, DATKIT_TEST_WIRE_DIR=str(tmp))
-    assert proc.returncode == 0, describe(proc)
-    return tmp
+# ``torch_onebit`` (tests/conftest.py): every torch-backend run of this module, and the certified runs that
+# test_horovod and test_deepspeed compare with, in ONE 2-worker torchrun launch.
 
 
 def _fp32_allreduce_bytes(weights: dict[str, torch.Tensor]) -> float:
@@ -159,7 +136,8 @@ def test_bytes_after_the_warm_up_are_the_codecs_and_match_the_wire(torch_onebit:
     ckpt = load_checkpoint(torch_onebit / "ddp")
     first, compressed = (r["bytes_per_iter"] for r in ckpt["records"])
     fp32, onebit = _fp32_allreduce_bytes(ckpt["model"]), _onebit_bytes(ckpt["model"])
-    assert first == pytest.approx((2 * fp32 + onebit) / 3, rel=1e-9)  # 2 float32 allreduces of the gradients, 1 codec step
+    # 2 float32 allreduces of the gradients, 1 codec step
+    assert first == pytest.approx((2 * fp32 + onebit) / 3, rel=1e-9)
     assert compressed == pytest.approx(onebit, rel=1e-9)
     assert compressed <= 0.04 * fp32, compressed / fp32
     recs = [r for r in wire_records(torch_onebit) if r["run"] == "ddp" and r["epoch"] == 2]

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.runs import train_inprocess
 
 from datkit.engine import overfitting
+from helpers.runs import train_inprocess
 
 SCRIPT = [0.50, 0.80, 0.30, 0.75]  # the probe's accuracy after epochs 1..4: epoch 3 falls 0.5 below the best
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+
 from helpers.runs import REPO, TINY, describe, load_checkpoint, run_python
 
 
@@ -75,7 +76,8 @@ def test_datkit_never_imports_horovod_or_deepspeed_at_import_time(tmp_path: Path
 # --- the script form (what the deepspeed launcher runs) ---------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("local_rank", [["--local_rank=0"], ["--local-rank", "0"]], ids=["local_rank=0", "local-rank_0"])
+@pytest.mark.parametrize("local_rank", [["--local_rank=0"], ["--local-rank", "0"]],
+                         ids=["local_rank=0", "local-rank_0"])
 def test_train_script_with_local_rank(local_rank: list[str], tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_python([str(REPO / "datkit" / "train.py"), *local_rank, *TINY, "train.epochs=1", "train.max_steps=1",

@@ -68,7 +68,8 @@ def test_outside_a_scope_or_for_other_shapes_the_global_rng_draws() -> None:
 
 def test_keys_are_distinct_and_reproducible() -> None:
     keys = randomness.sample_keys(0, 1, range(10_000)) + randomness.sample_keys(0, 2, range(10_000))
-    keys += randomness.sample_keys(1, 1, range(10_000)) + randomness.sample_keys(0, randomness.EVAL_STREAM, range(10_000))
+    keys += (randomness.sample_keys(1, 1, range(10_000))
+             + randomness.sample_keys(0, randomness.EVAL_STREAM, range(10_000)))
     assert len(set(keys)) == len(keys)
     assert randomness.sample_keys(7, 3, [5]) == randomness.sample_keys(7, 3, torch.tensor([5]))
 

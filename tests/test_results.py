@@ -7,11 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers.runs import train_inprocess
 
 from datkit.backends.comm_timer import CommTimer
 from datkit.backends.select import detect_backend
 from datkit.engine.results import markdown_table
+from helpers.runs import train_inprocess
 
 HEADER = "| epoch | loss | TA | RA | RA (train probe) | own attack (train probe) | C (s) | T (s) | bytes/iter |"
 PLAIN_HEADER = "| epoch | loss | TA | RA | C (s) | T (s) | bytes/iter |"
@@ -87,7 +87,7 @@ def test_results_md(run: tuple[Path, dict]) -> None:
     assert HEADER in text
     lines = text.splitlines()
     i = lines.index(HEADER)
-    rows = [line for line in lines[i + 2: lines.index("", i)]]
+    rows = list(lines[i + 2: lines.index("", i)])
     assert [row.split("|")[1].strip() for row in rows] == [str(e) for e in range(1, EPOCHS + 1)]
     assert f"TA {final['TA']:.4f}" in text and f"RA {final['RA']:.4f}" in text
     final_header = "| TA | RA | AA | C (s) | T (s) | bytes/iter |"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import assert_same_weights, load_checkpoint, train_inprocess
 
 from datkit import checkpoint as ckpt
 from datkit.engine import Trainer
+from helpers.runs import assert_same_weights, load_checkpoint, train_inprocess
 
 # 2 steps per epoch keeps 4 epochs fast; eval every epoch.
 RUN = ["train.max_steps=2", "train.batch_size=32", "train.checkpoint_every=1"]
@@ -95,7 +95,8 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(uninterrupted: di
 
 @pytest.mark.slow
 def test_resume_without_checkpoint_starts_from_scratch(uninterrupted: dict, tmp_path: Path) -> None:
-    train_inprocess([*RUN, "schedule.name=constant", "train.epochs=4", "train.resume=true", f"train.output_dir={tmp_path}"])
+    train_inprocess([*RUN, "schedule.name=constant", "train.epochs=4", "train.resume=true",
+                     f"train.output_dir={tmp_path}"])
     assert_same_weights(load_checkpoint(tmp_path)["model"], uninterrupted["constant"]["model"], atol=1e-6)
     assert _epochs(tmp_path) == [1, 2, 3, 4]
 
@@ -146,7 +147,8 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: 
 def test_resume_from_an_older_checkpoint_lists_each_epoch_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # checkpoint every 2 epochs; the run dies in epoch 4, after epoch 3 was logged but not checkpointed.
     # Resuming repeats epoch 3: metrics.jsonl must then hold epochs 1..4 once each, like results.json.
-    args = [*RUN, "schedule.name=constant", "train.epochs=4", "train.checkpoint_every=2", f"train.output_dir={tmp_path}"]
+    args = [*RUN, "schedule.name=constant", "train.epochs=4", "train.checkpoint_every=2",
+            f"train.output_dir={tmp_path}"]
     _run_dying_at(args, 4, monkeypatch)
     assert load_checkpoint(tmp_path)["epoch"] == 2
     train_inprocess([*args, "train.resume=true"])
@@ -171,8 +173,8 @@ def test_mid_epoch_resume_after_a_crash_reproduces_the_uninterrupted_run(uninter
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # checkpoint_every_steps=5 counts from the run's start: after step 0 of epoch 3 (2 steps per epoch); the run
     # dies (an exception) in step 1 of epoch 3; no epoch-end checkpoint before the last (checkpoint_every=0).
-    args = [*RUN, "schedule.name=cosine", "train.epochs=4", "train.checkpoint_every=0", "train.checkpoint_every_steps=5",
-            f"train.output_dir={tmp_path}"]
+    args = [*RUN, "schedule.name=cosine", "train.epochs=4", "train.checkpoint_every=0",
+            "train.checkpoint_every_steps=5", f"train.output_dir={tmp_path}"]
     real_step = Trainer.train_step
 
     def dying(self, *a, **kw):
@@ -217,7 +219,8 @@ def test_sigterm_in_process_checkpoints_mid_epoch_exits_75_and_resumes_exactly(
     assert stop.value.code == EXIT_PREEMPTED == 75
     assert signal.getsignal(signal.SIGTERM) == before
     assert ("datkit: got SIGTERM on rank 0: checkpoint after epoch 2 step 1 written to "
-            f"{tmp_path / 'checkpoint_last.pt'}; exit 75 (requeue and resume with train.resume=true)") in capsys.readouterr().out
+            f"{tmp_path / 'checkpoint_last.pt'}; exit 75 (requeue and resume with train.resume=true)"
+            in capsys.readouterr().out)
     cut = load_checkpoint(tmp_path)
     # the epoch's last step was trained: the checkpoint is mid-epoch (its evaluation and record are still to come)
     assert (cut["epoch"], cut["mid_epoch"]["epoch"], cut["mid_epoch"]["next_step"]) == (1, 2, 2)

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
 from datkit.backends.base import Backend
 from datkit.config import ConfigError, load_config, validate_for_training, validate_for_world
-from datkit.preflight import validate_config
 from datkit.data import MixedBatchSampler, balanced_split
+from datkit.preflight import validate_config
 from datkit.semisup import pseudo_label
+from helpers.runs import TINY, assert_same_weights, describe, load_checkpoint, run_python, train_inprocess
 
-SEMI = ["data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2", "train.epochs=1", "train.max_steps=3"]
+SEMI = ["data.num_labeled=100", "semisup.enabled=true", "semisup.teacher_epochs=2", "train.epochs=1",
+        "train.max_steps=3"]
 
 
 # --- the split -------------------------------------------------------------------------------------------
@@ -132,7 +133,8 @@ def semi_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_semisup_run_reports_teacher_and_pseudo_labels(semi_run: Path) -> None:
     final = json.loads((semi_run / "results.json").read_text())["final"]
     assert final["num_labeled"] == 100 and final["num_unlabeled"] == 1338  # digits: 1438 training images
-    assert final["teacher_epochs"] == 2 and 0.0 <= final["teacher_TA"] <= 1.0 and 0.0 <= final["pseudo_label_acc"] <= 1.0
+    assert (final["teacher_epochs"] == 2 and 0.0 <= final["teacher_TA"] <= 1.0
+            and 0.0 <= final["pseudo_label_acc"] <= 1.0)
     teacher = torch.load(semi_run / "teacher.pt", map_location="cpu", weights_only=True)
     assert teacher["teacher"] is True and set(teacher["model"]) == set(load_checkpoint(semi_run)["model"])
 
@@ -169,6 +171,7 @@ def test_two_workers_match_one_worker(semi_run: Path, tmp_path: Path) -> None:
     proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "datkit.train", *TINY,
                        *steps, f"train.output_dir={two}"], cwd=tmp_path, timeout=280)
     assert proc.returncode == 0, describe(proc)
-    a, b = json.loads((one / "results.json").read_text())["final"], json.loads((two / "results.json").read_text())["final"]
+    a, b = (json.loads((one / "results.json").read_text())["final"],
+            json.loads((two / "results.json").read_text())["final"])
     assert b["world_size"] == 2 and a["pseudo_label_acc"] == b["pseudo_label_acc"]
     assert_same_weights(load_checkpoint(two)["model"], load_checkpoint(one)["model"], atol=1e-5)

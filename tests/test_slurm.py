@@ -1,11 +1,13 @@
-"""A real Slurm cluster on emulated hosts (``python -m datkit.netemu slurm``) running launchers/slurm_*.sbatch as written.
+"""A real Slurm cluster on emulated hosts (``python -m datkit.netemu slurm``) running launchers/slurm_*.sbatch as
+written.
 
 One 2-node cluster for the module (munge, slurmctld, 2 slurmds in their namespaces). Each sbatch script runs a tiny job
 across both nodes (1 worker per node: ``--gpus-per-node=1``, the stand-in GPUs) and its final weights equal, exactly,
-those of the same job under the plain one-host launcher with the same world size (torchrun_local.sh, horovodrun_local.sh,
-deepspeed_local.sh). The requeue mechanics: SIGUSR1 to the batch shell (what ``--signal=B:USR1@120`` sends before the
-time limit) stops the step, the script requeues the job, the second run resumes (train.resume=true) and ends with the
-uninterrupted run's weights. ``slurm down`` leaves no process, namespace or file behind.
+those of the same job under the plain one-host launcher with the same world size (torchrun_local.sh,
+horovodrun_local.sh, deepspeed_local.sh). The requeue mechanics: SIGUSR1 to the batch shell (what
+``--signal=B:USR1@120`` sends before the time limit) stops the step, the script requeues the job, the second run
+resumes (train.resume=true) and ends with the uninterrupted run's weights. ``slurm down`` leaves no process,
+namespace or file behind.
 
 Root only (network namespaces, daemons); skipped with the reason elsewhere. Slurm jobs are polled with scontrol (sbatch
 --wait polls too slowly) and a requeued job's 2-minute BeginTime delay (Slurm's) is skipped with StartTime=now once
@@ -21,13 +23,21 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.ports import reserve_port
-from helpers.runs import (REPO, TINY, assert_same_weights, child_env, describe, installed, load_checkpoint,
-                          no_horovod_mpi)
 
 from datkit.netemu import slurm as S
 from datkit.netemu.hosts import NEEDS, NetemuError, Topology, existing_namespaces, ns_pids
 from datkit.netemu.slurm_conf import state_dir
+from helpers.ports import reserve_port
+from helpers.runs import (
+    REPO,
+    TINY,
+    assert_same_weights,
+    child_env,
+    describe,
+    installed,
+    load_checkpoint,
+    no_horovod_mpi,
+)
 
 REASON = S.slurm_available()
 needs_slurm = pytest.mark.skipif(REASON is not None, reason=REASON or NEEDS)
@@ -124,7 +134,8 @@ def cluster() -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory):
-    """``reference(launcher)``: the output folder of the plain run under ``launchers/<launcher>`` (run once per module)."""
+    """``reference(launcher)``: the output folder of the plain run under ``launchers/<launcher>`` (run once per
+    module)."""
     done: dict[str, Path] = {}
 
     def get(launcher: str) -> Path:
@@ -138,8 +149,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
 
 PLAIN = {"slurm_torchrun.sbatch": "torchrun_local.sh", "slurm_horovod.sbatch": "horovodrun_local.sh",
          "slurm_deepspeed.sbatch": "deepspeed_local.sh"}
-NEEDS_HOROVOD = pytest.mark.skipif(not installed("horovod.torch"), reason="needs Horovod (launchers/install_horovod.sh)")
-NEEDS_DEEPSPEED = pytest.mark.skipif(not installed("deepspeed"), reason="needs DeepSpeed (pip install -e '.[deepspeed]')")
+NEEDS_HOROVOD = pytest.mark.skipif(not installed("horovod.torch"),
+                                   reason="needs Horovod (launchers/install_horovod.sh)")
+NEEDS_DEEPSPEED = pytest.mark.skipif(not installed("deepspeed"),
+                                     reason="needs DeepSpeed (pip install -e '.[deepspeed]')")
 SCRIPTS = [pytest.param("slurm_torchrun.sbatch", id="torchrun"),
            pytest.param("slurm_horovod.sbatch", id="horovodrun", marks=NEEDS_HOROVOD),
            pytest.param("slurm_deepspeed.sbatch", id="deepspeed", marks=NEEDS_DEEPSPEED)]
@@ -172,7 +185,8 @@ def test_nodes_names_and_ssh_between_them(cluster: str, tmp_path: Path) -> None:
     log = tmp_path / "names.log"
     cmd = (f"srun -l bash -c 'hostname; ip -o -4 addr show {cluster}eth | grep -o \"inet [0-9.]*\"'; "
            f"ssh {cluster}h1 hostname")
-    proc = subprocess.run(S.client_argv(cluster, ["sbatch", "--parsable", "--nodes=2", f"--output={log}", "--wrap", cmd]),
+    proc = subprocess.run(S.client_argv(cluster, ["sbatch", "--parsable", "--nodes=2", f"--output={log}", "--wrap",
+                                                  cmd]),
                           env=_env(cluster), cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, describe(proc)
     rec = wait_job(cluster, proc.stdout.strip(), log, timeout=60)
@@ -189,7 +203,8 @@ def assert_requeued_mid_epoch(rec: dict, text: str, restarts: int | None) -> Non
     """The job completed after ``restarts`` requeues (None: at least one), the workers checkpointed after epoch 1's
     step 2 and exited 75, and the rerun resumed there (mid-epoch)."""
     assert rec["JobState"] == "COMPLETED", f"{rec}\n{text[-4000:]}"
-    assert (rec["Restarts"] == str(restarts)) if restarts is not None else int(rec["Restarts"]) >= 1, f"{rec}\n{text[-4000:]}"
+    assert ((rec["Restarts"] == str(restarts)) if restarts is not None
+            else int(rec["Restarts"]) >= 1), f"{rec}\n{text[-4000:]}"
     assert "checkpoint after epoch 1 step 2 written" in text and "exit 75" in text, text[-4000:]
     assert re.search(r"resumed from .*checkpoint_last\.pt in epoch 1 after step 2 \(mid-epoch\)", text), text[-4000:]
 
@@ -254,7 +269,8 @@ def test_sbatch_equals_the_plain_launcher(cluster: str, reference, script: str, 
 
 def _leftovers(prefix: str) -> list[str]:
     """Processes whose command line names the cluster (daemons, job steps, shims)."""
-    out = subprocess.run(["pgrep", "-af", f"datkit-slurm-{prefix}|{prefix}h[0-9]"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-af", f"datkit-slurm-{prefix}|{prefix}h[0-9]"], capture_output=True,
+                         text=True).stdout
     return [line for line in out.splitlines() if str(os.getpid()) != line.split()[0] and "pgrep" not in line]
 
 

@@ -16,12 +16,12 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
-from helpers.runs import one_thread
 from scipy.stats import binomtest
 from torch import nn
 
 from datkit.certify import Smooth
 from datkit.certify.smoothing import certified_radius, example_generator, lower_confidence_bound
+from helpers.runs import one_thread
 
 PHI_INV = NormalDist().inv_cdf  # independent of scipy
 

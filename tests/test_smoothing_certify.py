@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import describe, one_thread, run_python, train_inprocess
 
 from datkit.certify import __main__ as certify_main
 from datkit.certify.smoothing_report import COLUMNS, certified_accuracy, summary, update_results_json
 from datkit.certify.smoothing_run import certify
 from datkit.config import ConfigError, load_config
 from datkit.preflight import validate_config
+from helpers.runs import describe, one_thread, run_python, train_inprocess
 
 SIGMA = 0.5  # the training sigma; certification inherits it
 FAST = ["smoothing.n0=20", "smoothing.n=300", "smoothing.batch_size=150", "log.progress=false"]
@@ -85,7 +85,8 @@ def test_seeded_reproducible_and_overridable(checkpoint: Path, tmp_path: Path) -
     args = [f"checkpoint={checkpoint}", "smoothing.num_samples=4", *FAST]
     a = certify([*args, f"output_dir={tmp_path / 'a'}"])
     b = certify([*args, f"output_dir={tmp_path / 'b'}"])
-    c = certify([*args, "smoothing.seed=1", "smoothing.sigma=0.25", "smoothing.radii=[0,0.1]", f"output_dir={tmp_path / 'c'}"])
+    c = certify([*args, "smoothing.seed=1", "smoothing.sigma=0.25", "smoothing.radii=[0,0.1]",
+                 f"output_dir={tmp_path / 'c'}"])
     assert _rows_without_time(a) == _rows_without_time(b)
     assert [r["radius"] for r in a["rows"]] != [r["radius"] for r in c["rows"]]
     assert c["sigma"] == 0.25 and list(c["certified_accuracy"]) == ["0", "0.1"]
@@ -181,5 +182,6 @@ def test_config_validation_names_the_keys() -> None:
 
 @pytest.mark.slow
 def test_cli_exit_code(checkpoint: Path, tmp_path: Path) -> None:
-    proc = run_python(["-m", "datkit.certify", f"checkpoint={checkpoint}", "smoothing.sigma=0"], cwd=tmp_path, timeout=120)
+    proc = run_python(["-m", "datkit.certify", f"checkpoint={checkpoint}", "smoothing.sigma=0"], cwd=tmp_path,
+                      timeout=120)
     assert proc.returncode == 2 and "smoothing.sigma=0.0 must be > 0" in proc.stderr, describe(proc)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import one_thread
 
 from datkit.config import load_config
 from datkit.methods import StepInfo, create_method
 from datkit.methods.smoothing import _SoftSmoothed
 from datkit.models import create_model
+from helpers.runs import one_thread
 
 
 @pytest.fixture(autouse=True)

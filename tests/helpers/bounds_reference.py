@@ -32,7 +32,8 @@ def affine_layers(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
     layers = [(m.weight.detach().double().numpy().copy(), m.bias.detach().double().numpy().copy()) for m in linears]
     W, b = layers[0]
     d = W.shape[1]
-    m_, s_ = (mean.expand(d) if mean.numel() == 1 else mean).numpy(), (std.expand(d) if std.numel() == 1 else std).numpy()
+    m_, s_ = ((mean.expand(d) if mean.numel() == 1 else mean).numpy(),
+              (std.expand(d) if std.numel() == 1 else std).numpy())
     layers[0] = (W / s_, b - (W / s_) @ m_)  # W ((x - m) / s) + b
     return layers
 

@@ -104,7 +104,8 @@ def main(out_path: str) -> None:
     fp32 = allreduce_bytes(big.numel() * 4, m)
     # ... and against this worker's own socket writes (wchar: other processes cannot disturb it)
     for label, name, opts in (("none", "none", {}), ("fp16", "fp16", {}), ("bf16", "bf16", {}),
-                              ("int8_one", "int8", {}), ("int8_two", "int8", {"two_sided": True}), ("onebit", "onebit", {})):
+                              ("int8_one", "int8", {}), ("int8_two", "int8", {"two_sided": True}),
+                              ("onebit", "onebit", {})):
         counter = ByteCounter()
         be.barrier()
         before = written_bytes()
@@ -140,7 +141,8 @@ def main(out_path: str) -> None:
     res["state_roundtrip"] = bool(all(sorted(mine[side]) == sorted(ob.residuals[side]) and ob.residuals[side]
                                       and all(torch.equal(mine[side][k], r) for k, r in ob.residuals[side].items())
                                       for side in ("worker", "server")))
-    res["state_differs_per_rank"] = bool(not torch.equal(saved["ranks"][0]["worker"][key], saved["ranks"][m - 1]["worker"][key]))
+    res["state_differs_per_rank"] = bool(not torch.equal(saved["ranks"][0]["worker"][key],
+                                                         saved["ranks"][m - 1]["worker"][key]))
 
     # one worker's view of another's output: every worker gets the same result
     outs = be.all_gather(get_compressor("onebit").reduce_mean(g.clone(), be))

@@ -1,8 +1,8 @@
 """Run a launcher in its own session, time-stamp every output line, and check that nothing is left behind.
 
 ``watch_launch`` reads stdout+stderr line by line (so a test can act on a marker: ``on_line(seconds, line,
-launcher pid)``, e.g. SIGKILL a process whose pid a line names) and returns when the launcher exits or ``timeout`` passes; then it
-kills whatever is left in the session, reporting it (a test asserts that nothing was).
+launcher pid)``, e.g. SIGKILL a process whose pid a line names) and returns when the launcher exits or ``timeout``
+passes; then it kills whatever is left in the session, reporting it (a test asserts that nothing was).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .runs import child_env
 

@@ -11,8 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -83,7 +84,8 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_python(args: Sequence[str], cwd: str | os.PathLike, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+def run_python(args: Sequence[str], cwd: str | os.PathLike, timeout: float = 240,
+               **env: str) -> subprocess.CompletedProcess:
     """``sys.executable *args`` in ``cwd``; stdout/stderr captured as text."""
     return subprocess.run([sys.executable, *args], cwd=str(cwd), env=child_env(**env), capture_output=True,
                           text=True, timeout=timeout)
