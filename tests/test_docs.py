@@ -80,3 +80,18 @@ def test_mkdocs_build_strict(tmp_path):
     assert 'id="datkit.backends.Backend"' in (site / "reference/api/backends/index.html").read_text()
     assert 'id="datkit.fit"' in (site / "reference/api/datkit/index.html").read_text()
     assert 'id="datkit.certify.ibp_bounds"' in (site / "reference/api/certify/index.html").read_text()
+
+
+def test_plugins_page_lists_every_registered_name():
+    # docs/plugins.md's table of plug-in points names what each registry holds
+    from datkit.compress import COMPRESSORS
+    from datkit.data import DATASETS
+    from datkit.methods import METHODS
+    from datkit.optim import OPTIMIZERS
+
+    text = (DOCS / "plugins.md").read_text()
+    for key, registry in (("data.name", DATASETS), ("method.name", METHODS), ("optim.name", OPTIMIZERS),
+                          ("compression.name", COMPRESSORS)):
+        row = next(ln for ln in text.splitlines() if ln.startswith(f"| `{key}` |"))
+        listed = {name.strip() for name in row.split("|")[2].split(",")}
+        assert listed == set(registry.names()), (key, sorted(listed ^ set(registry.names())))
