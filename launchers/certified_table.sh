@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The certified-training table of the README (issue 19): fast IBP, CROWN-IBP (loss fusion), MTL-IBP and SABR on
+# The certified-training table of docs/results.md (issue 19): fast IBP, CROWN-IBP (loss fusion), MTL-IBP and SABR on
 # the offline config (configs/mnist5k_ibp.yaml: mnist5k, narrow CNN-7, eps 0.3, 12 epochs, one CPU core each, two
 # runs at a time), evaluated on the official MNIST test set (../shared/data) with PGD-10 and the verification
 # cascade [ibp, crown-ibp, crown] sharded over 2 workers (python -m datkit.evaluate attacks=[pgd,verified]).

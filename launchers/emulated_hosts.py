@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Emulated multi-node runs on one machine (root): ``launchers/emulated_hosts.py up|down|run|probe ...``.
 
-Same as ``python -m datkit.netemu``; see the README section "Multi-node on one machine (emulated hosts)".
+Same as ``python -m datkit.netemu``; see docs/emulated_hosts.md.
   sudo launchers/emulated_hosts.py run --hosts 2 --rate 100mbit --backend torch -- train.epochs=1
 """
 import os

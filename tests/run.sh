@@ -12,6 +12,17 @@ bash "$ROOT/launchers/install_cluster_tools.sh" || true
 # Horovod for the Horovod backend's tests: built from source for the venv's torch on the first run (minutes),
 # then installed from the cached wheel. A failed build stops here (set -e): the tests are not run without it.
 PYTHON="$ROOT/.venv/bin/python" bash "$ROOT/launchers/install_horovod.sh"
+# The docs site's build tools in their own venv, .venv-docs (docs/requirements.txt says why not in .venv):
+# tests/test_docs.py runs `mkdocs build --strict` with it. Re-running is cheap: pip runs again only when
+# docs/requirements.txt is newer than the stamp. A failed install stops here (set -e), like Horovod's build.
+if [ ! -x "$ROOT/.venv-docs/bin/python" ]; then
+  echo "datkit: creating $ROOT/.venv-docs (mkdocs, Material, mkdocstrings) with $($PYTHON --version)"
+  "$PYTHON" -m venv "$ROOT/.venv-docs"
+fi
+if [ ! "$ROOT/.venv-docs/.installed" -nt "$ROOT/docs/requirements.txt" ]; then
+  "$ROOT/.venv-docs/bin/python" -m pip install --quiet -r "$ROOT/docs/requirements.txt"
+  touch "$ROOT/.venv-docs/.installed"
+fi
 cd "$ROOT"
 WORKERS="${DATKIT_TEST_WORKERS:-2}"
 if [ "$WORKERS" = 0 ]; then

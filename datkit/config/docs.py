@@ -1,7 +1,8 @@
-"""The README's config reference, generated from the schema's field comments.
+"""The config reference (docs/reference/config.md), generated from the schema's field comments.
 
 ``python -m datkit.config.docs`` prints a Markdown table (key, type, default, meaning) for every
-field of ``datkit.config.schema``; a test checks that the README holds exactly this table.
+field of ``datkit.config.schema``; ``python -m datkit.config.docs_sync`` writes it into the docs page and a test
+checks that the page holds exactly this table.
 """
 from __future__ import annotations
 
