@@ -87,5 +87,5 @@ def fail(err: BaseException, code: int = 2) -> None:
 USAGE = """usage: python -m datkit.train [--config FILE] [key=value ...]
        torchrun --nproc_per_node N -m datkit.train [--config FILE] [key=value ...]
 
-Keys are those of datkit.config.schema (see the README's config reference), e.g.
+Keys are those of datkit.config.schema (see docs/reference/config.md), e.g.
   python -m datkit.train --config configs/mnist_pgd.yaml train.epochs=3 attack.steps=10 backend=torch"""
