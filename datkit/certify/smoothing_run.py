@@ -31,7 +31,7 @@ from datkit.config import ConfigError
 from datkit.preflight import validate_config
 
 from . import smoothing_report as report
-from .smoothing import Smooth, example_generator
+from .smoothed_classifier import Smooth, example_generator
 
 OPTIONS: dict[str, Any] = {"checkpoint": None, "output_dir": None}
 
