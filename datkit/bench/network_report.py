@@ -57,15 +57,15 @@ def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
     """The results table, then the goals (reached / not reached) with this machine's plain s/step."""
     head = ("| hosts | rate | link (Mbit/s, probed) | compressor | bytes/iter | C/epoch (s) | C_wire/epoch (s) | "
             "C_codec/epoch (s) | C min (s) | T/epoch (s) | C ratio | T ratio | bytes ratio | C min ratio |")
-    lines = [f"`python -m datkit.bench network` — backend {setup['backend']}, {setup['steps']} steps/epoch, median over "
-             f"epochs 2..{setup['epochs']}, 1 worker per host, job: {' '.join(setup['job'])}", "", head,
+    lines = [f"`python -m datkit.bench network` — backend {setup['backend']}, {setup['steps']} steps/epoch, median "
+             f"over epochs 2..{setup['epochs']}, 1 worker per host, job: {' '.join(setup['job'])}", "", head,
              "|" + "---|" * 14]
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else spec.format(v)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['hosts']} | {r['rate']} | {f(r.get('probe_bps', 0) / 1e6, '{:.0f}')} | {r['compressor']} | "
-                         f"failed: {r['error']} ||||||||||")
+            lines.append(f"| {r['hosts']} | {r['rate']} | {f(r.get('probe_bps', 0) / 1e6, '{:.0f}')} | "
+                         f"{r['compressor']} | failed: {r['error']} ||||||||||")
             continue
         lines.append(f"| {r['hosts']} | {r['rate']} | {r['probe_bps'] / 1e6:.0f} | {r['compressor']} | "
                      f"{r['bytes_per_iter']:,.0f} | {r['C_s']:.3f} | {f(r.get('C_wire_s'), '{:.3f}')} | "
@@ -98,8 +98,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     for rt in rates]
             xs = [i + j * width for i in range(len(rates))]
             ax.bar(xs, [max(v, 1e-4) for v in vals], width, label=c)
-            wire = [next((r.get("C_wire_s") for r in ok if r["hosts"] == h and r["rate"] == rt and r["compressor"] == c),
-                         None) for rt in rates]
+            wire = [next((r.get("C_wire_s") for r in ok
+                          if r["hosts"] == h and r["rate"] == rt and r["compressor"] == c), None) for rt in rates]
             ax.scatter([x for x, w in zip(xs, wire) if w], [w for w in wire if w], marker="_", s=200, color="black",
                        label="C_wire (bytes at the probed rate)" if j == 0 else None, zorder=3)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rates))], rates)

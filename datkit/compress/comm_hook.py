@@ -16,8 +16,9 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,7 +74,7 @@ class DDPCompressionHook:
         self._bytes = 0.0  # drained from byte_counter by bytes_sent()
 
     # --- registering -------------------------------------------------------------------------------
-    def register(self, ddp_model: nn.parallel.DistributedDataParallel) -> "DDPCompressionHook":
+    def register(self, ddp_model: nn.parallel.DistributedDataParallel) -> DDPCompressionHook:
         """``ddp_model.register_comm_hook(None, self.hook)`` (once per model, before the first backward)."""
         ddp_model.register_comm_hook(None, self.hook)
         return self
@@ -150,8 +151,8 @@ class DDPCompressionHook:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("datkit.compress: this DDP hook was closed; a DDP model cannot unregister its comm hook, "
-                               "so close() only after the last backward pass")
+            raise RuntimeError("datkit.compress: this DDP hook was closed; a DDP model cannot unregister its comm "
+                               "hook, so close() only after the last backward pass")
 
     # --- accounting --------------------------------------------------------------------------------
     def bytes_sent(self) -> float:
@@ -195,8 +196,8 @@ class DDPCompressionHook:
         m = self.collectives.world_size
         mine = pick_state(state, self.collectives.rank, m, self.device)
         if mine is None:
-            warnings.warn(f"datkit.compress: the compressor state is for {state.get('world_size')} workers, this run has "
-                          f"{m}: error-feedback residuals start from zero", stacklevel=2)
+            warnings.warn(f"datkit.compress: the compressor state is for {state.get('world_size')} workers, this run "
+                          f"has {m}: error-feedback residuals start from zero", stacklevel=2)
             return
         self.compressor.load_local_state(mine)
 
@@ -208,7 +209,7 @@ class DDPCompressionHook:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def __enter__(self) -> "DDPCompressionHook":
+    def __enter__(self) -> DDPCompressionHook:
         return self
 
     def __exit__(self, *exc: object) -> None:

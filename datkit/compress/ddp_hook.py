@@ -98,14 +98,15 @@ def register_ddp_hook(ddp_model: nn.parallel.DistributedDataParallel, compressor
                              f"{type(compressor).__name__} is already built")
         comp = compressor
     else:
-        raise TypeError(f"compressor must be a name (str) or a datkit.compress.Compressor, got {type(compressor).__name__}")
+        raise TypeError("compressor must be a name (str) or a datkit.compress.Compressor, got "
+                        f"{type(compressor).__name__}")
 
     module = ddp_model.module
     if comp is not None:
         for name, p in module.named_parameters():
             if p.requires_grad and p.dtype != torch.float32:
-                raise ValueError(f"compressor '{comp.name}' averages float32 gradients; parameter '{name}' is {p.dtype} "
-                                 f"(keep the parameters float32, e.g. with torch.autocast, or use 'none')")
+                raise ValueError(f"compressor '{comp.name}' averages float32 gradients; parameter '{name}' is "
+                                 f"{p.dtype} (keep the parameters float32, e.g. with torch.autocast, or use 'none')")
     group = process_group if process_group is not None else getattr(ddp_model, "process_group", None)
     coll = ProcessGroupCollectives(group)
     hook = DDPCompressionHook(comp, coll, list(module.parameters()), process_group=group)

@@ -35,7 +35,8 @@ class TrainingCheckpoints:
     """The checkpoint of a run in ``cfg.train.output_dir`` (``CHECKPOINT``): ``due_after_step`` /
     ``due_after_epoch`` say when one is written, ``save`` writes one (collective), ``restore`` reads one back."""
 
-    def __init__(self, cfg: Any, backend: Any, model: Any, optimizer: Any, scheduler: Any, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Any, backend: Any, model: Any, optimizer: Any, scheduler: Any,
+                 steps_per_epoch: int) -> None:
         self.cfg, self.backend, self.model, self.optimizer, self.scheduler = cfg, backend, model, optimizer, scheduler
         self.steps_per_epoch = steps_per_epoch
         self.path = os.path.join(cfg.train.output_dir, CHECKPOINT)
@@ -92,7 +93,8 @@ class TrainingCheckpoints:
         try:
             progress = epoch_progress(state.get("mid_epoch"))  # None: an epoch-end checkpoint (or an older file)
         except ValueError as err:
-            raise CheckpointError(RESUME_KEY, path, f"not a training checkpoint: {err}", shown=f"true ({path})") from None
+            raise CheckpointError(RESUME_KEY, path, f"not a training checkpoint: {err}",
+                                  shown=f"true ({path})") from None
         if progress is not None and progress.epoch != int(state["epoch"]) + 1:
             raise CheckpointError(RESUME_KEY, path, f"not a training checkpoint: 'mid_epoch.epoch' is {progress.epoch} "
                                   f"after {state['epoch']} complete epochs", shown=f"true ({path})")

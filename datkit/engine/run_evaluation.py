@@ -23,7 +23,8 @@ class RunEvaluation:
     def __init__(self, cfg: Any, backend: Any, model: torch.nn.Module, data: Any, method: Any) -> None:
         self.cfg, self.backend, self.model, self.data, self.method = cfg, backend, model, data, method
         self.ra = ra_attack(cfg.eval, cfg.attack.eps, cfg.attack.norm)  # the RA column's attack
-        self.final_evaluation: tuple[float, list[int], dict[str, float], dict[str, torch.Tensor]] | None = None  # final()
+        # final(): (seconds, indices, record, per-image outcomes), once it ran
+        self.final_evaluation: tuple[float, list[int], dict[str, float], dict[str, torch.Tensor]] | None = None
 
     def evaluate(self, num_samples: int) -> tuple[list[int], dict[str, float], dict[str, torch.Tensor]]:
         """(the test indices, TA / RA / the method's own columns (e.g. verified accuracy), which images were correct
@@ -42,7 +43,8 @@ class RunEvaluation:
         cfg = self.cfg
         if epoch == cfg.train.epochs and not self.method.eval_metrics():
             _, idx, _, per_image = self.final()
-            ev = subset_accuracy(per_image, idx, eval_subset(len(self.data.test), cfg.eval.num_samples, seed=cfg.train.seed))
+            subset = eval_subset(len(self.data.test), cfg.eval.num_samples, seed=cfg.train.seed)
+            ev = subset_accuracy(per_image, idx, subset)
             if ev is not None:
                 return ev
         return self.evaluate(cfg.eval.num_samples)[1]
