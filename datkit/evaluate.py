@@ -8,7 +8,8 @@ override (``data.shared_root=...``, ``device=cpu``) is merged on top. Evaluation
 bare keys of :data:`OPTIONS`. Every rank evaluates its shard of the test subset and the counts are
 summed (``datkit.engine.evaluate.evaluate_per_image``); rank 0 prints a Markdown table and writes it as JSON
 (``output``, default ``evaluation.json`` next to the checkpoint) and Markdown (same name, ``.md``).
-Start-up errors exit with code 2 and one message on stderr.
+Start-up errors exit with code 2 and one message on stderr. The command-line skeleton and the loading of the
+run and its model are ``datkit.checkpoint_jobs``', shared with ``datkit.certify``.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from datkit.cli import fail, parse_args
-from datkit.config import Config, ConfigError
+from datkit.checkpoint_jobs import ROOT_SCALARS, is_config_override, job_argv, job_items, key_value, load_model
+from datkit.checkpoint_jobs import load_run as load_run  # re-exported: datkit.evaluate.load_run
+from datkit.checkpoint_jobs import require_checkpoint
+from datkit.cli import fail
+from datkit.config import ConfigError
 from datkit.preflight import validate_config
 
 # Evaluation options and their defaults. eps, pgd_alpha, pgd_steps, pgd_restarts, batch_size and
@@ -36,7 +39,6 @@ _EVAL_KEYS = {"eps": "eps", "pgd_alpha": "pgd_alpha", "pgd_steps": "pgd_steps", 
               "batch_size": "batch_size", "num_samples": "final_num_samples"}
 # attack name -> result column
 COLUMNS: dict[str, str] = {"clean": "TA", "pgd": "RA", "autoattack": "AA", "fgsm": "FGSM", "verified": "VA"}
-_ROOT_SCALARS = ("backend", "device")
 
 USAGE = """usage: python -m datkit.evaluate checkpoint=PATH [attacks=[pgd,autoattack]] [eps=0.3] [pgd_steps=20]
          [pgd_alpha=2.5*eps/pgd_steps] [pgd_restarts=1] [num_samples=0] [batch_size=500] [output=PATH.json]
@@ -69,9 +71,7 @@ def split_args(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     given: dict[str, Any] = {}
     overrides: list[str] = []
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"argument '{item}' is not of the form key=value (see --help)")
+        key, value = key_value(item)
         if key in ("checkpoint", "output"):
             given[key] = value
         elif key == "attacks":
@@ -82,40 +82,19 @@ def split_args(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
             given[key] = _number(key, value, float)
         elif key in OPTIONS:
             given[key] = _number(key, value, int)
-        elif "." in key or key in _ROOT_SCALARS:
+        elif is_config_override(key):
             overrides.append(item)
         else:
             raise ConfigError(f"unknown option '{key}'; evaluation options: {', '.join(OPTIONS)}; training-config "
-                              f"overrides are dotted keys (e.g. data.shared_root=...) or {', '.join(_ROOT_SCALARS)}")
+                              f"overrides are dotted keys (e.g. data.shared_root=...) or {', '.join(ROOT_SCALARS)}")
     unknown = [n for n in given.get("attacks", []) if n not in COLUMNS]
     if unknown:
         raise ConfigError(f"unknown attack(s) {', '.join(map(repr, unknown))} in attacks=; known: {', '.join(COLUMNS)}")
-    if not given.get("checkpoint"):
-        raise ConfigError("checkpoint=PATH is required (a datkit checkpoint, e.g. runs/<name>/checkpoint_last.pt)")
+    require_checkpoint(given.get("checkpoint"))
     opts = {**OPTIONS, **given}
     dotlist = [f"eval.{_EVAL_KEYS[k]}={'null' if OPTIONS[k] is None else OPTIONS[k]}" for k in _EVAL_KEYS if k != "eps"]
     dotlist += overrides + [f"eval.{_EVAL_KEYS[k]}={given[k]!r}" for k in _EVAL_KEYS if k in given]
     return opts, dotlist
-
-
-def load_run(path: str, overrides: Sequence[str]) -> tuple[dict[str, Any], Any]:
-    """(checkpoint state, config) where config = schema <- the checkpoint's config <- ``overrides``."""
-    from datkit.checkpoint import CheckpointError, load_datkit_checkpoint
-    from datkit.config.load import _translate
-
-    state = load_datkit_checkpoint(path, "checkpoint")  # one-line CheckpointError for any unusable file
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"]))
-    except OmegaConfBaseException as err:
-        raise CheckpointError("checkpoint", path, f"the config stored in it does not fit this datkit's schema: "
-                                                  f"{str(err).splitlines()[0]}") from None
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise _translate(err, "the command line") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse a command-line value as YAML ({str(err).splitlines()[0]})") from None
-    return state, cfg
 
 
 def build_attacks(opts: dict[str, Any], cfg: Any, n_classes: int) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -217,21 +196,12 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Start-up errors print one message on stderr (rank 0) and raise ``SystemExit(2)``.
     """
     from datkit.backends import BackendUnavailable, create_backend
-    from datkit.checkpoint import check_model_fits
     from datkit.data import build_data, dataset_spec, eval_subset
-    from datkit.engine import build_model
     from datkit.engine.evaluate import evaluate_per_image
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        raise SystemExit(0)
+    argv = job_argv(argv, USAGE)
     try:
-        config_path, items = parse_args(argv)
-        if config_path is not None:
-            raise ConfigError("--config is not used by datkit.evaluate: the configuration comes from the checkpoint; "
-                              "change it with key=value overrides")
-        opts, dotlist = split_args(items)
+        opts, dotlist = split_args(job_items(argv, "datkit.evaluate"))
         state, cfg = load_run(opts["checkpoint"], dotlist)
         validate_config(cfg)
         spec = dataset_spec(cfg.data)  # data.resize applied
@@ -242,21 +212,13 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         if cfg.eval.batch_size < backend.world_size:
             fail(ConfigError(f"batch_size={cfg.eval.batch_size} must be >= the number of workers ({backend.world_size})"))
-        try:
-            model = build_model(cfg, spec)
-        except (TypeError, ValueError) as err:
-            fail(ConfigError(f"cannot build model '{cfg.model.name}' for checkpoint '{opts['checkpoint']}': {err}"))
         kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
         what = (f"model '{cfg.model.name}' (kwargs {kwargs}, {cfg.data.name} data) of its config (if that model's "
                 f"definition changed since, override model.name=/model.kwargs.*)")
         try:
-            check_model_fits(state["model"], model, "checkpoint", opts["checkpoint"], what)
-            model.load_state_dict(state["model"])
+            model = load_model(state, cfg, spec, opts["checkpoint"], what)
         except ConfigError as err:
             fail(err)
-        except RuntimeError as err:
-            fail(ConfigError(f"the weights in checkpoint '{opts['checkpoint']}' do not fit {what}: "
-                             f"{' '.join(str(err).split())[:600]}"))
         model = model.to(backend.device)
         data = build_data(cfg.data)
         idx = eval_subset(len(data.test), cfg.eval.final_num_samples, seed=cfg.train.seed)

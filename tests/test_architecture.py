@@ -1,5 +1,6 @@
 """The structure the code promises, checked on the source: one builder of runs, a leaf config package, no import
-cycles (function-level imports included; ``if TYPE_CHECKING:`` blocks are annotations only, not imports)."""
+cycles, no library module importing the developer tools (``datkit.bench``, ``datkit.netemu``) (function-level
+imports included; ``if TYPE_CHECKING:`` blocks are annotations only, not imports)."""
 from __future__ import annotations
 
 import ast
@@ -113,3 +114,72 @@ def test_no_assembly_outside_the_builder(pattern: str) -> None:
     hits = [f"{p.relative_to(REPO)}:{i}" for p in SOURCES for i, line in enumerate(p.read_text().splitlines(), 1)
             if re.search(pattern, line)]
     assert not hits, hits
+
+
+# --- developer tools apart from the library ---------------------------------------------------------------------
+# datkit.bench (benchmarks) and datkit.netemu (emulated hosts) ship inside the package, so that `python -m datkit.bench`
+# and `python -m datkit.netemu` work from any install, but they are developer tools, not library API: they may use
+# the library, the library never uses them.
+TOOLS = ("datkit.bench", "datkit.netemu")
+
+
+def _is_tool(module: str) -> bool:
+    return any(module == t or module.startswith(t + ".") for t in TOOLS)
+
+
+LIBRARY = sorted(m for m in MODULES if not _is_tool(m))
+
+
+def _dynamic_imports(name: str) -> set[str]:
+    """Modules named by a constant string in ``importlib.import_module(...)`` / ``__import__(...)`` calls."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+                and ast.unparse(node.func).split(".")[-1] in ("import_module", "__import__")):
+            out.add(node.args[0].value)
+    return out
+
+
+def _tool_imports(name: str) -> list[str]:
+    return sorted(t for t in GRAPH[name] | _dynamic_imports(name) if _is_tool(t))
+
+
+def test_the_tools_are_found() -> None:
+    assert {"datkit.bench", "datkit.bench.network", "datkit.netemu", "datkit.netemu.hosts"} <= set(MODULES)
+    assert "datkit.train" in LIBRARY and "datkit.backends.base" in LIBRARY and "datkit.bench.step" not in LIBRARY
+
+
+@pytest.mark.parametrize("module", LIBRARY)
+def test_the_library_does_not_import_the_developer_tools(module: str) -> None:
+    hits = _tool_imports(module)
+    assert not hits, (f"{module} imports {hits}: datkit.bench and datkit.netemu are developer tools, not library API; "
+                      "move what the library needs out of them")
+
+
+def test_the_tool_check_finds_a_tool_import() -> None:
+    GRAPH["datkit.train"].add("datkit.netemu.hosts")  # function-level imports are edges of GRAPH too
+    try:
+        assert _tool_imports("datkit.train") == ["datkit.netemu.hosts"]
+    finally:
+        GRAPH["datkit.train"].discard("datkit.netemu.hosts")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_each_tool_says_it_is_a_developer_tool(tool: str) -> None:
+    doc = ast.get_docstring(ast.parse(MODULES[tool].read_text())) or ""
+    assert "developer tool, not library API" in " ".join(doc.split()), f"{tool}'s docstring"
+
+
+# --- small files --------------------------------------------------------------------------------------------------
+MAX_LINES = 300
+OVER_THE_LIMIT = {"datkit/checkpoint.py"}  # being restructured with the Backend's checkpoint IO (issue 21)
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "datkit").rglob("*.py")
+                                        if not p.is_symlink() and "backends" not in p.relative_to(REPO).parts))
+def test_no_library_file_over_300_lines(path: str) -> None:
+    lines = len((REPO / path).read_text().splitlines())
+    if path in OVER_THE_LIMIT:
+        pytest.skip(f"{path}: {lines} lines, exempt while it is restructured")
+    assert lines <= MAX_LINES, f"{path} has {lines} lines (> {MAX_LINES}): split it by concept, one concept per file"

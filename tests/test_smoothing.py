@@ -20,7 +20,7 @@ from scipy.stats import binomtest
 from torch import nn
 
 from datkit.certify import Smooth
-from datkit.certify.smoothing import certified_radius, example_generator, lower_confidence_bound
+from datkit.certify.smoothed_classifier import certified_radius, example_generator, lower_confidence_bound
 from helpers.runs import one_thread
 
 PHI_INV = NormalDist().inv_cdf  # independent of scipy

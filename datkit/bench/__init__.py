@@ -1,5 +1,9 @@
 """Benchmarks of datkit against plain PyTorch: ``python -m datkit.bench SUBCOMMAND [options]``.
 
+This package is a developer tool, not library API: it measures datkit and may import any part of it, while no
+library module imports it (``tests/test_architecture.py`` checks this); it ships inside the package only so that
+``python -m datkit.bench`` runs from any install.
+
 Each subcommand lives in its own module with a ``main(argv) -> int`` function and is imported only
 when it runs. To add one, add an entry to :data:`SUBCOMMANDS` (name -> (module, one-line summary)).
 

@@ -5,7 +5,7 @@ Public API (imported lazily so that ``import datkit.certify`` stays cheap):
 - ``ibp_bounds(model, x, eps)``, ``crown_ibp_bounds(model, x, eps)``, ``crown_bounds(model, x, eps)``: logit
   bounds over the l_inf ball (``datkit.certify.bounds``, Shi et al. 2021 / Zhang et al. 2020 / Zhang et al. 2018);
 - ``Smooth(model, num_classes, sigma)``: randomized smoothing, ``predict`` and ``certify``
-  (``datkit.certify.smoothing``, Cohen et al. 2019).
+  (``datkit.certify.smoothed_classifier``, Cohen et al. 2019).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ _EXPORTS = {
     "ibp_bounds": "datkit.certify.bounds",
     "crown_ibp_bounds": "datkit.certify.bounds",
     "crown_bounds": "datkit.certify.bounds",
-    "Smooth": "datkit.certify.smoothing",
+    "Smooth": "datkit.certify.smoothed_classifier",
 }
 
 

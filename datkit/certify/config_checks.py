@@ -8,7 +8,7 @@ from datkit.config import at_least, choices
 from .bounds.engines import ENGINES, require_engine
 from .cascade import verify_errors
 from .regularizers import TERMS
-from .schedules import SCHEDULES
+from .schedules import EPS_SCHEDULES
 
 
 def smoothing_config_errors(cfg) -> list[str]:
@@ -39,7 +39,7 @@ def bounds_config_errors(cfg) -> list[str]:
     (``bounds.loss_fusion``, CROWN-IBP) on the native engine only."""
     b, errors = cfg.bounds, []
     choices(errors, "bounds.engine", b.engine, ENGINES)
-    choices(errors, "bounds.eps_schedule", b.eps_schedule, SCHEDULES)
+    choices(errors, "bounds.eps_schedule", b.eps_schedule, EPS_SCHEDULES)
     at_least(errors, "bounds.eps_start", b.eps_start, 0.0)
     at_least(errors, "bounds.eps_length", b.eps_length, 0.0)
     choices(errors, "bounds.init", b.init, ("ibp", "default"))

@@ -13,7 +13,7 @@ here. Progress is fractional (epoch - 1 + step / steps_per_epoch), so eps grows 
 """
 from __future__ import annotations
 
-SCHEDULES = ("linear", "smoothed")
+EPS_SCHEDULES = ("linear", "smoothed")
 MID, BETA = 0.25, 4.0
 
 
@@ -29,8 +29,8 @@ def smoothed_fraction(s: float, mid: float = MID, beta: float = BETA) -> float:
 
 def eps_schedule(name: str, eps_max: float, start: float, length: float, progress: float) -> float:
     """``eps_t`` after ``progress`` epochs of training (see the module docstring)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"eps schedule must be one of {', '.join(SCHEDULES)}; got {name!r}")
+    if name not in EPS_SCHEDULES:
+        raise ValueError(f"eps schedule must be one of {', '.join(EPS_SCHEDULES)}; got {name!r}")
     if progress < start:
         return 0.0
     if length <= 0:

@@ -3,7 +3,7 @@
     python -m datkit.certify checkpoint=runs/mnist5k_smoothing/checkpoint_last.pt smoothing.n=10000
     torchrun --nproc_per_node 2 -m datkit.certify checkpoint=PATH smoothing.sigma=0.25 smoothing.num_samples=500
 
-The run's configuration is rebuilt from the checkpoint (as in ``datkit.evaluate``); ``smoothing.*``,
+The run's configuration is rebuilt from the checkpoint (``datkit.checkpoint_jobs``, as in ``datkit.evaluate``); ``smoothing.*``,
 ``data.*``, ``device`` and ``backend`` overrides are merged on top (``smoothing.sigma`` defaults to the
 sigma the checkpoint was trained with). ``smoothing.num_samples`` test images (a seeded subset) are split
 over the workers (``indices[rank::world_size]``); every worker runs Cohen et al.'s CERTIFY
@@ -17,22 +17,23 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from typing import Any, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
-from datkit.cli import fail, parse_args
+from datkit.checkpoint_jobs import ROOT_SCALARS, is_config_override, job_argv, job_items, key_value, load_run
+from datkit.checkpoint_jobs import load_model as load_checkpoint_model
+from datkit.checkpoint_jobs import require_checkpoint
+from datkit.cli import fail
 from datkit.config import ConfigError
 from datkit.preflight import validate_config
 
 from . import smoothing_report as report
-from .smoothing import Smooth, example_generator
+from .smoothed_classifier import Smooth, example_generator
 
 OPTIONS: dict[str, Any] = {"checkpoint": None, "output_dir": None}
-_ROOT_SCALARS = ("backend", "device")
 
 USAGE = """usage: python -m datkit.certify checkpoint=PATH [output_dir=DIR] [smoothing.sigma=0.25] [smoothing.n0=100]
          [smoothing.n=100000] [smoothing.alpha=0.001] [smoothing.batch_size=1000] [smoothing.num_samples=500]
@@ -49,41 +50,26 @@ def split_args(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """(options, config dotlist): the bare options of ``OPTIONS`` and the dotted config overrides."""
     opts, overrides = dict(OPTIONS), []
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"argument '{item}' is not of the form key=value (see --help)")
+        key, value = key_value(item)
         if key in OPTIONS:
             opts[key] = value
-        elif "." in key or key in _ROOT_SCALARS:
+        elif is_config_override(key):
             overrides.append(item)
         else:
             raise ConfigError(f"unknown option '{key}'; options: {', '.join(OPTIONS)}; certification settings are "
                               f"smoothing.* keys (e.g. smoothing.n=10000), other config overrides dotted keys or "
-                              f"{', '.join(_ROOT_SCALARS)}")
-    if not opts["checkpoint"]:
-        raise ConfigError("checkpoint=PATH is required (a datkit checkpoint, e.g. runs/<name>/checkpoint_last.pt)")
+                              f"{', '.join(ROOT_SCALARS)}")
+    require_checkpoint(opts["checkpoint"])
     return opts, overrides
 
 
 def load_model(state: dict[str, Any], cfg, spec, path: str) -> torch.nn.Module:
-    """The checkpoint's model; a ``ConfigError`` that names the model when the weights do not fit."""
-    from datkit.checkpoint import check_model_fits
-    from datkit.engine import build_model
-
-    try:
-        model = build_model(cfg, spec)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"cannot build model '{cfg.model.name}' for checkpoint '{path}': {err}") from None
+    """The checkpoint's model (``datkit.checkpoint_jobs.load_model``); a ``ConfigError`` that names the model when the
+    weights do not fit."""
     kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     what = (f"model '{cfg.model.name}' (kwargs {kwargs}, {cfg.data.name} data, {spec.num_classes} classes) of its "
             f"config (override model.name=/model.kwargs.*/data.name= to match it)")
-    check_model_fits(state["model"], model, "checkpoint", path, what)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise ConfigError(f"the weights in checkpoint '{path}' do not fit {what}: is it a checkpoint of another model? "
-                          f"{' '.join(str(err).split())[:600]}") from None
-    return model
+    return load_checkpoint_model(state, cfg, spec, path, what, hint="is it a checkpoint of another model? ")
 
 
 def certify_shard(backend, smooth: Smooth, dataset, indices: Sequence[int], sm, progress: bool) -> list[report.Row]:
@@ -122,18 +108,10 @@ def certify(argv: Sequence[str] | None = None) -> dict[str, Any]:
     under ``"rows"``. Start-up errors print one message on stderr (rank 0) and raise ``SystemExit(2)``."""
     from datkit.backends import BackendUnavailable, create_backend
     from datkit.data import build_data, dataset_spec, eval_subset
-    from datkit.evaluate import load_run
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        raise SystemExit(0)
+    argv = job_argv(argv, USAGE)
     try:
-        config_path, items = parse_args(argv)
-        if config_path is not None:
-            raise ConfigError("--config is not used by datkit.certify: the configuration comes from the checkpoint; "
-                              "change it with key=value overrides (e.g. smoothing.n=10000)")
-        opts, dotlist = split_args(items)
+        opts, dotlist = split_args(job_items(argv, "datkit.certify", " (e.g. smoothing.n=10000)"))
         state, cfg = load_run(opts["checkpoint"], dotlist)
         validate_config(cfg)
         spec = dataset_spec(cfg.data)  # data.resize applied

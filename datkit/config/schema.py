@@ -66,7 +66,8 @@ class ModelConfig:
 
 @dataclass
 class AttackConfig:
-    """The attack used to generate training examples (method pgd / fgsm / trades)."""
+    """The attack used to generate training examples (methods pgd / fgsm / nfgsm / trades, and the PGD point of
+    mtl-ibp / cc-ibp / sabr); ``attack.eps`` is also the eps every method trains up to."""
 
     eps: float = 0.4  # training perturbation budget in pixel units ([0,1] inputs), e.g. 0.3 MNIST, 8/255 CIFAR (the
     # main job trains at 0.4, evaluates at eval.eps=0.3)

@@ -24,23 +24,24 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from datkit import randomness
-from datkit.config import CHECKPOINT
-from datkit.data import eval_subset, iterate_batches, random_shift
+from datkit.data import iterate_batches, random_shift
 from datkit.methods import StepInfo
 
 from . import fault_injection
-from .epoch_state import EpochProgress, epoch_progress, gather_ranks, restore_ranks
-from .evaluate import evaluate_per_image, ra_attack, subset_accuracy, subset_outcomes
+from .checkpointing import TrainingCheckpoints
+from .epoch_state import EpochProgress, restore_ranks
 from .nonfinite import NonFiniteGuard
 from .overfitting import OverfittingCheck
 from .preemption import EXIT_PREEMPTED, Preempted, StopSignals, signal_name, who_got_what
 from .results import ResultsWriter
+from .run_evaluation import RunEvaluation
 
 if TYPE_CHECKING:  # only an annotation: run.py builds runs and hands them to this loop
     from .run import Run
 
 class Trainer:
-    """Trains a :class:`~datkit.engine.run.Run` (built by ``build_run``): epochs, evaluation, checkpoints, results.
+    """Trains a :class:`~datkit.engine.run.Run` (built by ``build_run``): epochs, evaluation (``self.evaluation``,
+    ``datkit.engine.run_evaluation``), checkpoints (``self.checkpoints``, ``datkit.engine.checkpointing``), results.
 
     Restores ``run.resume_from`` (a resumed run) when it is created; opens the results files (rank 0) when
     ``train()`` starts, so a Trainer made only to time ``train_step`` (``datkit.bench``) writes nothing.
@@ -59,11 +60,12 @@ class Trainer:
         self.start_epoch, self.records = 1, []
         self.resume_progress: EpochProgress | None = None  # a mid-epoch checkpoint's partial epoch
         self.stop_signals = StopSignals()  # installed while train() runs
+        self.checkpoints = TrainingCheckpoints(self.cfg, self.backend, self.model, self.optimizer, self.scheduler,
+                                               self.steps_per_epoch)
         if run.resume_from is not None:
             self.records = self._load(run.resume_from)
         self.writer: ResultsWriter | None = None
-        self.ra = ra_attack(self.cfg.eval, self.cfg.attack.eps, self.cfg.attack.norm)  # the RA column's attack
-        self.final_evaluation: tuple[float, list[int], dict[str, float], dict[str, torch.Tensor]] | None = None  # final()
+        self.evaluation = RunEvaluation(self.cfg, self.backend, self.raw, self.data, self.method)
         self.overfitting = OverfittingCheck(self.cfg, self.backend, self.raw, self.data.train, self.records, self.method)
         self.co_fired: dict[str, Any] | None = next(  # a resumed run that had fired keeps it
             (r["co_fired"] for r in self.records if isinstance(r.get("co_fired"), dict)), None)
@@ -113,7 +115,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", eps=f"{info.eps:.3f}")
             signals = self.nonfinite.stop_signals  # every rank's, exchanged in train_step's check
-            if any(signals) or self._step_checkpoint_due(epoch, step):
+            if any(signals) or self.checkpoints.due_after_step(epoch, step):
                 p = EpochProgress(epoch, step + 1, float(loss_sum), steps, p.T_s + time.perf_counter() - start,
                                   p.C_s + be.comm_seconds(), p.bytes + be.comm_bytes(), self.nonfinite.skipped,
                                   self.nonfinite.consecutive)
@@ -134,22 +136,10 @@ class Trainer:
         stats = be.all_reduce(torch.tensor([float(loss_sum), steps], dtype=torch.float64, device=be.device), op="sum")
         return float(stats[0] / max(1.0, float(stats[1]))), seconds, comm
 
-    def _step_checkpoint_due(self, epoch: int, step: int) -> bool:
-        """``train.checkpoint_every_steps``: after every N-th optimizer step of the run (counted from its start), but
-        not after an epoch's last step when the epoch's own checkpoint follows."""
-        n = self.cfg.train.checkpoint_every_steps
-        if n <= 0 or ((epoch - 1) * self.steps_per_epoch + step + 1) % n:
-            return False
-        return step + 1 < self.steps_per_epoch or not self._epoch_checkpoint_due(epoch)
-
-    def _epoch_checkpoint_due(self, epoch: int) -> bool:
-        every = self.cfg.train.checkpoint_every
-        return bool(every and epoch % every == 0) or epoch == self.cfg.train.epochs
-
     def _preempted(self, signals: list[int], where: str) -> None:
         """Every worker: raise ``Preempted`` (exit code 75) once the checkpoint after ``where`` is written; rank 0 says so."""
         message = (f"datkit: got {who_got_what(signals)}: checkpoint after {where} written to "
-                   f"{os.path.join(self.out, CHECKPOINT)}; exit {EXIT_PREEMPTED} (requeue and resume with "
+                   f"{self.checkpoints.path}; exit {EXIT_PREEMPTED} (requeue and resume with "
                    "train.resume=true)")
         if self.backend.is_main:
             try:
@@ -196,36 +186,6 @@ class Trainer:
         self.scheduler.step()
         return step_loss
 
-    def evaluate(self, num_samples: int) -> tuple[list[int], dict[str, float], dict[str, torch.Tensor]]:
-        """(the test indices, TA / RA / the method's own columns (e.g. verified accuracy), which images were correct
-        clean and under the RA attack) on a fixed test subset of ``num_samples`` (0 = all)."""
-        idx = eval_subset(len(self.data.test), num_samples, seed=self.cfg.train.seed)
-        columns = {"TA": None, **({"RA": self.ra} if self.cfg.eval.robust else {}), **self.method.eval_metrics()}
-        ev, per_image = evaluate_per_image(self.backend, self.raw, self.data.test, idx, self.cfg.eval.batch_size,
-                                           columns, seed=self.cfg.train.seed)
-        return idx, ev, per_image
-
-    def epoch_evaluation(self, epoch: int) -> dict[str, float]:
-        """The per-epoch evaluation (``eval.num_samples``). At the last epoch the final evaluation runs here instead
-        (kept for ``finish``) and the per-epoch subset's columns are read from its per-image outcomes, when the
-        subset lies inside it and the method adds no metric column: the same keyed attacks on the same images,
-        not attacked twice."""
-        cfg = self.cfg
-        if epoch == cfg.train.epochs and not self.method.eval_metrics():
-            _, idx, _, per_image = self.final()
-            ev = subset_accuracy(per_image, idx, eval_subset(len(self.data.test), cfg.eval.num_samples, seed=cfg.train.seed))
-            if ev is not None:
-                return ev
-        return self.evaluate(cfg.eval.num_samples)[1]
-
-    def final(self) -> tuple[float, list[int], dict[str, float], dict[str, torch.Tensor]]:
-        """The final evaluation (``eval.final_num_samples``), run once: (seconds, indices, record, per-image)."""
-        if self.final_evaluation is None:
-            t0 = time.perf_counter()
-            idx, ev, per_image = self.evaluate(self.cfg.eval.final_num_samples)
-            self.final_evaluation = (time.perf_counter() - t0, idx, ev, per_image)
-        return self.final_evaluation
-
     # --- the run -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Train all remaining epochs, then evaluate on the final test set; returns the ``final`` record."""
@@ -260,7 +220,7 @@ class Trainer:
                                   "eps": self.method.train_eps(epoch)}
         if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
             t0 = time.perf_counter()
-            ev = self.epoch_evaluation(epoch)
+            ev = self.evaluation.epoch_evaluation(epoch)
             record.update(TA=ev["TA"], RA=ev.get("RA"), n_eval=ev["n"], eval_s=time.perf_counter() - t0)
             record.update({k: v for k, v in ev.items() if k not in ("TA", "RA", "n")})  # the method's columns (VA, VE)
         fired = self._check_overfitting(epoch, record)
@@ -273,7 +233,7 @@ class Trainer:
             co = f"  RA(train) {record['co_RA']:.4f}" if record.get("co_RA") is not None else ""
             print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}{va}{co}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
         stop = fired and cfg.eval.co_action == "stop"
-        saved = self._epoch_checkpoint_due(epoch) or stop
+        saved = self.checkpoints.due_after_epoch(epoch) or stop
         if saved:
             self.save(epoch)
         signals = self.nonfinite.share_stop_signal(self.stop_signals.signum)  # one float per worker per epoch
@@ -306,8 +266,8 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final evaluation (``eval.final_num_samples``) and all results files."""
         cfg, be = self.cfg, self.backend
-        seconds, idx, ev, per_image = self.final()
-        atk = self.ra
+        seconds, idx, ev, per_image = self.evaluation.final()
+        atk = self.evaluation.ra  # the RA column's attack
         final = {"TA": ev["TA"], "RA": ev.get("RA"), "n": ev["n"], "test_set": self.data.test_name, "eps": atk.eps,
                  "pgd_steps": atk.steps, "pgd_restarts": atk.restarts, "eval_s": seconds,
                  "train_time_s": sum(r["T_s"] for r in self.records), "C_s": sum(r["C_s"] for r in self.records),
@@ -317,7 +277,7 @@ class Trainer:
                  "world_size": be.world_size, "backend": be.name, "epochs": cfg.train.epochs, **self.recipe_info,
                  **{k: v for k, v in ev.items() if k not in ("TA", "RA", "n")}}
         if cfg.eval.aa_samples > 0:
-            final.update(self.autoattack(idx, per_image))
+            final.update(self.evaluation.autoattack(idx, per_image))
         if self.co_fired is not None:
             final["catastrophic_overfitting"] = {**self.co_fired, "action": cfg.eval.co_action}
         if self.writer is not None:
@@ -326,69 +286,14 @@ class Trainer:
             print("\n" + table + f"\n\nresults: {os.path.join(self.out, 'results.md')}", flush=True)
         return final
 
-    def autoattack(self, final_idx: list[int], per_image: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """AA on ``eval.aa_samples`` test examples (seeded subset), after the RA attack filtered them
-        (``datkit.engine.autoattack_eval``; the final evaluation's outcomes when it covered them):
-        ``{"AA", "n_aa", "n_aa_attacked", "aa_s"}``."""
-        from datkit.attacks import AutoAttack
-
-        from .autoattack_eval import evaluate_autoattack
-
-        cfg = self.cfg
-        idx = eval_subset(len(self.data.test), cfg.eval.aa_samples, seed=cfg.train.seed)
-        known = subset_outcomes(per_image, final_idx, idx)  # the final evaluation attacked them already
-        robust = known["TA"] & known["RA"] if known is not None and "RA" in known else None
-        aa = AutoAttack(self.ra.eps, cfg.attack.norm, version="standard", n_classes=self.data.spec.num_classes,
-                        seed=cfg.train.seed)
-        return evaluate_autoattack(self.backend, self.raw, self.data.test, idx, cfg.eval.batch_size, self.ra, aa,
-                                   seed=cfg.train.seed, progress=cfg.log.progress, robust=robust)
-
-    # --- checkpoints -------------------------------------------------------------------------------
+    # --- checkpoints (datkit.engine.checkpointing) ------------------------------------------------------
     def save(self, epoch: int, progress: EpochProgress | None = None) -> None:
-        """Collective: checkpoint after ``epoch`` complete epochs -- and, with ``progress``, the first
-        ``progress.next_step`` steps of epoch ``epoch + 1`` (a mid-epoch checkpoint, every rank's RNG state added):
-        the backend saves model and optimizer its way, with this run state."""
-        run_state = {"epoch": epoch, "scheduler": self.scheduler.state_dict(), "records": self.records,
-                     "config": OmegaConf.to_yaml(self.cfg, resolve=True), "world_size": self.backend.world_size,
-                     "compression": self.backend.compression_state(),
-                     "optimizer_exchange": self.backend.optimizer_exchange_state(),
-                     "nonfinite_consecutive": self.nonfinite.consecutive}
-        if progress is not None:
-            progress.ranks = gather_ranks(self.backend, progress.loss_sum)
-            run_state["mid_epoch"] = progress.to_state()
-        self.backend.save_training_state(os.path.join(self.out, CHECKPOINT), self.model, self.optimizer, run_state)
+        """Collective: checkpoint after ``epoch`` complete epochs (and, with ``progress``, part of the next one)."""
+        self.checkpoints.save(epoch, self.records, self.nonfinite.consecutive, progress)
 
     def _load(self, path: str) -> list[dict[str, Any]]:
-        """Restore a resumed run from ``path``. The file is untrusted input: every problem with it (a pickle
-        payload, a damaged or foreign file, another model or backend) is a one-line ``CheckpointError``
-        (``datkit.checkpoint``; exit code 2), raised by the backend's loader or here."""
-        from datkit.checkpoint import RESUME_KEY, CheckpointError
-
-        state = self.backend.load_training_state(path, self.model, self.optimizer)
-        own, saved = sorted(self.scheduler.state_dict()), sorted(state["scheduler"])
-        if own != saved:  # LR schedulers set every saved key as an attribute: only their own keys are taken
-            raise CheckpointError(RESUME_KEY, path, f"its 'scheduler' state has the keys {saved[:8]}, this run's "
-                                  f"schedule {own[:8]} (another schedule.name?)", shown=f"true ({path})")
-        for what, restore, saved in (("scheduler", self.scheduler.load_state_dict, state["scheduler"]),
-                                     ("compression", self.backend.load_compression_state, state.get("compression")),
-                                     ("optimizer_exchange", self.backend.load_optimizer_exchange_state,
-                                      state.get("optimizer_exchange"))):
-            try:
-                restore(saved)
-            except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
-                raise CheckpointError(RESUME_KEY, path, f"its '{what}' state does not fit this run "
-                                      f"({type(err).__name__}: {str(err)[:200]})", shown=f"true ({path})") from None
-        try:
-            progress = epoch_progress(state.get("mid_epoch"))  # None: an epoch-end checkpoint (or an older file)
-        except ValueError as err:
-            raise CheckpointError(RESUME_KEY, path, f"not a training checkpoint: {err}", shown=f"true ({path})") from None
-        if progress is not None and progress.epoch != int(state["epoch"]) + 1:
-            raise CheckpointError(RESUME_KEY, path, f"not a training checkpoint: 'mid_epoch.epoch' is {progress.epoch} "
-                                  f"after {state['epoch']} complete epochs", shown=f"true ({path})")
-        self.nonfinite.consecutive = int(state.get("nonfinite_consecutive", 0))
-        self.start_epoch, self.resume_progress = int(state["epoch"]) + 1, progress
-        if self.backend.is_main:
-            where = (f"after epoch {state['epoch']}" if progress is None else
-                     f"in epoch {progress.epoch} after step {progress.next_step - 1} (mid-epoch)")
-            print(f"datkit: resumed from {path} {where}", flush=True)
-        return list(state["records"])
+        """Restore a resumed run from ``path`` (``TrainingCheckpoints.restore``); returns the records so far."""
+        resumed = self.checkpoints.restore(path)
+        self.nonfinite.consecutive = resumed.nonfinite_consecutive
+        self.start_epoch, self.resume_progress = resumed.start_epoch, resumed.progress
+        return resumed.records

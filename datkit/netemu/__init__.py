@@ -1,5 +1,9 @@
 """Emulated multi-node runs on one machine (``python -m datkit.netemu`` / ``launchers/emulated_hosts.py``).
 
+This package is a developer tool, not library API: it runs datkit's multi-node launches on one machine, no
+library module imports it (``tests/test_architecture.py`` checks this), and it ships inside the package only so
+that ``python -m datkit.netemu`` runs from any install.
+
 - :mod:`datkit.netemu.hosts`: network namespaces on a software switch, ``tc tbf``-limited links, teardown;
 - :mod:`datkit.netemu.probe`: a TCP throughput probe between two emulated hosts;
 - :mod:`datkit.netemu.launch`: each backend's own multi-node launch (torchrun rendezvous, horovodrun -H

@@ -17,7 +17,7 @@ training). ``auto_lirpa`` (:mod:`.lirpa`) is an optional second engine.
 """
 from . import batchnorm, rules_affine, rules_relu, rules_shape  # noqa: F401  (register the rules)
 from .api import (
-                  METHODS,
+                  BOUND_METHODS,
                   MarginBounds,
                   bound_state,
                   crown_ibp_bounds,
@@ -37,13 +37,13 @@ from .core import (
                   register_module,
                   supported_layers,
 )
-from .crown import VERIFY_METHODS, crown_bounds, verified
+from .crown import VERIFY_BOUND_METHODS, crown_bounds, verified
 from .graph import BoundGraph, graph_of
 from .loss_fusion import FusedLoss, fused_bound, fused_cross_entropy, fused_loss
 from .propagate import BoundState
 
-__all__ = ["METHODS", "VERIFY_METHODS", "BoundGraph", "BoundState", "FusedLoss", "Interval", "MarginBounds", "Rule",
-           "UnsupportedLayer", "bound_state", "clean_batch_stats", "crown_bounds", "crown_ibp_bounds", "fused_bound",
-           "fused_cross_entropy", "fused_loss", "graph_of", "ibp_bounds", "input_box", "margin_bounds",
-           "num_classes_of", "record_batch_stats", "register_function", "register_method", "register_module",
-           "spec_matrix", "supported_layers", "verified"]
+__all__ = ["BOUND_METHODS", "VERIFY_BOUND_METHODS", "BoundGraph", "BoundState", "FusedLoss", "Interval",
+           "MarginBounds", "Rule", "UnsupportedLayer", "bound_state", "clean_batch_stats", "crown_bounds",
+           "crown_ibp_bounds", "fused_bound", "fused_cross_entropy", "fused_loss", "graph_of", "ibp_bounds",
+           "input_box", "margin_bounds", "num_classes_of", "record_batch_stats", "register_function",
+           "register_method", "register_module", "spec_matrix", "supported_layers", "verified"]

@@ -29,7 +29,7 @@ from .core import Interval, UnsupportedLayer
 from .graph import graph_of
 from .propagate import BoundState, backward_pass, ibp_pass
 
-METHODS = ("ibp", "crown-ibp")  # training bounds (margin_bounds)
+BOUND_METHODS = ("ibp", "crown-ibp")  # training bounds (margin_bounds)
 
 
 @dataclass
@@ -106,8 +106,8 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
     ``crown-ibp`` returns ``beta * CROWN-IBP + (1 - beta) * IBP`` (``beta = 0`` skips the backward pass).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method not in BOUND_METHODS:
+        raise ValueError(f"method must be one of {', '.join(BOUND_METHODS)}; got {method!r}")
     C = spec_matrix(y, num_classes or num_classes_of(model)).to(x.dtype)
     state = bound_state(model, x, eps, C, batch_stats)
     lower = state.output.lower

@@ -36,7 +36,7 @@ from .propagate import BoundState, backward_pass
 from .rules_affine import AvgPoolRule, Conv2dRule, LinearRule
 from .rules_relu import ReLURule
 
-VERIFY_METHODS = ("ibp", "crown-ibp", "crown")  # bounds of verified()
+VERIFY_BOUND_METHODS = ("ibp", "crown-ibp", "crown")  # bounds of verified()
 DEFAULT_MAX_ROWS = 4096  # rows (batch x neurons x 2) of one intermediate backward pass
 GROUP = 1  # examples bounded together: the rows are the neurons unstable for ANY of them (measured on an IBP-trained
 # CNN-7 at eps 0.3: 2.4 s for one example, 31.9 s for a group of 4, as the union of unstable neurons grows)
@@ -120,8 +120,8 @@ def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, met
              num_classes: int | None = None) -> torch.Tensor:
     """Boolean ``(B,)``: every margin's lower bound is positive. ``crown-ibp`` certifies an example when
     either IBP or CROWN-IBP does, ``crown`` when IBP or full CROWN (itself >= CROWN-IBP) does (all are sound)."""
-    if method not in VERIFY_METHODS:
-        raise ValueError(f"method must be one of {', '.join(VERIFY_METHODS)}; got {method!r}")
+    if method not in VERIFY_BOUND_METHODS:
+        raise ValueError(f"method must be one of {', '.join(VERIFY_BOUND_METHODS)}; got {method!r}")
     res = margin_bounds(model, x, y, eps, "ibp", num_classes=num_classes)
     lower = res.lower
     if method != "ibp":
