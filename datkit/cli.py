@@ -1,4 +1,5 @@
-"""Command-line parsing shared by ``datkit.train`` and the jobs on a checkpoint (``datkit.evaluate``, ``datkit.certify``).
+"""Command-line parsing shared by ``datkit.train`` and the jobs on a checkpoint (``datkit.evaluate``,
+``datkit.certify``).
 
 Accepted: ``--config FILE`` (or ``--config=FILE``), ``key=value`` overrides, and the
 ``--local_rank=N`` / ``--local-rank N`` argument that launchers (deepspeed, torch.distributed.launch)

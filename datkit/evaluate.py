@@ -17,15 +17,23 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import yaml
 from omegaconf import OmegaConf
 
-from datkit.checkpoint_jobs import ROOT_SCALARS, is_config_override, job_argv, job_items, key_value, load_model
+from datkit.checkpoint_jobs import (
+    ROOT_SCALARS,
+    is_config_override,
+    job_argv,
+    job_items,
+    key_value,
+    load_model,
+    require_checkpoint,
+)
 from datkit.checkpoint_jobs import load_run as load_run  # re-exported: datkit.evaluate.load_run
-from datkit.checkpoint_jobs import require_checkpoint
 from datkit.cli import fail
 from datkit.config import ConfigError
 from datkit.preflight import validate_config
@@ -47,10 +55,11 @@ USAGE = """usage: python -m datkit.evaluate checkpoint=PATH [attacks=[pgd,autoat
 
 attacks: any of clean (TA, always reported), pgd (RA), autoattack (AA, needs pip install "datkit[autoattack]"),
 fgsm (FGSM: one step of size eps, no random start), verified (VA by the verification cascade bounds.verify, e.g.
-bounds.verify=[ibp,crown-ibp,crown], with per-stage gains and times; any model with supported layers). eps defaults to the run's eval.eps, else attack.eps;
-num_samples=0 evaluates the whole test set; batch_size is global (split across workers). Numbers may be fractions
-(eps=8/255). The options are stored in the run's config as eval.eps, eval.pgd_steps, eval.pgd_alpha, eval.pgd_restarts,
-eval.batch_size and eval.final_num_samples; bare options win over eval.* overrides."""
+bounds.verify=[ibp,crown-ibp,crown], with per-stage gains and times; any model with supported layers). eps defaults
+to the run's eval.eps, else attack.eps; num_samples=0 evaluates the whole test set; batch_size is global (split
+across workers). Numbers may be fractions (eps=8/255). The options are stored in the run's config as eval.eps,
+eval.pgd_steps, eval.pgd_alpha, eval.pgd_restarts, eval.batch_size and eval.final_num_samples; bare options win over
+eval.* overrides."""
 
 
 def _number(key: str, text: str, kind: type) -> float | int:
@@ -211,7 +220,8 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         fail(err)
     try:
         if cfg.eval.batch_size < backend.world_size:
-            fail(ConfigError(f"batch_size={cfg.eval.batch_size} must be >= the number of workers ({backend.world_size})"))
+            fail(ConfigError(f"batch_size={cfg.eval.batch_size} must be >= the number of workers "
+                             f"({backend.world_size})"))
         kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
         what = (f"model '{cfg.model.name}' (kwargs {kwargs}, {cfg.data.name} data) of its config (if that model's "
                 f"definition changed since, override model.name=/model.kwargs.*)")
@@ -227,9 +237,11 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # AA goes its own way (datkit.engine.autoattack_eval): only PGD-robust images reach AutoAttack (the RA
         # column's per-image outcomes, when it was asked for), dealt out evenly over the workers
         per_image = {c: a for c, a in attacks.items() if c != "AA"}
-        timed = {c: (None if atk is None else atk if c == "VA" else _Timed(atk, sync)) for c, (atk, _) in per_image.items()}
+        timed = {c: (None if atk is None else atk if c == "VA" else _Timed(atk, sync))
+                 for c, (atk, _) in per_image.items()}
         start = time.perf_counter()
-        acc, outcomes = evaluate_per_image(backend, model, data.test, idx, cfg.eval.batch_size, timed, seed=cfg.train.seed)
+        acc, outcomes = evaluate_per_image(backend, model, data.test, idx, cfg.eval.batch_size, timed,
+                                           seed=cfg.train.seed)
         seconds = [t.seconds for t in timed.values() if isinstance(t, _Timed)]
         if "AA" in attacks:
             from datkit.engine import ra_attack
@@ -256,7 +268,8 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "world_size": backend.world_size, "backend": backend.name}
         if backend.is_main:
             table = markdown(res)
-            out = opts["output"] or os.path.join(os.path.dirname(os.path.abspath(opts["checkpoint"])), "evaluation.json")
+            out = opts["output"] or os.path.join(os.path.dirname(os.path.abspath(opts["checkpoint"])),
+                                                 "evaluation.json")
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             with open(out, "w") as f:
                 json.dump(res, f, indent=2)

@@ -38,4 +38,5 @@ def test_default_yaml_is_the_schema_default():
     from datkit.config import load_config
 
     root = README.parent
-    assert OmegaConf.to_container(load_config(str(root / "configs" / "default.yaml"))) == OmegaConf.to_container(load_config())
+    default_yaml = load_config(str(root / "configs" / "default.yaml"))
+    assert OmegaConf.to_container(default_yaml) == OmegaConf.to_container(load_config())

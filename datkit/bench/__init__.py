@@ -18,9 +18,12 @@ from __future__ import annotations
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "step": ("datkit.bench.step", "time one PGD-AT training step of datkit against a plain PyTorch loop"),
     "zero": ("datkit.bench.zero", "per-worker optimizer-state memory at DeepSpeed ZeRO stages vs stage 0 (2+ workers)"),
-    "comm": ("datkit.bench.comm", "bytes, time and error of each gradient compressor vs a float32 allreduce (torchrun, 2+ workers)"),
-    "ibp": ("datkit.bench.ibp", "time an IBP and a CROWN-IBP training step relative to a clean step of the same model and batch"),
-    "network": ("datkit.bench.network", "per-epoch C and T of each compressor across emulated hosts and link rates (root)"),
+    "comm": ("datkit.bench.comm",
+             "bytes, time and error of each gradient compressor vs a float32 allreduce (torchrun, 2+ workers)"),
+    "ibp": ("datkit.bench.ibp",
+            "time an IBP and a CROWN-IBP training step relative to a clean step of the same model and batch"),
+    "network": ("datkit.bench.network",
+                "per-epoch C and T of each compressor across emulated hosts and link rates (root)"),
 }
 
 __all__ = ["SUBCOMMANDS"]

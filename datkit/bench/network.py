@@ -16,9 +16,9 @@ first (the first carries start-up: DDP's bucket rebuild, allocator warm-up) of
 - ``C_wire`` (s/epoch): the time those bytes need at the probed link throughput, ``steps * bytes/iter * 8 /
   throughput`` (each worker's bytes leave through its own link), which shows how much of C is the wire
   and how much is encode/decode, message count and waiting on other workers;
-- ``C_codec`` (s/epoch): ``steps`` times the least CPU time (``time.process_time``, of 20) of the compressor's own work in one exchange
-  (encode, decode, error feedback, averaging) for this model's gradient with M = hosts workers, measured
-  in this process on one thread with the network replaced by copies (``codec_seconds``); with C_wire it
+- ``C_codec`` (s/epoch): ``steps`` times the least CPU time (``time.process_time``, of 20) of the compressor's own
+  work in one exchange (encode, decode, error feedback, averaging) for this model's gradient with M = hosts workers,
+  measured in this process on one thread with the network replaced by copies (``codec_seconds``); with C_wire it
   accounts for C, the rest being waiting for the other workers (skew on a shared CPU) and hand-offs;
 - ``C min``: the smallest C of the counted epochs (the least disturbed by other processes on a shared
   machine), reported next to the median, never instead of it; ``C min ratio`` compares the minima.
@@ -30,8 +30,8 @@ log scale) in ``--out``. Needs root and iproute2 (exits 2 otherwise).
 
 The table, the goals and the plot are :mod:`datkit.bench.network_report`'s. Goals
 (:data:`datkit.bench.network_report.GOALS`, at 2 hosts x 100 Mbit/s) are printed under the table as reached /
-not reached, next to this machine's plain PyTorch s/step (:func:`datkit.bench.step.plain_step_seconds`, measured before the runs):
-the compressors' codec is CPU work, so a slower CPU reaches a higher C ratio on the same link.
+not reached, next to this machine's plain PyTorch s/step (:func:`datkit.bench.step.plain_step_seconds`, measured
+before the runs): the compressors' codec is CPU work, so a slower CPU reaches a higher C ratio on the same link.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from datkit.netemu.hosts import NetemuError, Topology, rate_bits, require_tools
 from datkit.netemu.launch import LAUNCHES
@@ -84,7 +85,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="numbers of emulated hosts (default 2 4)")
     p.add_argument("--rates", nargs="+", default=["100mbit", "1gbit", "10gbit"], help="link rates (tc syntax)")
     p.add_argument("--compressors", nargs="+", default=["none", "fp16", "int8", "int8-2s", "onebit"],
-                   help=f"compressors, from: {', '.join(COMPRESSORS)} (default: none fp16 int8 int8-2s onebit; onebit-adam: 1-bit Adam)")
+                   help=f"compressors, from: {', '.join(COMPRESSORS)} "
+                        "(default: none fp16 int8 int8-2s onebit; onebit-adam: 1-bit Adam)")
     p.add_argument("--backend", default="torch", choices=list(LAUNCHES), help="whose multi-node launch (default torch)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per epoch (train.max_steps, default 10)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not counted (default 4)")
@@ -120,8 +122,8 @@ def one_run(topo: Topology, comp: str, args: argparse.Namespace, out: Path) -> d
     name = f"h{topo.hosts}_{topo.rate}_{comp}"
     run_dir, log_path = out / "runs" / name, out / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    overrides = [*JOB, *compression_overrides(comp, args.steps), f"train.max_steps={args.steps}", f"train.epochs={args.epochs}",
-                 f"train.output_dir={run_dir}", *args.overrides]
+    overrides = [*JOB, *compression_overrides(comp, args.steps), f"train.max_steps={args.steps}",
+                 f"train.epochs={args.epochs}", f"train.output_dir={run_dir}", *args.overrides]
     start = time.monotonic()
     with open(log_path, "w") as log:
         rc = launch_on_hosts(topo, args.backend, overrides, timeout=args.timeout, log=log)
@@ -170,8 +172,9 @@ def model_numel(overrides: Sequence[str]) -> int:
 
 
 def codec_seconds(comp: str, numel: int, world_size: int, iters: int = 20) -> float:
-    """Least CPU seconds (over ``iters``; other processes only add to it) of one ``reduce_mean`` of compressor ``comp`` on a ``numel`` gradient, one thread,
-    the collectives replaced by copies: the compressor's CPU work per step, without the wire."""
+    """Least CPU seconds (over ``iters``; other processes only add to it) of one ``reduce_mean`` of compressor ``comp``
+    on a ``numel`` gradient, one thread, the collectives replaced by copies: the compressor's CPU work per step, without
+    the wire."""
     import torch
 
     from datkit.compress import get_compressor
@@ -211,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the grid; write the table, JSON and PNG. Exit 2 without root/iproute2, 1 when a run failed."""
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.rerender:
-        return write_outputs(Path(args.out).resolve(), **json.loads((Path(args.out) / "bench_network.json").read_text()))
+        saved = json.loads((Path(args.out) / "bench_network.json").read_text())
+        return write_outputs(Path(args.out).resolve(), **saved)
     try:
         require_tools()
         for r in args.rates:

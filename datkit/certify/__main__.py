@@ -7,8 +7,8 @@ one entry in :data:`MODES`: a module with ``main(argv) -> int`` and a ``USAGE`` 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from importlib import import_module
-from typing import Sequence
 
 from datkit.cli import fail
 from datkit.config import ConfigError

@@ -133,7 +133,8 @@ class Smooth:
         """
         num, batch_size = _positive_int("num", num), _positive_int("batch_size", batch_size)
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"x must be one floating-point example (no batch dimension), got {getattr(x, 'dtype', type(x))}")
+            raise ValueError("x must be one floating-point example (no batch dimension), "
+                             f"got {getattr(x, 'dtype', type(x))}")
         generator = self._generator(x.device) if generator is None else generator
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
         modes = [(m, m.training) for m in self.model.modules()]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # One row per test example, in index order (Cohen et al.'s certify.tsv columns; time in seconds).
 COLUMNS: tuple[str, ...] = ("idx", "label", "predict", "radius", "correct", "time")
@@ -43,12 +44,14 @@ def markdown(res: dict[str, Any]) -> str:
     """The certified-accuracy table (one column per radius) and the settings it was measured with."""
     acc = res["certified_accuracy"]
     head = "| sigma | n images | " + " | ".join(f"r={k}" for k in acc) + " | ACR |"
-    row = f"| {res['sigma']:g} | {res['num_examples']} | " + " | ".join(f"{v:.3f}" for v in acc.values()) + f" | {res['ACR']:.3f} |"
+    row = (f"| {res['sigma']:g} | {res['num_examples']} | " + " | ".join(f"{v:.3f}" for v in acc.values())
+           + f" | {res['ACR']:.3f} |")
     return "\n".join([
         f"Certified accuracy (l2) of the smoothed {res['model']} from {res['checkpoint']} (epoch {res['epoch']}, "
         f"trained with {res['trained_with']}) on {res['test_set']}:", "",
         head, "|---|---|" + "---|" * len(acc) + "---|", row, "",
-        f"Cohen et al.'s CERTIFY with n0={res['n0']}, n={res['n']}, alpha={res['alpha']:g}, noise batch {res['batch_size']}, "
+        f"Cohen et al.'s CERTIFY with n0={res['n0']}, n={res['n']}, alpha={res['alpha']:g}, "
+        f"noise batch {res['batch_size']}, "
         f"seed {res['seed']}; abstained on {res['abstain_rate']:.1%}; {res['seconds_per_example']:.2f} s per image, "
         f"{res['time_s']:.1f} s in all on {res['world_size']} worker(s) (backend {res['backend']})."])
 

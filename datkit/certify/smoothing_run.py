@@ -3,8 +3,8 @@
     python -m datkit.certify checkpoint=runs/mnist5k_smoothing/checkpoint_last.pt smoothing.n=10000
     torchrun --nproc_per_node 2 -m datkit.certify checkpoint=PATH smoothing.sigma=0.25 smoothing.num_samples=500
 
-The run's configuration is rebuilt from the checkpoint (``datkit.checkpoint_jobs``, as in ``datkit.evaluate``); ``smoothing.*``,
-``data.*``, ``device`` and ``backend`` overrides are merged on top (``smoothing.sigma`` defaults to the
+The run's configuration is rebuilt from the checkpoint (``datkit.checkpoint_jobs``, as in ``datkit.evaluate``);
+``smoothing.*``, ``data.*``, ``device`` and ``backend`` overrides are merged on top (``smoothing.sigma`` defaults to the
 sigma the checkpoint was trained with). ``smoothing.num_samples`` test images (a seeded subset) are split
 over the workers (``indices[rank::world_size]``); every worker runs Cohen et al.'s CERTIFY
 (:class:`datkit.certify.Smooth`) on its images with noise seeded from (``smoothing.seed``, image index)
@@ -18,14 +18,22 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from datkit.checkpoint_jobs import ROOT_SCALARS, is_config_override, job_argv, job_items, key_value, load_run
+from datkit.checkpoint_jobs import (
+    ROOT_SCALARS,
+    is_config_override,
+    job_argv,
+    job_items,
+    key_value,
+    load_run,
+    require_checkpoint,
+)
 from datkit.checkpoint_jobs import load_model as load_checkpoint_model
-from datkit.checkpoint_jobs import require_checkpoint
 from datkit.cli import fail
 from datkit.config import ConfigError
 from datkit.preflight import validate_config
@@ -37,7 +45,8 @@ OPTIONS: dict[str, Any] = {"checkpoint": None, "output_dir": None}
 
 USAGE = """usage: python -m datkit.certify checkpoint=PATH [output_dir=DIR] [smoothing.sigma=0.25] [smoothing.n0=100]
          [smoothing.n=100000] [smoothing.alpha=0.001] [smoothing.batch_size=1000] [smoothing.num_samples=500]
-         [smoothing.seed=0] [smoothing.radii=[0,0.05,...,0.5]] [training-config overrides, e.g. data.shared_root=... device=cpu]
+         [smoothing.seed=0] [smoothing.radii=[0,0.05,...,0.5]]
+         [training-config overrides, e.g. data.shared_root=... device=cpu]
        torchrun --nproc_per_node N -m datkit.certify checkpoint=PATH ...   (test images sharded over N workers)
 
 Randomized smoothing (Cohen et al. 2019): certifies smoothing.num_samples test images (0 = all) of the checkpoint's
@@ -124,9 +133,11 @@ def certify(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = model.to(backend.device)
         data = build_data(cfg.data)
         indices = eval_subset(len(data.test), sm.num_samples, seed=sm.seed)
-        out = opts["output_dir"] or os.path.join(os.path.dirname(os.path.abspath(opts["checkpoint"])), f"certify_sigma{sm.sigma:g}")
+        out = opts["output_dir"] or os.path.join(os.path.dirname(os.path.abspath(opts["checkpoint"])),
+                                                 f"certify_sigma{sm.sigma:g}")
         if backend.is_main:
-            print(f"datkit.certify: {backend.describe()} | randomized smoothing of {cfg.model.name} ({opts['checkpoint']}) "
+            print(f"datkit.certify: {backend.describe()} | randomized smoothing of {cfg.model.name} "
+                  f"({opts['checkpoint']}) "
                   f"on {len(indices)} images of {data.test_name}, sigma={sm.sigma:g} n0={sm.n0} n={sm.n} "
                   f"alpha={sm.alpha:g} | output {out}", flush=True)
         smooth = Smooth(model, spec.num_classes, sm.sigma)

@@ -33,7 +33,8 @@ def _comments(cls: type) -> dict[str, str]:
 
 def _type_name(tp: object) -> str:
     s = str(tp).replace("typing.", "")
-    return {"<class 'int'>": "int", "<class 'float'>": "float", "<class 'str'>": "str", "<class 'bool'>": "bool"}.get(s, s)
+    names = {"<class 'int'>": "int", "<class 'float'>": "float", "<class 'str'>": "str", "<class 'bool'>": "bool"}
+    return names.get(s, s)
 
 
 def rows(cls: type = schema.Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -9,12 +9,13 @@ fail at start-up (``datkit.config.load``), impossible values fail in ``datkit.co
 The defaults are the main job: PGD-5 adversarial training (DAT objective, lam=0.25) of ``cnn_small``
 on the embedded offline MNIST data (``mnist5k``) at eps 0.4 ramped over 5 epochs, 24 epochs, global
 batch 128, Adam 3e-3 with cosine decay (chosen on mnist5k's held-out split: configs/search/main_job.txt); RA is
-PGD-20 at eps 0.3 (training at a larger eps than the test eps is the usual MNIST recipe, as in IBP/CROWN-IBP). Evaluated on the official MNIST test set when ``../shared/data`` exists.
+PGD-20 at eps 0.3 (training at a larger eps than the test eps is the usual MNIST recipe, as in IBP/CROWN-IBP).
+Evaluated on the official MNIST test set when ``../shared/data`` exists.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from .schema_certified import BoundsConfig, SmoothingConfig
 from .schema_distributed import CompressionConfig, DeepSpeedConfig, DistConfig
@@ -30,11 +31,11 @@ class DataConfig:
 
     name: str = "mnist5k"  # training set: mnist5k | digits | mnist | cifar10 | cifar100 | svhn | imagenet |
     # tinyimagenet | your own: MODULE:CALLABLE returning (train_set, test_set)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # MODULE:CALLABLE data only: keyword arguments of the call,
+    kwargs: dict[str, Any] = field(default_factory=dict)  # MODULE:CALLABLE data only: keyword arguments of the call,
     # e.g. {n: 1000}
-    mean: Optional[List[float]] = None  # per-channel mean the model normalizes with; null = the registered dataset's
+    mean: list[float] | None = None  # per-channel mean the model normalizes with; null = the registered dataset's
     # (MODULE:CALLABLE data: none, i.e. 0)
-    std: Optional[List[float]] = None  # per-channel std the model normalizes with; null = the registered dataset's
+    std: list[float] | None = None  # per-channel std the model normalizes with; null = the registered dataset's
     # (MODULE:CALLABLE data: none, i.e. 1)
     root: str = "data"  # folder of torchvision / ImageFolder datasets (not used by mnist5k, digits)
     download: bool = False  # let torchvision download `name` into `root` (needs internet)
@@ -60,7 +61,7 @@ class ModelConfig:
     # | resnext_imagenet64 (see datkit.models) | torchvision:NAME | timm:NAME | your own: MODULE:CALLABLE(num_classes=,
     # in_channels=, image_size=, **kwargs)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm across workers (batch statistics over the global batch)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. {depth: 28, widen_factor:
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. {depth: 28, widen_factor:
     # 10} for wide_resnet
 
 
@@ -71,7 +72,7 @@ class AttackConfig:
 
     eps: float = 0.4  # training perturbation budget in pixel units ([0,1] inputs), e.g. 0.3 MNIST, 8/255 CIFAR (the
     # main job trains at 0.4, evaluates at eval.eps=0.3)
-    alpha: Optional[float] = None  # step size; null = 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM (Wong et al.),
+    alpha: float | None = None  # step size; null = 2.5*eps/steps for PGD (Madry), 1.25*eps for FGSM (Wong et al.),
     # eps for N-FGSM
     steps: int = 5  # PGD iterations (ignored by fgsm)
     norm: str = "linf"  # linf | l2
@@ -103,7 +104,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0  # L2 weight decay
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, lalr (base adam), onebit_adam, onebit_lamb
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, lalr (base adam), onebit_adam, onebit_lamb
     scale_lr: bool = False  # linear scaling rule (Goyal et al. 2017): lr *= global_batch / base_batch_size
     base_batch_size: int = 256  # reference global batch size for `scale_lr`
     lalr_base: str = "adam"  # lalr only: adam | sgd -- the base direction u (Adam moments / momentum, weight decay
@@ -130,7 +131,7 @@ class ScheduleConfig:
 
     name: str = "cosine"  # constant | step | cosine
     warmup_epochs: float = 0.0  # linear warm-up from 0 over this many epochs
-    milestones: List[float] = field(default_factory=list)  # step only: epochs at which lr *= gamma
+    milestones: list[float] = field(default_factory=list)  # step only: epochs at which lr *= gamma
     gamma: float = 0.1  # step only: decay factor
     min_lr_ratio: float = 0.0  # cosine only: final lr as a fraction of the peak
 
@@ -155,7 +156,7 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads per worker; 0 = auto: OMP_NUM_THREADS if set, else cores / workers on this
     # host
     malloc_tuning: bool = True  # glibc: keep freed memory in the process (fewer page faults, ~10% faster CPU steps)
-    init_from: Optional[str] = None  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer
+    init_from: str | None = None  # fine-tuning: start from this datkit checkpoint's weights (the last Linear layer
     # is replaced when the number of classes differs); null = from scratch
     new_head: bool = False  # init_from: re-initialize the last Linear layer even when the number of classes matches
     freeze_backbone: bool = False  # init_from: train only the last Linear layer (every other parameter frozen)
@@ -174,9 +175,9 @@ class EvalConfig:
     # `final_num_samples`
     final_num_samples: int = 0  # test examples for the final evaluation (0 = all)
     batch_size: int = 500  # evaluation batch (global; split across workers)
-    eps: Optional[float] = 0.3  # RA budget; null = attack.eps
+    eps: float | None = 0.3  # RA budget; null = attack.eps
     pgd_steps: int = 20  # PGD iterations of the RA attack
-    pgd_alpha: Optional[float] = None  # RA step size; null = 2.5*eps/pgd_steps
+    pgd_alpha: float | None = None  # RA step size; null = 2.5*eps/pgd_steps
     pgd_restarts: int = 1  # random restarts of the RA attack
     robust: bool = True  # evaluate RA (PGD) next to TA; false = TA only (the semi-supervised teacher's runs)
     aa_samples: int = 500  # final evaluation: AA (standard AutoAttack through torchattacks, at eval.eps) on this many
@@ -201,7 +202,8 @@ class LogConfig:
 
 @dataclass
 class SemisupConfig:
-    """Semi-supervised AT (robust self-training, Carmon et al. 2019; DAT paper Table 3): pseudo-label the unlabeled part of the training set (data.num_labeled) with a clean teacher, then train on both."""
+    """Semi-supervised AT (robust self-training, Carmon et al. 2019; DAT paper Table 3): pseudo-label the unlabeled
+    part of the training set (data.num_labeled) with a clean teacher, then train on both."""
 
     enabled: bool = False  # use the unlabeled examples with the teacher's pseudo-labels (needs data.num_labeled > 0);
     # false = labeled examples only

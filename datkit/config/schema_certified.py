@@ -5,12 +5,15 @@ the generated config reference."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any
+
+RADII = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)  # smoothing.radii's default
 
 
 @dataclass
 class SmoothingConfig:
-    """Randomized smoothing (Cohen et al. 2019): Gaussian-noise training (method smoothing) and certification (python -m datkit.certify)."""
+    """Randomized smoothing (Cohen et al. 2019): Gaussian-noise training (method smoothing) and certification
+    (python -m datkit.certify)."""
 
     sigma: float = 0.25  # std of the Gaussian noise in pixel units ([0,1] inputs); training noise and certified sigma
     # (Table 2: 0.12, 0.25)
@@ -26,13 +29,14 @@ class SmoothingConfig:
     batch_size: int = 1000  # certify: noisy copies of one image per forward pass
     num_samples: int = 500  # certify: test images (a fixed seeded subset; 0 = all)
     seed: int = 0  # certify: the noise of test image i depends only on (seed, i), not on the worker or the batch
-    radii: List[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])  # certify:
-    # l2 radii of the certified-accuracy table (DAT paper Table 2)
+    radii: list[float] = field(default_factory=lambda: list(RADII))  # certify: l2 radii of the certified-accuracy
+    # table (DAT paper Table 2)
 
 
 @dataclass
 class BoundsConfig:
-    """Certified training with bound propagation (methods ibp / crown-ibp / mtl-ibp / cc-ibp / sabr; Shi et al. 2021) and verified accuracy (VA)."""
+    """Certified training with bound propagation (methods ibp / crown-ibp / mtl-ibp / cc-ibp / sabr; Shi et al. 2021)
+    and verified accuracy (VA)."""
 
     engine: str = "native"  # native (datkit.certify.bounds) | auto_lirpa (needs auto_LiRPA installed from source;
     # PyPI's 0.3 does not run on current torch)
@@ -44,7 +48,7 @@ class BoundsConfig:
     reg_lambda: float = 0.5  # weight lambda of the warm-up regularizers, applied as lambda*(1 - eps_t/eps_max); 0 =
     # vanilla IBP
     reg_tol: float = 0.5  # tolerance tau of the tightness and ReLU-balance regularizers
-    reg_terms: List[str] = field(default_factory=lambda: ["tightness", "relu"])  # which warm-up regularizers:
+    reg_terms: list[str] = field(default_factory=lambda: ["tightness", "relu"])  # which warm-up regularizers:
     # tightness, relu
     alpha: float = 0.5  # mtl-ibp: alpha * (IBP loss) + (1 - alpha) * (loss at a PGD point); cc-ibp: the loss of alpha *
     # (IBP margin bounds) + (1 - alpha) * (margins at the PGD point); in [0, 1]; 1 = IBP, 0 = PGD training (De Palma et

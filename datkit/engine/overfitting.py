@@ -58,3 +58,11 @@ class OverfittingCheck:
                    f"the training attack ({out['co_own']:.4f})")
         self.best = max(self.best, out["co_RA"])
         return out, why
+
+    def warning(self, epoch: int, why: str) -> str:
+        """The line rank 0 prints when the check fired at ``epoch``: why, what happens next, the remedies."""
+        stop = self.cfg.eval.co_action == "stop"
+        then = "training stops here (eval.co_action=stop)" if stop else "training goes on (eval.co_action=warn)"
+        return (f"datkit: warning: catastrophic overfitting at epoch {epoch} on {len(self.indices)} training "
+                f"examples: {why} (eval.co_drop={self.cfg.eval.co_drop}); {then}. Remedies: method.name=nfgsm, a "
+                "smaller attack.alpha, a longer attack.eps_warmup_epochs, or method.name=pgd")

@@ -47,7 +47,7 @@ class Trainer:
     ``train()`` starts, so a Trainer made only to time ``train_step`` (``datkit.bench``) writes nothing.
     """
 
-    def __init__(self, run: "Run") -> None:
+    def __init__(self, run: Run) -> None:
         self.run = run
         self.cfg, self.backend, self.data = run.cfg, run.backend, run.data
         self.model, self.raw, self.optimizer, self.scheduler = run.model, run.raw, run.optimizer, run.scheduler
@@ -66,7 +66,8 @@ class Trainer:
             self.records = self._load(run.resume_from)
         self.writer: ResultsWriter | None = None
         self.evaluation = RunEvaluation(self.cfg, self.backend, self.raw, self.data, self.method)
-        self.overfitting = OverfittingCheck(self.cfg, self.backend, self.raw, self.data.train, self.records, self.method)
+        self.overfitting = OverfittingCheck(self.cfg, self.backend, self.raw, self.data.train, self.records,
+                                            self.method)
         self.co_fired: dict[str, Any] | None = next(  # a resumed run that had fired keeps it
             (r["co_fired"] for r in self.records if isinstance(r.get("co_fired"), dict)), None)
 
@@ -88,7 +89,8 @@ class Trainer:
         batches = iterate_batches(self.data.train, self.sampler, cfg.data.num_workers)  # a DataLoader draws its seed
         if p.ranks is not None and not restore_ranks(p, be) and be.is_main:  # then the epoch goes on from its state
             print(f"datkit: the checkpoint's per-rank states are for {p.ranks['world_size']} workers, this run has "
-                  f"{be.world_size}: the model's own random draws (dropout) start from epoch {epoch}'s seed", flush=True)
+                  f"{be.world_size}: the model's own random draws (dropout) start from epoch {epoch}'s seed",
+                  flush=True)
         self.nonfinite.skipped, self.nonfinite.consecutive = p.nonfinite_skipped, p.nonfinite_consecutive
         self.model.train()
         be.comm_seconds()  # reset the communication timer and byte counter
@@ -137,7 +139,7 @@ class Trainer:
         return float(stats[0] / max(1.0, float(stats[1]))), seconds, comm
 
     def _preempted(self, signals: list[int], where: str) -> None:
-        """Every worker: raise ``Preempted`` (exit code 75) once the checkpoint after ``where`` is written; rank 0 says so."""
+        """Every worker: raise ``Preempted`` (exit 75) once the checkpoint after ``where`` is written (rank 0 says)."""
         message = (f"datkit: got {who_got_what(signals)}: checkpoint after {where} written to "
                    f"{self.checkpoints.path}; exit {EXIT_PREEMPTED} (requeue and resume with "
                    "train.resume=true)")
@@ -191,8 +193,8 @@ class Trainer:
         """Train all remaining epochs, then evaluate on the final test set; returns the ``final`` record."""
         cfg, be = self.cfg, self.backend
         if be.is_main and self.writer is None:
-            self.writer = ResultsWriter(self.out, OmegaConf.to_container(cfg, resolve=True), cfg.log.tensorboard, cfg.log.plot,
-                                        self.records)
+            self.writer = ResultsWriter(self.out, OmegaConf.to_container(cfg, resolve=True), cfg.log.tensorboard,
+                                        cfg.log.plot, self.records)
         if be.is_main:
             print(f"datkit: {be.describe()} | {cfg.method.name} on {cfg.data.name} ({len(self.data.train)} train), "
                   f"model {cfg.model.name}, eval on {self.data.test_name} | output {self.out}", flush=True)
@@ -214,9 +216,9 @@ class Trainer:
         epoch's evaluation (after its last step's agreement), once the epoch's checkpoint is written."""
         cfg = self.cfg
         loss, seconds, comm = self.train_epoch(epoch)
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm, "T_s": seconds,
-                                  "bytes_per_iter": self.bytes_per_iter, "nonfinite_skipped": self.nonfinite_skipped,
-                                  "lr": self.scheduler.get_last_lr()[0],
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "TA": None, "RA": None, "C_s": comm,
+                                  "T_s": seconds, "bytes_per_iter": self.bytes_per_iter,
+                                  "nonfinite_skipped": self.nonfinite_skipped, "lr": self.scheduler.get_last_lr()[0],
                                   "eps": self.method.train_eps(epoch)}
         if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
             t0 = time.perf_counter()
@@ -231,7 +233,8 @@ class Trainer:
             ra = "-" if record["RA"] is None else f"{record['RA']:.4f}"
             va = f"  VA {record['VA']:.4f}" if record.get("VA") is not None else ""
             co = f"  RA(train) {record['co_RA']:.4f}" if record.get("co_RA") is not None else ""
-            print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}{va}{co}  C {comm:.2f}s  T {seconds:.2f}s", flush=True)
+            print(f"epoch {epoch}: loss {loss:.4f}  TA {ta}  RA {ra}{va}{co}  C {comm:.2f}s  T {seconds:.2f}s",
+                  flush=True)
         stop = fired and cfg.eval.co_action == "stop"
         saved = self.checkpoints.due_after_epoch(epoch) or stop
         if saved:
@@ -257,10 +260,7 @@ class Trainer:
         self.co_fired = {"epoch": epoch, "co_RA": acc["co_RA"], "co_own": acc.get("co_own"), "best": best, "why": why}
         record["co_fired"] = self.co_fired
         if self.backend.is_main:
-            then = "training stops here (eval.co_action=stop)" if self.cfg.eval.co_action == "stop" else "training goes on (eval.co_action=warn)"
-            print(f"datkit: warning: catastrophic overfitting at epoch {epoch} on {len(self.overfitting.indices)} training "
-                  f"examples: {why} (eval.co_drop={self.cfg.eval.co_drop}); {then}. Remedies: method.name=nfgsm, a smaller "
-                  "attack.alpha, a longer attack.eps_warmup_epochs, or method.name=pgd", flush=True)
+            print(self.overfitting.warning(epoch, why), flush=True)
         return True
 
     def finish(self) -> dict[str, Any]:

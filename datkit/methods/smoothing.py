@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import PGD
 from .. import randomness
+from ..attacks import PGD
 from .base import METHODS, Method, StepInfo
 
 
@@ -70,7 +70,8 @@ class SmoothingTraining(Method):
         ramp = info.eps / self.cfg.attack.eps if self.cfg.attack.eps > 0 else 1.0
         return self.cfg.smoothing.adv_eps * min(1.0, max(0.0, ramp))
 
-    def smoothadv(self, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, eps: float) -> torch.Tensor:
+    def smoothadv(self, raw: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor,
+                  eps: float) -> torch.Tensor:
         """SmoothAdv's l2 PGD on the soft smoothed classifier with fixed ``noise`` (see the module docstring)."""
         steps = self.cfg.smoothing.adv_steps
         if eps <= 0:

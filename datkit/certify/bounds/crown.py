@@ -88,7 +88,7 @@ def refine_interval(state: BoundState, name: str, max_rows: int = DEFAULT_MAX_RO
 
 
 def refine_relu_inputs(state: BoundState, max_rows: int = DEFAULT_MAX_ROWS) -> None:
-    """Every ReLU pre-activation interval of ``state`` by CROWN ∩ IBP, in topological order (see the module docstring)."""
+    """Every ReLU pre-activation interval of ``state`` by CROWN ∩ IBP, in topological order (module docstring)."""
     for name in relu_input_names(state):
         refine_interval(state, name, max_rows)
 
