@@ -113,3 +113,44 @@ def test_no_assembly_outside_the_builder(pattern: str) -> None:
     hits = [f"{p.relative_to(REPO)}:{i}" for p in SOURCES for i, line in enumerate(p.read_text().splitlines(), 1)
             if re.search(pattern, line)]
     assert not hits, hits
+
+
+# --- backends/: a small abstract class composed of parts (issue 21) ----------------------------------------------
+BACKENDS_DIR = REPO / "backends"
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_backend_files_are_small() -> None:
+    assert _lines(BACKENDS_DIR / "base.py") < 120, "backends/base.py: the Backend ABC stays under 120 lines"
+    big = {p.name: _lines(p) for p in BACKENDS_DIR.glob("*.py") if _lines(p) > 300}
+    assert not big, f"files over 300 lines in backends/: {big}"
+    assert _lines(REPO / "datkit" / "checkpoint.py") <= 300
+
+
+def _classes_called(tree: ast.AST) -> set[str]:
+    return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+
+def _methods(tree: ast.AST) -> set[str]:
+    return {f.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body
+            if isinstance(f, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("module", ["torch_dist.py", "deepspeed_backend.py"])
+def test_torch_and_deepspeed_share_one_collectives_class(module: str) -> None:
+    tree = ast.parse((BACKENDS_DIR / module).read_text())
+    assert "DistCollectives" in _classes_called(tree), f"{module} builds no collectives.DistCollectives"
+    own = _methods(tree) & {"all_reduce", "all_gather", "all_to_all", "broadcast", "barrier"}
+    assert not own, f"{module} defines its own collectives {sorted(own)}: they live in collectives.DistCollectives"
+    assert "class DistCollectives(" in (BACKENDS_DIR / "collectives.py").read_text()
+
+
+def test_nothing_outside_backends_compares_backend_names() -> None:
+    pattern = re.compile(r"""(==|!=)\s*["'](torch|horovod|deepspeed)["']|["'](torch|horovod|deepspeed)["']\s*(==|!=)""")
+    core = [p for p in SOURCES if p.relative_to(REPO).parts[0] == "datkit" and "backends" not in p.relative_to(REPO).parts]
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in core for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits, hits
