@@ -92,10 +92,11 @@ def ds_files(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     from datkit.backends import deepspeed_checkpoint
 
     loaded: list[str] = []
+    load_shard = deepspeed_checkpoint.load_deepspeed_shard
 
     def weights_only(f: str, map_location=None):
         loaded.append(os.path.basename(f))
-        return deepspeed_checkpoint.load_deepspeed_shard(f, map_location)
+        return load_shard(f, map_location)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(deepspeed_checkpoint, "load_deepspeed_shard", weights_only)
