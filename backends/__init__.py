@@ -1,7 +1,8 @@
 """Communication backends behind one interface (installed as ``datkit.backends``).
 
 ``create_backend(cfg)`` builds the backend named by ``cfg.backend`` (``auto`` picks from the
-launcher's environment). Horovod and DeepSpeed are imported lazily, only when chosen.
+launcher's environment) from ``backend_spec(cfg)``, the same typed slice of the config for every backend.
+Horovod and DeepSpeed are imported lazily, only when chosen. ``base`` says which parts a backend is made of.
 """
 from __future__ import annotations
 
@@ -13,23 +14,24 @@ from datkit.registry import Registry
 from .base import Backend, BackendUnavailable
 from .comm_timer import CommTimer
 from .select import detect_backend
+from .spec import BackendSpec, backend_spec
 
-BACKENDS: Registry[Callable[..., Backend]] = Registry("backend")
+BACKENDS: Registry[Callable[[BackendSpec], Backend]] = Registry("backend")
 BACKEND_CHOICES = ("auto", "torch", "horovod", "deepspeed")
 
 
 @BACKENDS.register("torch")
-def _torch(cfg) -> Backend:
+def _torch(spec: BackendSpec) -> Backend:
     from .torch_dist import TorchBackend
 
-    return TorchBackend(device=cfg.device, timeout_s=cfg.dist.timeout_s, ddp=cfg.dist.ddp, bucket_cap_mb=cfg.dist.bucket_cap_mb)
+    return TorchBackend(spec)
 
 
 HOROVOD_INSTALL = "bash launchers/install_horovod.sh"  # from the repository root; PYTHON=... picks the interpreter
 
 
 @BACKENDS.register("horovod")
-def _horovod(cfg) -> Backend:
+def _horovod(spec: BackendSpec) -> Backend:
     try:
         import horovod.torch  # noqa: F401  (also fails when Horovod was built for another torch)
     except ImportError as err:
@@ -40,11 +42,11 @@ def _horovod(cfg) -> Backend:
             "or use backend=torch (torchrun).") from None
     from .horovod_backend import HorovodBackend
 
-    return HorovodBackend(cfg)
+    return HorovodBackend(spec)
 
 
 @BACKENDS.register("deepspeed")
-def _deepspeed(cfg) -> Backend:
+def _deepspeed(spec: BackendSpec) -> Backend:
     try:
         import deepspeed  # noqa: F401
     except ImportError as err:
@@ -53,7 +55,7 @@ def _deepspeed(cfg) -> Backend:
             "`pip install -e '.[deepspeed]'` (or `pip install deepspeed`), or use backend=torch (torchrun).") from None
     from .deepspeed_backend import DeepSpeedBackend
 
-    return DeepSpeedBackend(cfg)
+    return DeepSpeedBackend(spec)
 
 
 def resolve_backend_name(name: str, argv: Sequence[str] = ()) -> str:
@@ -79,11 +81,11 @@ def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:
     from datkit.config import raise_errors
 
     raise_errors(backend_config_errors(cfg))  # the backends check their own sections when one is built
-    backend = BACKENDS.get(resolve_backend_name(cfg.backend, argv))(cfg)
+    backend = BACKENDS.get(resolve_backend_name(cfg.backend, argv))(backend_spec(cfg))
     backend.set_compressor(compressor_from_config(cfg.compression, seed=cfg.train.seed))
     backend.start_peer_watch(cfg.dist.peer_timeout_s, cfg.dist.timeout_s)
     return backend
 
 
-__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "backend_config_errors", "BackendUnavailable", "CommTimer", "create_backend",
-           "detect_backend", "resolve_backend_name"]
+__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "backend_config_errors", "BackendSpec", "BackendUnavailable", "CommTimer",
+           "backend_spec", "create_backend", "detect_backend", "resolve_backend_name"]

@@ -18,8 +18,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_ds_config(cfg, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed config for ``cfg`` on ``world_size`` workers (see module docstring)."""
+def build_ds_config(cfg: Any, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed config for ``cfg`` (a ``spec.BackendSpec`` or the whole config: ``deepspeed.*``, ``train.*``) on
+    ``world_size`` workers (see module docstring)."""
     d, t = cfg.deepspeed, cfg.train
     micro = t.batch_size // (world_size * t.grad_accum)
     zero: dict[str, Any] = {"stage": int(d.zero_stage), "overlap_comm": bool(on_gpu)}
@@ -98,8 +99,9 @@ def zero_stage_errors(cfg) -> list[str]:
     return []
 
 
-def refuse_at_zero_stage(cfg, stage: int) -> None:
-    """Raise ``ConfigError`` for the first option that ``stage`` cannot carry (each rule: minimum stage, test, why).
+def refuse_at_zero_stage(cfg: Any, stage: int) -> None:
+    """Raise ``ConfigError`` for the first option that ``stage`` cannot carry (each rule: minimum stage, test, why);
+    ``cfg``: a ``spec.BackendSpec`` or the whole config (``compression``, ``optim``, ``method``, ``train`` sections).
     Plug-ins state what they need as attributes (``reads_parameters`` of a method, ``needs_whole_layers`` of an
     optimizer factory); no rule tests a plug-in's name."""
     from datkit.methods import METHODS

@@ -13,11 +13,12 @@ torch >= 2.1 as published; with Open MPI present it builds gloo and MPI in one).
 - Gradients: ``compression.name`` none / fp16 -> ``hvd.DistributedOptimizer`` (fp16 through Horovod's
   ``Compression.fp16`` hook; ``backends.horovod_sync`` says why and how C/bytes are metered);
   int8 / onebit / bf16 -> the plain optimizer, and datkit's compressor reduces the gradients in ``step``
-  (``Backend.reduce_gradients``) over Horovod's ``alltoall``/``allgather`` -- Horovod's own allreduce
+  (``GradientSync.reduce_gradients``) over Horovod's ``alltoall``/``allgather`` -- Horovod's own allreduce
   would *sum* int8 codes or sign bits, which is meaningless.
-- Collectives: ``hvd.allreduce`` / ``allgather`` / ``alltoall`` / ``broadcast`` / ``barrier``
-  (int8/uint8 payloads work over gloo); attacks and bounds run on the unwrapped model.
-- Checkpoints: the base class's (rank 0 writes; the optimizer is replicated on every worker).
+- Collectives: ``horovod_collectives.HorovodCollectives`` (``hvd.allreduce`` / ``allgather`` / ``alltoall`` /
+  ``broadcast`` / ``barrier``; int8/uint8 payloads work over gloo); attacks and bounds run on the unwrapped model.
+- Checkpoints: ``checkpoint_io.CheckpointIO``, as the torch backend's (rank 0 writes; the optimizer is replicated on
+  every worker).
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ import torch
 from torch import nn
 
 from .base import Backend, BackendUnavailable
+from .device import bind_device, wants_cuda
+from .horovod_collectives import HorovodCollectives
 from .horovod_sync import MeteredDistributedOptimizer
+from .spec import BackendSpec
 
-_OPS = {"sum": "Sum", "max": "Max", "min": "Min"}
 # Set by horovodrun (gloo: HOROVOD_RANK, ...) and by MPI launchers (mpirun, srun --mpi) that Horovod's MPI
 # controller can use.
 _HOROVODRUN_VARS = ("HOROVOD_RANK", "HOROVOD_CONTROLLER", "HOROVOD_HOSTNAME")
@@ -65,40 +68,36 @@ class HorovodBackend(Backend):
 
     name = "horovod"
 
-    def __init__(self, cfg, env: Mapping[str, str] | None = None) -> None:
-        super().__init__()
+    def __init__(self, spec: BackendSpec, env: Mapping[str, str] | None = None) -> None:
         import horovod.torch as hvd
 
         problem = launch_problem(os.environ if env is None else env, hvd.mpi_built())
         if problem is not None:
             raise BackendUnavailable(problem)
-        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but no CUDA device is available (use device=cpu or auto)")
+        want_cuda = wants_cuda(spec.device)
         hvd.init()
         self.hvd = hvd
         self._alive = True
-        self.rank, self.world_size = hvd.rank(), hvd.size()
-        self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
-        if want_cuda:  # one GPU per local rank
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        if cfg.model.sync_bn and self.world_size > 1:
+        collectives = HorovodCollectives(hvd, hvd.rank(), hvd.size())
+        local_rank = hvd.local_rank()
+        device = bind_device(want_cuda, local_rank)  # one GPU per local rank
+        if spec.sync_bn and collectives.world_size > 1:
             from datkit.config import ConfigError
 
             raise ConfigError("model.sync_bn=true is not supported with backend=horovod: datkit's global BatchNorm "
                               "reduces over torch.distributed, which Horovod does not set up (its statistics would "
                               "silently stay per worker); use model.sync_bn=false, or backend=torch")
-        self.bucket_cap_mb = cfg.dist.bucket_cap_mb
-        self.grad_accum = int(cfg.train.grad_accum)
+        self.bucket_cap_mb = spec.dist.bucket_cap_mb
+        self.grad_accum = int(spec.train.grad_accum)
         self._sync: MeteredDistributedOptimizer | None = None
+        super().__init__(collectives, device, local_rank, hvd.local_size(), self.bucket_cap_mb)
 
     def describe(self) -> str:
         controller = "mpi" if self.hvd.mpi_enabled() else "gloo"
         if self.world_size == 1:
             grads = "none (1 worker)"
-        elif self.comm_optimizer is not None:
-            grads = f"{type(self.comm_optimizer).__name__}'s own exchange over hvd.allreduce/alltoall/allgather"
+        elif self.grads.comm_optimizer is not None:
+            grads = f"{type(self.grads.comm_optimizer).__name__}'s own exchange over hvd.allreduce/alltoall/allgather"
         elif self._uses_horovod_optimizer():
             grads = f"hvd.DistributedOptimizer(compression={'fp16' if self.compressor is not None else 'none'})"
         else:
@@ -106,12 +105,12 @@ class HorovodBackend(Backend):
         return super().describe() + f" controller={controller} gradients={grads}"
 
     def _uses_horovod_optimizer(self) -> bool:
-        return (self.compressor is None or self.compressor.name == "fp16") and self.comm_optimizer is None
+        return (self.compressor is None or self.compressor.name == "fp16") and self.grads.comm_optimizer is None
 
     # --- model and gradients --------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
-        self.attach_optimizer(optimizer)
+        self.grads.attach_optimizer(optimizer)
         if self.world_size == 1:
             return model, optimizer
         hvd = self.hvd
@@ -125,7 +124,7 @@ class HorovodBackend(Backend):
             hvd.broadcast_optimizer_state(optimizer, root_rank=0)
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # undo that zero-gradient step elsewhere
         if self._uses_horovod_optimizer():
-            self._sync = MeteredDistributedOptimizer(hvd, self, optimizer, model, fp16=self.compressor is not None,
+            self._sync = MeteredDistributedOptimizer(hvd, self.grads, optimizer, model, fp16=self.compressor is not None,
                                                      backward_passes_per_step=self.grad_accum,
                                                      group_cap_mb=self.bucket_cap_mb)
             optimizer = self._sync.optimizer
@@ -155,7 +154,7 @@ class HorovodBackend(Backend):
             self._sync.step()
             return
         if self.compressor is not None and self.world_size > 1:
-            self.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
+            self.grads.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
         super().step(optimizer)
 
     def peer_store_address(self) -> tuple[str, int, int | None] | None:
@@ -172,40 +171,8 @@ class HorovodBackend(Backend):
         host, port = self.hvd.broadcast_object(where, root_rank=0, name="datkit.peer_store")
         return host, port, 0
 
-    # --- collectives (Horovod) ------------------------------------------------------------------
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        hop = getattr(self.hvd, _OPS["sum" if op == "mean" else op])
-        tensor.copy_(self.hvd.allreduce(tensor.detach().contiguous(), op=hop, name=_stable_name(f"allreduce.{op}", tensor)))
-        return tensor.div_(self.world_size) if op == "mean" else tensor
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor.unsqueeze(0)
-        return self.hvd.allgather(tensor.detach().contiguous().unsqueeze(0),  # concatenated along dim 0
-                                  name=_stable_name("allgather", tensor))
-
-    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        if tensor.shape[0] % self.world_size:
-            raise ValueError(f"all_to_all: dim 0 ({tensor.shape[0]}) is not a multiple of the world size {self.world_size}")
-        out = self.hvd.alltoall(tensor.detach().contiguous(), name=_stable_name("alltoall", tensor))  # equal splits
-        return out[0] if isinstance(out, tuple) else out
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.world_size > 1:
-            tensor.copy_(self.hvd.broadcast(tensor.detach().contiguous(), root_rank=src,
-                                            name=_stable_name(f"broadcast.{src}", tensor)))
-        return tensor
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            self.hvd.barrier()
-
     def close(self) -> None:
-        self.stop_peer_watch()
+        self.watch.stop()
         if getattr(self, "_alive", False):
             self._alive = False
             self.hvd.shutdown()
@@ -248,10 +215,3 @@ def _interface_address(iface: str) -> str | None:
             return None
     return socket.inet_ntoa(raw[20:24])
 
-
-def _stable_name(op: str, tensor: torch.Tensor) -> str:
-    """The same name for the same collective on the same shape at every step. Horovod names an unnamed op uniquely
-    (``allgather.noname.<n>``), so its response cache never hits and every call pays a full negotiation with the
-    coordinator; a stable name lets the second and later steps agree by the cache's bit vector. The collectives here
-    are synchronous (one in flight per process), so a name is never in use twice at once."""
-    return f"datkit.{op}.{str(tensor.dtype).removeprefix('torch.')}.{'x'.join(map(str, tensor.shape)) or 'scalar'}"

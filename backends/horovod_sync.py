@@ -21,7 +21,7 @@ Without groups Horovod negotiates whatever gradients became ready in each 1 ms c
 of a small model costs several negotiation rounds; grouping makes it one round per group.
 
 Metering: each allreduce Horovod starts adds its payload (float32, or float16 with ``fp16``) to the
-backend's ``ByteCounter`` by the ring model (``2 (M-1)/M`` of the bytes); C gets one interval per step,
+backend's ``ByteCounter`` (held by its ``grad_sync.GradientSync``) by the ring model (``2 (M-1)/M`` of the bytes); C gets one interval per step,
 from the first allreduce's start to the end of ``synchronize`` (the allreduces run asynchronously in
 Horovod's background thread; their completion is observed there), as the torch backend's DDP hook
 records [bucket start, bucket completion].
@@ -35,13 +35,15 @@ import torch
 
 from datkit.compress import allreduce_bytes
 
+from .grad_sync import GradientSync
+
 
 class MeteredDistributedOptimizer:
     """Wraps ``optimizer`` in ``hvd.DistributedOptimizer`` and meters its communication (see module doc)."""
 
-    def __init__(self, hvd: Any, backend: Any, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+    def __init__(self, hvd: Any, grads: GradientSync, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
                  fp16: bool, backward_passes_per_step: int, group_cap_mb: float = 25.0) -> None:
-        self.backend, self.fp16 = backend, fp16
+        self.grads, self.fp16 = grads, fp16
         compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self.optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=list(model.named_parameters()),
@@ -64,12 +66,12 @@ class MeteredDistributedOptimizer:
             self._first_start = time.perf_counter()
         nbytes = 0
         for p in params:
-            self.backend.note_gradients(p.grad)  # this worker's NaN/Inf, before the average hides whose it was
+            self.grads.note_gradients(p.grad)  # this worker's NaN/Inf, before the average hides whose it was
         handle = submit(arg)
         for p in params:
             itemsize = 2 if self.fp16 and p.grad.is_floating_point() else p.grad.element_size()
             nbytes += p.grad.numel() * itemsize
-        self.backend.byte_counter.add(allreduce_bytes(nbytes, self.backend.world_size))
+        self.grads.byte_counter.add(allreduce_bytes(nbytes, self.grads.world_size))
         return handle
 
     def synchronize(self) -> None:
@@ -78,7 +80,7 @@ class MeteredDistributedOptimizer:
             return
         start = time.perf_counter()
         self.optimizer.synchronize()
-        self.backend.comm_timer.record(self._first_start if self._first_start is not None else start)
+        self.grads.comm_timer.record(self._first_start if self._first_start is not None else start)
         self._first_start, self._synchronized = None, True
 
     def drop(self) -> None:

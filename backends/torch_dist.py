@@ -5,7 +5,8 @@ rendezvous) or plain ``python -m datkit.train`` (one process, no process group).
 averaged by DistributedDataParallel; a communication hook wraps DDP's allreduce so that the time
 spent in gradient communication (column C) is measured while it overlaps the backward pass. With
 ``compression.name`` set, a compressed hook (``ddp_hooks.CompressedHook``) replaces the allreduce;
-``dist.ddp=false`` uses the manual bucketed path of ``Backend.reduce_gradients``.
+``dist.ddp=false`` uses the manual bucketed path of ``GradientSync.reduce_gradients``. Collectives:
+``collectives.DistCollectives`` over ``torch.distributed``.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .base import Backend
-from .elastic_group import init_group_for_attempt
-from .p2p_exchange import p2p_all_gather, p2p_all_to_all, use_p2p_exchange
+from .collectives import DistCollectives
 from .ddp_hooks import CompressedHook, local_gradients_hook, timed_allreduce_hook
-
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+from .device import bind_device, wants_cuda
+from .elastic_group import init_group_for_attempt
+from .p2p_exchange import use_p2p_exchange
+from .spec import BackendSpec
 
 
 class TorchBackend(Backend):
@@ -30,27 +32,22 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, device: str = "auto", timeout_s: int = 600, ddp: bool = True, bucket_cap_mb: float = 25.0) -> None:
-        super().__init__()
-        self.use_ddp, self.bucket_cap_mb = ddp, bucket_cap_mb
-        want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but no CUDA device is available (use device=cpu or auto)")
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    def __init__(self, spec: BackendSpec) -> None:
+        self.use_ddp, self.bucket_cap_mb = spec.dist.ddp, spec.dist.bucket_cap_mb
+        want_cuda = wants_cuda(spec.device)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            init_group_for_attempt("nccl" if want_cuda else "gloo", datetime.timedelta(seconds=timeout_s))
+            init_group_for_attempt("nccl" if want_cuda else "gloo", datetime.timedelta(seconds=spec.dist.timeout_s))
         self._owns_group = dist.is_initialized()
-        if self._owns_group:
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self._p2p_exchange = self._owns_group and use_p2p_exchange()
-        if want_cuda:
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if self._owns_group else (0, 1)
+        collectives = DistCollectives(dist, rank, world_size, p2p=self._owns_group and use_p2p_exchange())
+        super().__init__(collectives, bind_device(want_cuda, local_rank), local_rank, local_world_size,
+                         self.bucket_cap_mb)
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
-        local = self.attach_optimizer(optimizer)
+        local = self.grads.attach_optimizer(optimizer)
         if self.world_size > 1 and self.use_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             params = list(model.parameters())
@@ -61,7 +58,7 @@ class TorchBackend(Backend):
         return model, optimizer
 
     def gradients_averaged_in_backward(self) -> bool:
-        return self.world_size > 1 and self.use_ddp and not self.gradients_stay_local()
+        return self.world_size > 1 and self.use_ddp and not self.grads.gradients_stay_local()
 
     def no_sync(self, model: nn.Module) -> ContextManager[Any]:
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -70,48 +67,11 @@ class TorchBackend(Backend):
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.world_size > 1 and not self.use_ddp:
-            self.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
+            self.grads.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
         super().step(optimizer)
 
-    # --- collectives ----------------------------------------------------------------------------
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        if op == "mean":
-            dist.all_reduce(tensor)
-            return tensor.div_(self.world_size)
-        dist.all_reduce(tensor, op=_OPS[op])
-        return tensor
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor.unsqueeze(0)
-        if self._p2p_exchange:
-            return p2p_all_gather(tensor, self.rank, self.world_size)
-        out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(out, tensor.contiguous().reshape(-1))  # gloo wants a flat output
-        return out.view(self.world_size, *tensor.shape)
-
-    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        if self._p2p_exchange:
-            return p2p_all_to_all(tensor, self.rank, self.world_size)
-        out = torch.empty_like(tensor)
-        dist.all_to_all_single(out, tensor.contiguous())
-        return out
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.broadcast(tensor, src)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
     def close(self) -> None:
-        self.stop_peer_watch()
+        self.watch.stop()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False

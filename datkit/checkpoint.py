@@ -2,10 +2,12 @@
 
 Loads (the second half of this file) treat checkpoints as untrusted input, in one place for every entry point
 (``datkit.evaluate``/``datkit.certify`` ``checkpoint=``, ``train.init_from``, ``semisup.teacher``, resume on every
-backend): ``torch.load(weights_only=True)`` only; then "is a datkit checkpoint (of this kind, with these keys)", "of
-this backend", "fits this model" (tensor names and shapes) and, for DeepSpeed, a plain shard-folder name inside
-``train.output_dir`` and shards that unpickle only the classes of ``DEEPSPEED_SHARD_GLOBALS``. Every failure is a
-``CheckpointError`` (a ``ConfigError``: one line ``<key>=<path>: <cause>``, exit code 2, no traceback).
+backend): ``torch.load(weights_only=True)`` only; then "is a datkit checkpoint (of this kind, with these keys)" and
+"fits this model" (tensor names and shapes). What depends on the backend -- "of this backend's format", and for
+DeepSpeed a plain shard-folder name inside ``train.output_dir`` and shards that unpickle only the classes of
+``DEEPSPEED_SHARD_GLOBALS`` -- is the backend's checkpoint IO (``datkit.backends.checkpoint_io``,
+``datkit.backends.deepspeed_checkpoint``), built on ``read_untrusted`` here. Every failure is a ``CheckpointError`` (a
+``ConfigError``: one line ``<key>=<path>: <cause>``, exit code 2, no traceback).
 
 A job killed during a write leaves the previous checkpoint intact: the new file only replaces it
 with ``os.replace`` once it is completely on disk (the rename is atomic within one file system, hence
@@ -123,7 +125,8 @@ def _fail(key: str, path: str, cause: str) -> CheckpointError:
     return CheckpointError(key, path, cause, _shown(key, path))
 
 
-def _is_zip(path: str) -> bool:
+def is_zip(path: str) -> bool:
+    """True when ``path`` starts like a zip file (``torch.save``'s format)."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"PK\x03\x04"
@@ -152,15 +155,16 @@ def read_untrusted(path: str, key: str, allowed_globals: Sequence[str] = (),
             raise _fail(key, path, f"refused: the file holds a pickled Python object ({found.group(1)}), which "
                                    "loading would construct by running code; datkit checkpoints hold only tensors and "
                                    "plain values (torch.load(weights_only=True))") from None
-        raise _fail(key, path, _unreadable(path, err)) from None
+        raise _fail(key, path, unreadable(path, err)) from None
     except Exception as err:  # zip / pickle stream errors: RuntimeError, OSError, EOFError, KeyError, ...
-        raise _fail(key, path, _unreadable(path, err)) from None
+        raise _fail(key, path, unreadable(path, err)) from None
 
 
-def _unreadable(path: str, err: BaseException) -> str:
+def unreadable(path: str, err: BaseException) -> str:
+    """Why the file at ``path`` could not be loaded (``err``), in words: damaged, or not written by ``torch.save``."""
     first = (str(err).strip().splitlines() or [""])[0][:160]
     detail = f"{type(err).__name__}{': ' + first if first else ''}"
-    if _is_zip(path):
+    if is_zip(path):
         return f"cannot be loaded: the file is truncated or damaged ({detail})"
     return f"cannot be loaded: not a file written by torch.save, so not a datkit checkpoint ({detail})"
 
@@ -214,24 +218,6 @@ def _check_training_entries(state: dict[str, Any], key: str, path: str) -> None:
     compression = state.get("compression")
     if compression is not None and not isinstance(compression, dict):
         raise _fail(key, path, "not a training checkpoint: 'compression' is not the compressors' state")
-
-
-def written_by(state: dict[str, Any]) -> str:
-    """Which backend's training state a checkpoint holds: ``deepspeed`` (ZeRO shards in a folder next to it)
-    or ``torch`` (the optimizer's state inside the file; the torch and horovod backends share this format)."""
-    return "deepspeed" if "deepspeed_tag" in state or "deepspeed_dir" in state else "torch"
-
-
-def check_backend(state: dict[str, Any], backend: str, path: str, key: str = RESUME_KEY) -> None:
-    """A resumed run's checkpoint must hold the training state of this backend's kind."""
-    kind = written_by(state)
-    mine = "deepspeed" if backend == "deepspeed" else "torch"
-    if kind != mine:
-        other = "backend=deepspeed" if kind == "deepspeed" else "backend=torch or backend=horovod"
-        raise _fail(key, path, f"a checkpoint of another backend: written by the {kind} backend, this run uses "
-                               f"backend={backend} (resume it with {other}, or start a new train.output_dir)")
-    if kind == "torch" and not isinstance(state.get("optimizer"), dict):
-        raise _fail(key, path, "not a training checkpoint: no 'optimizer' state")
 
 
 def state_dict_mismatch(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
@@ -288,65 +274,3 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, key: str,
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
         raise _fail(key, path, f"its optimizer state does not fit this run's optimizer ({type(err).__name__}: "
                                f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
-
-
-def _plain_name(name: Any) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and os.sep not in name and (os.altsep is None or os.altsep not in name) and "\x00" not in name
-            and not os.path.isabs(name))
-
-
-def deepspeed_folder(state: dict[str, Any], path: str, key: str = RESUME_KEY) -> tuple[str, str]:
-    """(folder, tag) of a DeepSpeed checkpoint's ZeRO shards, checked: ``deepspeed_dir`` and ``deepspeed_tag``
-    are plain names (no separator, not '..', not absolute), the folder is inside the checkpoint's own folder
-    (``train.output_dir``; symbolic links resolved) and ``folder/tag`` is a directory."""
-    name, tag = state.get("deepspeed_dir"), state.get("deepspeed_tag")
-    for k, v in (("deepspeed_dir", name), ("deepspeed_tag", tag)):
-        if not _plain_name(v):
-            raise _fail(key, path, f"refused: its {k} {v!r} is not a plain folder name inside train.output_dir "
-                                   "(no path separators, no '..', not absolute)")
-    out = os.path.dirname(os.path.abspath(path))
-    folder = os.path.join(out, name)
-    real_out = os.path.realpath(out)
-    if os.path.commonpath([real_out, os.path.realpath(folder)]) != real_out:
-        raise _fail(key, path, f"refused: its deepspeed_dir {name!r} leads outside train.output_dir (a symbolic link?)")
-    if not os.path.isdir(os.path.join(folder, tag)):
-        raise _fail(key, path, f"the DeepSpeed shard folder {name}/{tag} next to it does not exist "
-                               "(copied without it?)")
-    return folder, tag
-
-
-def load_deepspeed_shard(path: str, map_location: Any = None, key: str = RESUME_KEY) -> Any:
-    """One of DeepSpeed's shard files, unpickled with ``weights_only=True`` and only DEEPSPEED_SHARD_GLOBALS
-    allowed (DeepSpeed itself would load it with ``weights_only=False``)."""
-    return read_untrusted(path, key, DEEPSPEED_SHARD_GLOBALS, map_location=map_location)
-
-
-def check_deepspeed_shards(folder: str, tag: str, path: str, key: str = RESUME_KEY) -> list[str]:
-    """Every ``.pt`` file of the shard folder ``folder/tag``, checked before DeepSpeed sees the folder: a regular file
-    inside ``train.output_dir`` (no symbolic link out of it), readable, and pickling no global outside
-    DEEPSPEED_SHARD_GLOBALS (zip files: the pickle is scanned without loading the tensors; others: a
-    weights-only load). Returns the files. DeepSpeed's own loads then go through ``load_deepspeed_shard``."""
-    shard_dir = os.path.join(folder, tag)
-    real_out = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    files = []
-    for name in sorted(n for n in os.listdir(shard_dir) if n.endswith(".pt")):  # DeepSpeed loads only *.pt files
-        f = os.path.join(shard_dir, name)
-        if os.path.commonpath([real_out, os.path.realpath(f)]) != real_out or not os.path.isfile(f):
-            raise _fail(key, f, "refused: a DeepSpeed shard must be a regular file inside train.output_dir")
-        files.append(f)
-        if os.path.getsize(f) == 0 or not _is_zip(f):
-            load_deepspeed_shard(f, "cpu", key)
-            continue
-        try:
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
-        except Exception as err:
-            raise _fail(key, f, _unreadable(f, err)) from None
-        refused = sorted(set(found) - set(DEEPSPEED_SHARD_GLOBALS))
-        if refused:
-            raise _fail(key, f, f"refused: the DeepSpeed shard holds pickled Python objects ({', '.join(refused[:3])}) "
-                                "outside datkit's allow-list of DeepSpeed classes "
-                                "(datkit.checkpoint.DEEPSPEED_SHARD_GLOBALS)")
-    if not files:
-        raise _fail(key, path, f"the DeepSpeed shard folder {os.path.basename(folder)}/{tag} is empty")
-    return files

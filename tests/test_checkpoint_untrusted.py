@@ -89,16 +89,17 @@ def ds_files(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     d = tmp_path_factory.mktemp("ds")
     args = ["backend=deepspeed", "deepspeed.zero_stage=1", f"train.output_dir={d / 'good'}"]
     _train(args)
-    from datkit.backends import deepspeed_backend
+    from datkit.backends import deepspeed_checkpoint
 
     loaded: list[str] = []
+    load_shard = deepspeed_checkpoint.load_deepspeed_shard
 
     def weights_only(f: str, map_location=None):
         loaded.append(os.path.basename(f))
-        return ckpt.load_deepspeed_shard(f, map_location)
+        return load_shard(f, map_location)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(deepspeed_backend, "load_deepspeed_shard", weights_only)
+        mp.setattr(deepspeed_checkpoint, "load_deepspeed_shard", weights_only)
         resumed = _train([*args, "train.epochs=2", "train.resume=true"])
     assert resumed["epochs"] == 2
     # DeepSpeed read both of its shard files through datkit's weights-only loader (with the allow-list)
@@ -246,17 +247,19 @@ def test_cli_exit_code_and_one_line_end_to_end(files: dict[str, Path], tmp_path:
 
 
 def test_deepspeed_names_must_be_plain(tmp_path: Path) -> None:
+    from datkit.backends.deepspeed_checkpoint import deepspeed_folder
+
     (tmp_path / "ck.pt.deepspeed" / "epoch1").mkdir(parents=True)
     path = str(tmp_path / "ck.pt")
-    assert ckpt.deepspeed_folder({"deepspeed_dir": "ck.pt.deepspeed", "deepspeed_tag": "epoch1"}, path) == (
+    assert deepspeed_folder({"deepspeed_dir": "ck.pt.deepspeed", "deepspeed_tag": "epoch1"}, path) == (
         str(tmp_path / "ck.pt.deepspeed"), "epoch1")
     for name, tag in (("..", "epoch1"), ("a/b", "epoch1"), ("", "epoch1"), ("ck.pt.deepspeed", "../epoch1"),
                       ("ck.pt.deepspeed", "/etc"), (None, "epoch1"), ("ck.pt.deepspeed", 3)):
         with pytest.raises(ckpt.CheckpointError, match="is not a plain folder name"):
-            ckpt.deepspeed_folder({"deepspeed_dir": name, "deepspeed_tag": tag}, path)
+            deepspeed_folder({"deepspeed_dir": name, "deepspeed_tag": tag}, path)
     os.symlink(tmp_path.parent, tmp_path / "link")
     with pytest.raises(ckpt.CheckpointError, match="leads outside train.output_dir"):
-        ckpt.deepspeed_folder({"deepspeed_dir": "link", "deepspeed_tag": "epoch1"}, path)
+        deepspeed_folder({"deepspeed_dir": "link", "deepspeed_tag": "epoch1"}, path)
 
 
 def test_optimizer_state_must_fit(tmp_path: Path) -> None:

@@ -127,9 +127,10 @@ def test_torch_backend_collectives(nproc: int, tmp_path: Path) -> None:
 def test_torch_backend_single_process_collectives_are_noops() -> None:
     import torch
 
+    from datkit.backends.spec import BackendSpec
     from datkit.backends.torch_dist import TorchBackend
 
-    be = TorchBackend(device="cpu")
+    be = TorchBackend(BackendSpec(device="cpu"))
     assert (be.rank, be.world_size, be.is_main) == (0, 1, True)
     t = torch.tensor([1.0, 2.0])
     assert be.all_reduce(t, op="sum") is t and be.all_reduce(t, op="mean").tolist() == [1.0, 2.0]

@@ -1,7 +1,7 @@
 """The seam between an optimizer that communicates and the Backend.
 
 Most optimizers see gradients the backend already averaged (DDP's hooks, Horovod's DistributedOptimizer,
-DeepSpeed's engine, or ``Backend.reduce_gradients``). A *communicating* optimizer (1-bit Adam / 1-bit LAMB,
+DeepSpeed's engine, or ``GradientSync.reduce_gradients`` of the backends). A *communicating* optimizer (1-bit Adam / 1-bit LAMB,
 ``datkit.optim.onebit``) decides itself what crosses the network: the averaged gradient during its warm-up,
 its compressed momentum afterwards. The contract, the same on every backend:
 
