@@ -7,7 +7,7 @@ Horovod and DeepSpeed are imported lazily, only when chosen. ``base`` says which
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from datkit.registry import Registry
 
@@ -87,5 +87,5 @@ def create_backend(cfg, argv: Sequence[str] = ()) -> Backend:
     return backend
 
 
-__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "backend_config_errors", "BackendSpec", "BackendUnavailable", "CommTimer",
-           "backend_spec", "create_backend", "detect_backend", "resolve_backend_name"]
+__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "backend_config_errors", "BackendSpec", "BackendUnavailable",
+           "CommTimer", "backend_spec", "create_backend", "detect_backend", "resolve_backend_name"]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,8 @@ class Backend(PartsFacade, ABC):
     name: str = "base"
 
     def __init__(self, collectives: Collectives | None = None, device: torch.device | None = None, local_rank: int = 0,
-                 local_world_size: int = 1, bucket_cap_mb: float = 25.0, checkpoint_io: CheckpointIO | None = None) -> None:
+                 local_world_size: int = 1, bucket_cap_mb: float = 25.0,
+                 checkpoint_io: CheckpointIO | None = None) -> None:
         self.collectives = collectives if collectives is not None else Collectives()
         self.device = device if device is not None else torch.device("cpu")
         self.local_rank, self.local_world_size = local_rank, local_world_size  # workers on this host: CPU threads
@@ -68,7 +70,7 @@ class Backend(PartsFacade, ABC):
         """The plain model under any wrapper: attacks and bounds run on it."""
         return getattr(model, "module", model)
 
-    def no_sync(self, model: nn.Module) -> ContextManager[Any]:
+    def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
         """Context for micro-batches whose gradients are accumulated locally (no communication)."""
         return contextlib.nullcontext()
 

@@ -64,7 +64,8 @@ class CheckpointIO:
         return module.state_dict()
 
     def check_format(self, state: dict[str, Any], backend: str, path: str) -> None:
-        """A resumed run's checkpoint must hold training state in this format (``backend``: this run's, for the message)."""
+        """A resumed run's checkpoint must hold training state in this format (``backend``: this run's, for the
+        message)."""
         kind = written_by(state)
         if kind != self.format:
             raise resume_error(path, f"a checkpoint of another backend: written by the {kind} backend, this run uses "

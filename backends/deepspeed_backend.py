@@ -70,8 +70,8 @@ class DeepSpeedBackend(Backend):
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         refuse_at_zero_stage(spec, self.zero_stage)
         self.engine = None
-        super().__init__(collectives, device, local_rank, local_world_size,
-                         checkpoint_io=DeepSpeedCheckpointIO(collectives, deepspeed, self.zero_stage, lambda: self.engine))
+        checkpoint_io = DeepSpeedCheckpointIO(collectives, deepspeed, self.zero_stage, lambda: self.engine)
+        super().__init__(collectives, device, local_rank, local_world_size, checkpoint_io=checkpoint_io)
         self.meter = CommMeter(self.grads.comm_timer, self.grads.byte_counter, self.world_size)
 
     def describe(self) -> str:
@@ -106,7 +106,8 @@ class DeepSpeedBackend(Backend):
         finally:
             self.meter.active = False
 
-    def gradients_averaged_in_backward(self) -> bool:  # datkit's compressors and communicating optimizers reduce in ``step``
+    def gradients_averaged_in_backward(self) -> bool:
+        # datkit's compressors and communicating optimizers reduce in ``step``
         return self.world_size > 1 and self.compressor is None and not self.grads.gradients_stay_local()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:

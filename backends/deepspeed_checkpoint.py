@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,7 +84,7 @@ def check_deepspeed_shards(folder: str, tag: str, path: str, key: str = RESUME_K
             continue
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(f)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 -- any failure to read the shard is one 'unreadable' line
             raise _fail(key, f, unreadable(f, err)) from None
         refused = sorted(set(found) - set(DEEPSPEED_SHARD_GLOBALS))
         if refused:
@@ -137,8 +138,8 @@ class DeepSpeedCheckpointIO(CheckpointIO):
         saved_world, world = state.get("world_size"), self.collectives.world_size
         if self.zero_stage >= 1 and isinstance(saved_world, int) and saved_world != world:
             raise resume_error(path, f"written by {saved_world} workers at ZeRO-{self.zero_stage}, "
-                                     f"whose optimizer state is sharded per worker: resume it with {saved_world} workers "
-                                     f"(this run has {world}), or start a new train.output_dir")
+                                     "whose optimizer state is sharded per worker: resume it with "
+                                     f"{saved_world} workers (this run has {world}), or start a new train.output_dir")
         ds_dir, tag = deepspeed_folder(state, path)
         check_deepspeed_shards(ds_dir, tag, path)
         engine = self.engine()
@@ -148,8 +149,9 @@ class DeepSpeedCheckpointIO(CheckpointIO):
             loaded, _ = engine.load_checkpoint(ds_dir, tag=tag, load_optimizer_states=True,
                                                load_lr_scheduler_states=False)
         except (KeyError, ValueError, TypeError, AssertionError) as err:  # shards that do not fit this engine
+            first = str(err).splitlines()[0][:300] if str(err) else ""
             raise resume_error(path, f"DeepSpeed cannot resume from {state['deepspeed_dir']}/{tag}: "
-                                     f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}") from None
+                                     f"{type(err).__name__}: {first}") from None
         finally:
             del ckpt_engine.load  # back to the class's method (used by save_checkpoint's engine too)
         if loaded is None:

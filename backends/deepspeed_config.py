@@ -115,10 +115,10 @@ def refuse_at_zero_stage(cfg: Any, stage: int) -> None:
          "1-bit optimizers refused ZeRO >= 1 for the same reason). Choose deepspeed.zero_stage=0 with "
          "compression, or compression.name=none with ZeRO."),
         (1, getattr(OPTIMIZERS.get(cfg.optim.name), "communicates", False),
-         f"optim.name={cfg.optim.name} needs ZeRO stage 0 (deepspeed.zero_stage, or the stage in deepspeed.config_file; "
-         f"got {stage}): it exchanges the whole momentum itself after its warm-up, while ZeRO >= 1 reduce-scatters "
-         "gradients into optimizer-state partitions inside DeepSpeed (DeepSpeed's own 1-bit Adam refused ZeRO >= 1 "
-         "too). Use deepspeed.zero_stage=0, or backend=torch / horovod"),
+         f"optim.name={cfg.optim.name} needs ZeRO stage 0 (deepspeed.zero_stage, or the stage in "
+         f"deepspeed.config_file; got {stage}): it exchanges the whole momentum itself after its warm-up, "
+         "while ZeRO >= 1 reduce-scatters gradients into optimizer-state partitions inside DeepSpeed "
+         "(DeepSpeed's own 1-bit Adam refused ZeRO >= 1 too). Use deepspeed.zero_stage=0, or backend=torch / horovod"),
         (1, getattr(OPTIMIZERS.get(cfg.optim.name), "needs_whole_layers", False),
          f"optim.name={cfg.optim.name} with ZeRO stage {stage}: ZeRO >= 1 hands the client optimizer flattened "
          "partitions of many layers, so a per-layer trust ratio (LALR's) would be computed per partition; use "

@@ -17,7 +17,8 @@ def restart_attempt() -> int:
 
 
 def init_group_for_attempt(backend: str, timeout: datetime.timedelta) -> None:
-    """``init_process_group`` from torchrun's environment; after a restart (``--max-restarts``) under a fresh key prefix.
+    """``init_process_group`` from torchrun's environment; after a restart (``--max-restarts``) under a fresh key
+    prefix.
 
     torchrun keeps its agent's TCPStore across restarts, and gloo publishes each rank's listening address under the
     same keys in every attempt: a restarted rank 0 could read the dead attempt's address of rank 1 and fail with

@@ -3,11 +3,13 @@
 The trainer, the evaluators and the benches call ``backend.all_reduce(...)``, ``backend.comm_bytes()``,
 ``backend.save_training_state(...)``; ``Backend`` (``base``) inherits these one-line hand-overs from here, so that
 the abstract class itself stays small. A part's own documentation says what each call does:
-``collectives.Collectives``, ``grad_sync.GradientSync``, ``checkpoint_io.CheckpointIO``, ``lost_worker.LostWorkerWatch``.
+``collectives.Collectives``, ``grad_sync.GradientSync``, ``checkpoint_io.CheckpointIO``,
+``lost_worker.LostWorkerWatch``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -90,7 +92,7 @@ class PartsFacade:
     def start_peer_watch(self, peer_timeout_s: float, startup_timeout_s: float) -> None:
         self.watch.start(self.peer_store_address, self.rank, self.world_size, peer_timeout_s, startup_timeout_s)
 
-    def fault_guard(self) -> ContextManager[None]:
+    def fault_guard(self) -> AbstractContextManager[None]:
         return self.watch.fault_guard()
 
     def expect_exit(self) -> None:

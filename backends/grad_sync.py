@@ -15,7 +15,8 @@ It talks to the other workers through the backend's ``collectives.Collectives``.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,8 +158,8 @@ class GradientSync:
         mine = pick_state(saved, rank, self.world_size, self.device)
         if mine is None:
             if rank == 0:
-                print(f"datkit: the checkpoint's compression state is for {saved.get('world_size')} workers, this run has "
-                      f"{self.world_size}: error-feedback residuals start from zero", flush=True)
+                print(f"datkit: the checkpoint's compression state is for {saved.get('world_size')} workers, this "
+                      f"run has {self.world_size}: error-feedback residuals start from zero", flush=True)
             return
         self.compressor.load_local_state(mine)
 
@@ -175,5 +176,5 @@ class GradientSync:
         if mine is not None:
             self.comm_optimizer.load_exchange_state(mine)
         elif self.comm_optimizer is not None and saved is not None and rank == 0:
-            print(f"datkit: the checkpoint's optimizer exchange state is for {saved.get('world_size')} workers, this run "
-                  f"has {self.world_size}: the 1-bit error-feedback residuals start from zero", flush=True)
+            print(f"datkit: the checkpoint's optimizer exchange state is for {saved.get('world_size')} workers, this "
+                  f"run has {self.world_size}: the 1-bit error-feedback residuals start from zero", flush=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -124,7 +124,8 @@ class HorovodBackend(Backend):
             hvd.broadcast_optimizer_state(optimizer, root_rank=0)
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # undo that zero-gradient step elsewhere
         if self._uses_horovod_optimizer():
-            self._sync = MeteredDistributedOptimizer(hvd, self.grads, optimizer, model, fp16=self.compressor is not None,
+            self._sync = MeteredDistributedOptimizer(hvd, self.grads, optimizer, model,
+                                                     fp16=self.compressor is not None,
                                                      backward_passes_per_step=self.grad_accum,
                                                      group_cap_mb=self.bucket_cap_mb)
             optimizer = self._sync.optimizer

@@ -25,7 +25,8 @@ class HorovodCollectives(Collectives):
         if self.world_size == 1:
             return tensor
         hop = getattr(self.hvd, _OPS["sum" if op == "mean" else op])
-        tensor.copy_(self.hvd.allreduce(tensor.detach().contiguous(), op=hop, name=_stable_name(f"allreduce.{op}", tensor)))
+        name = _stable_name(f"allreduce.{op}", tensor)
+        tensor.copy_(self.hvd.allreduce(tensor.detach().contiguous(), op=hop, name=name))
         return tensor.div_(self.world_size) if op == "mean" else tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,8 @@ class HorovodCollectives(Collectives):
         if self.world_size == 1:
             return tensor
         if tensor.shape[0] % self.world_size:
-            raise ValueError(f"all_to_all: dim 0 ({tensor.shape[0]}) is not a multiple of the world size {self.world_size}")
+            raise ValueError(f"all_to_all: dim 0 ({tensor.shape[0]}) is not a multiple of the world size "
+                             f"{self.world_size}")
         out = self.hvd.alltoall(tensor.detach().contiguous(), name=_stable_name("alltoall", tensor))  # equal splits
         return out[0] if isinstance(out, tuple) else out
 

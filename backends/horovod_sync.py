@@ -21,9 +21,9 @@ Without groups Horovod negotiates whatever gradients became ready in each 1 ms c
 of a small model costs several negotiation rounds; grouping makes it one round per group.
 
 Metering: each allreduce Horovod starts adds its payload (float32, or float16 with ``fp16``) to the
-backend's ``ByteCounter`` (held by its ``grad_sync.GradientSync``) by the ring model (``2 (M-1)/M`` of the bytes); C gets one interval per step,
-from the first allreduce's start to the end of ``synchronize`` (the allreduces run asynchronously in
-Horovod's background thread; their completion is observed there), as the torch backend's DDP hook
+backend's ``ByteCounter`` (held by its ``grad_sync.GradientSync``) by the ring model (``2 (M-1)/M`` of the bytes);
+C gets one interval per step, from the first allreduce's start to the end of ``synchronize`` (the allreduces run
+asynchronously in Horovod's background thread; their completion is observed there), as the torch backend's DDP hook
 records [bucket start, bucket completion].
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ class MeteredDistributedOptimizer:
                 raise RuntimeError(f"this Horovod's DistributedOptimizer has no {name} (datkit meters Horovod 0.28.x); "
                                    "install Horovod with launchers/install_horovod.sh")
         # the hooks and synchronize() look these up on the instance
-        self._submit, self._submit_group = self.optimizer._allreduce_grad_async, self.optimizer._grouped_allreduce_grad_async
+        opt = self.optimizer
+        self._submit, self._submit_group = opt._allreduce_grad_async, opt._grouped_allreduce_grad_async
         self.optimizer._allreduce_grad_async = lambda p: self._metered(self._submit, p, [p])
         self.optimizer._grouped_allreduce_grad_async = lambda ps: self._metered(self._submit_group, ps, ps)
         self._first_start: float | None = None

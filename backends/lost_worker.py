@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 StoreAddress = tuple[str, int, "int | None"]  # (host, port, rank whose process hosts it -- None: the launcher's agent)
 

@@ -32,11 +32,12 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 LOST_WORKER_EXIT = 3
 _GENERATION = itertools.count()  # watches started in this process (every rank starts them in the same order)
-_ACTIVE: list["PeerWatch"] = []
+_ACTIVE: list[PeerWatch] = []
 
 
 def next_generation() -> int:
@@ -114,7 +115,7 @@ class PeerWatch:
         self.store.wait([f"peer/{r}" for r in others], datetime.timedelta(seconds=startup_timeout_s))
         self.peers = {r: json.loads(self.store.get(f"peer/{r}")) for r in others}
         now = time.monotonic()
-        self._seen = {r: (-1, now) for r in others}  # rank -> (last counter, monotonic time it changed)
+        self._seen = dict.fromkeys(others, (-1, now))  # rank -> (last counter, monotonic time it changed)
         self._done: set[int] = set()  # peers that finished cleanly (key done/<rank>)
         self._store_error: tuple[str, float] | None = None  # (message, since)
         self._lock = threading.Lock()
@@ -147,7 +148,7 @@ class PeerWatch:
                 hb = [f"hb/{r}" for r in ranks]
                 values = store.multi_get(hb) if store.check(hb) else None
                 done = {r for r in ranks if store.check([f"done/{r}"])}
-            except Exception as err:  # the store's host is gone (or unreachable)
+            except Exception as err:  # noqa: BLE001 -- the store's host is gone (or unreachable)
                 with self._lock:
                     if self._store_error is None:
                         self._store_error = (f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}",
@@ -164,7 +165,7 @@ class PeerWatch:
             lost = self.lost_peers(self.peer_timeout_s)
             try:  # a peer that finished cleanly after this round's read of done/<rank> is not lost
                 lost = [(r, why) for r, why in lost if r < 0 or not store.check([f"done/{r}"])]
-            except Exception:
+            except Exception:  # noqa: BLE001 -- the store's host is gone: the lost list stands as read
                 pass
             if lost:
                 self.report(lost, None)
@@ -228,7 +229,7 @@ class PeerWatch:
         if lost and self._store_error is None:  # a peer that finished cleanly (done/<rank>) is not lost
             try:
                 lost = [(r, why) for r, why in lost if r < 0 or not self.store.check([f"done/{r}"])]
-            except Exception:
+            except Exception:  # noqa: BLE001 -- the store's host is gone: the lost list stands as read
                 pass
         if lost:
             self.report(lost, cause)
@@ -240,7 +241,7 @@ class PeerWatch:
         previous = signal.getsignal(signal.SIGTERM)
         self._previous_sigterm = previous if previous is not None else signal.SIG_DFL
 
-        def on_term(signum, frame):  # noqa: ANN001
+        def on_term(signum, frame):
             self.handle_failure(None, max_wait_s=3.0)
             self._restore_sigterm()
             os.kill(os.getpid(), signal.SIGTERM)
@@ -266,5 +267,5 @@ class PeerWatch:
             return
         try:
             self.store.set(f"done/{self.rank}", "1")
-        except Exception:  # the store's host finished first: nothing left to tell
+        except Exception:  # noqa: BLE001 -- the store's host finished first: nothing left to tell
             pass

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 
@@ -22,7 +22,7 @@ def detect_backend(env: Mapping[str, str] | None = None, argv: Sequence[str] = (
     if any(k in env for k in ("HOROVOD_RANK", "HOROVOD_CONTROLLER", "HOROVOD_HOSTNAME")):
         return "horovod"
     launched_by_torchrun = "TORCHELASTIC_RUN_ID" in env
-    local_rank_arg = any(a.startswith("--local_rank") or a.startswith("--local-rank") for a in argv)
+    local_rank_arg = any(a.startswith(("--local_rank", "--local-rank")) for a in argv)
     if not launched_by_torchrun and ("CROSS_RANK" in env or "LOCAL_SIZE" in env or local_rank_arg):
         return "deepspeed"
     if not launched_by_torchrun and "WORLD_SIZE" not in env and any(k in env for k in _MPI_RANK_VARS):

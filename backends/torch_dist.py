@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,7 @@ class TorchBackend(Backend):
     def gradients_averaged_in_backward(self) -> bool:
         return self.world_size > 1 and self.use_ddp and not self.grads.gradients_stay_local()
 
-    def no_sync(self, model: nn.Module) -> ContextManager[Any]:
+    def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             return model.no_sync()
         return super().no_sync(model)

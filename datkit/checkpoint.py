@@ -29,7 +29,8 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -49,7 +50,8 @@ def atomic_save(state: dict[str, Any], path: str) -> None:
             os.fsync(f.fileno())
         delay = float(os.environ.get("DATKIT_TEST_CHECKPOINT_WRITE_DELAY_S", "0") or 0)
         if delay > 0:  # test-only: widen the write window
-            print(f"datkit-test: checkpoint temp file written ({tmp}); renaming in {delay} s", file=sys.stderr, flush=True)
+            print(f"datkit-test: checkpoint temp file written ({tmp}); renaming in {delay} s", file=sys.stderr,
+                  flush=True)
             time.sleep(delay)
         os.replace(tmp, path)
         _fsync_dir(folder)
@@ -156,7 +158,7 @@ def read_untrusted(path: str, key: str, allowed_globals: Sequence[str] = (),
                                    "loading would construct by running code; datkit checkpoints hold only tensors and "
                                    "plain values (torch.load(weights_only=True))") from None
         raise _fail(key, path, unreadable(path, err)) from None
-    except Exception as err:  # zip / pickle stream errors: RuntimeError, OSError, EOFError, KeyError, ...
+    except Exception as err:  # noqa: BLE001 -- zip / pickle stream errors: RuntimeError, OSError, EOFError, KeyError, ...
         raise _fail(key, path, unreadable(path, err)) from None
 
 

@@ -55,7 +55,7 @@ def load_object(path: str) -> Any:
             raise PluginError(f"cannot import module '{module_name}' (no module named '{err.name}' on sys.path: "
                               f"the working directory {os.getcwd()} and PYTHONPATH)") from None
         raise PluginError(f"importing module '{module_name}' failed: ModuleNotFoundError: {err}") from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- any error inside the user's module is reported in one line
         raise PluginError(f"importing module '{module_name}' failed: {type(err).__name__}: {err}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):

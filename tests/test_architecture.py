@@ -213,7 +213,8 @@ def test_torch_and_deepspeed_share_one_collectives_class(module: str) -> None:
 
 def test_nothing_outside_backends_compares_backend_names() -> None:
     pattern = re.compile(r"""(==|!=)\s*["'](torch|horovod|deepspeed)["']|["'](torch|horovod|deepspeed)["']\s*(==|!=)""")
-    core = [p for p in SOURCES if p.relative_to(REPO).parts[0] == "datkit" and "backends" not in p.relative_to(REPO).parts]
+    core = [p for p in SOURCES
+            if p.relative_to(REPO).parts[0] == "datkit" and "backends" not in p.relative_to(REPO).parts]
     hits = [f"{p.relative_to(REPO)}:{i}" for p in core for i, line in enumerate(p.read_text().splitlines(), 1)
             if pattern.search(line)]
     assert not hits, hits

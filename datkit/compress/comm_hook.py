@@ -143,7 +143,7 @@ class DDPCompressionHook:
                     out = back
                 self.timer.record(start)
                 fut.set_result(out)
-            except BaseException as err:  # surfaces in the training thread when DDP waits
+            except BaseException as err:  # noqa: BLE001 -- surfaces in the training thread when DDP waits
                 fut.set_exception(err)
 
         self.pool.submit(work)

@@ -41,7 +41,7 @@ def call_user_data(key: str, path: str, kwargs: dict[str, Any]) -> tuple[Dataset
         raise ConfigError(f"{key}={path!r} is a {type(fn).__name__}, not a callable returning (train_set, test_set)")
     try:
         out = fn(**kwargs)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- the user's code: one line, no traceback
         raise ConfigError(f"{key}={path!r}: calling it with data.kwargs={kwargs!r} failed: "
                           f"{type(err).__name__}: {err}") from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -54,7 +54,7 @@ def _check_item(key: str, source: str, which: str, ds: Dataset, i: int, shape: t
     where = f"{key}={source!r}: {which} item {i}"
     try:
         item = ds[i]
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- the user's code: one line, no traceback
         raise ConfigError(f"{where}: reading it failed: {type(err).__name__}: {err}") from None
     if not (isinstance(item, (tuple, list)) and len(item) >= 2):
         raise ConfigError(f"{where} is a {type(item).__name__}; expected (x, y): x a float tensor C x H x W in [0, 1], "

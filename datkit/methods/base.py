@@ -95,7 +95,7 @@ def create_method(cfg) -> Method:
         method = METHODS.get(name)(cfg)
     except ConfigError:
         raise
-    except Exception as err:
+    except Exception as err:  # a plug-in's own error, in one line
         if ":" not in name:
             raise
         raise ConfigError(f"method.name={name!r}: building it failed: {type(err).__name__}: {err}") from None

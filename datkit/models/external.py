@@ -74,7 +74,7 @@ def _build(label: str, build: Callable[..., nn.Module], kwargs: dict[str, Any], 
                 del optional[match.group(1)]
                 continue
             raise TypeError(f"{label}: {_one_line(err, with_type=False)}") from None
-        except Exception as err:
+        except Exception as err:  # the builder's own error (e.g. a size it refuses), in one line
             raise ValueError(f"{label} could not be built ({size}): {_one_line(err)}") from err
 
 
@@ -141,7 +141,7 @@ def _check_forward(model: nn.Module, label: str, num_classes: int, in_channels: 
     try:
         with torch.no_grad():
             out = model(x)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- any failure at this size is reported as one
         raise ValueError(f"{label} cannot run on {in_channels}x{image_size}x{image_size} inputs "
                          f"(in_channels={in_channels}, image_size={image_size}): {_one_line(err)}; if image_size "
                          f"is too small for it, use a larger one (resize the data) or another model") from None

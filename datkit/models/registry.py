@@ -84,7 +84,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, image_size: 
     _check_kwargs(name, factory, kwargs)
     try:
         net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
-    except Exception as err:
+    except Exception as err:  # a plug-in's own error, in one line
         if not is_import_path(name) or name.partition(":")[0] in MODELS.prefixes():  # prefixes say it themselves
             raise
         raise ValueError(f"model '{name}': calling it (num_classes={num_classes}, in_channels={in_channels}, "

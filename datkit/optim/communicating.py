@@ -1,8 +1,8 @@
 """The seam between an optimizer that communicates and the Backend.
 
 Most optimizers see gradients the backend already averaged (DDP's hooks, Horovod's DistributedOptimizer,
-DeepSpeed's engine, or ``GradientSync.reduce_gradients`` of the backends). A *communicating* optimizer (1-bit Adam / 1-bit LAMB,
-``datkit.optim.onebit``) decides itself what crosses the network: the averaged gradient during its warm-up,
+DeepSpeed's engine, or ``GradientSync.reduce_gradients`` of the backends). A *communicating* optimizer (1-bit Adam /
+1-bit LAMB, ``datkit.optim.onebit``) decides itself what crosses the network: the averaged gradient during its warm-up,
 its compressed momentum afterwards. The contract, the same on every backend:
 
 1. the optimizer says so with the class attribute ``communicates = True`` (a capability, not a name);

@@ -118,7 +118,7 @@ def build_optimizer(optim_cfg, params: Iterable, global_batch: int) -> torch.opt
     factory = OPTIMIZERS.get(name)
     try:
         opt = factory(params, scaled_lr(optim_cfg, global_batch), optim_cfg)
-    except Exception as err:
+    except Exception as err:  # a plug-in's own error, in one line
         if not is_import_path(name):
             raise
         raise ConfigError(f"optim.name={name!r}: calling it (params, lr, optim_cfg) failed: "

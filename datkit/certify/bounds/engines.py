@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .api import Margins, margin_bounds
+from .api import Margins, margin_bounds  # Margins: re-exported
 from .core import Interval
 from .lirpa import lirpa_margins, require_auto_lirpa
 from .loss_fusion import fused_loss
