@@ -152,16 +152,9 @@ class GradientSync:
 
     def load_compression_state(self, saved: dict[str, Any] | None) -> None:
         """Give this worker its part of a ``compression_state`` back (a different world size starts from zero)."""
-        if self.compressor is None or saved is None:
-            return
-        rank = self.collectives.rank
-        mine = pick_state(saved, rank, self.world_size, self.device)
-        if mine is None:
-            if rank == 0:
-                print(f"datkit: the checkpoint's compression state is for {saved.get('world_size')} workers, this "
-                      f"run has {self.world_size}: error-feedback residuals start from zero", flush=True)
-            return
-        self.compressor.load_local_state(mine)
+        mine = self._my_part(saved, self.compressor, "compression state", "error-feedback residuals")
+        if mine is not None:
+            self.compressor.load_local_state(mine)
 
     def optimizer_exchange_state(self) -> dict[str, Any] | None:
         """Collective: every worker's state of a communicating optimizer's exchange (its error-feedback residuals)."""
@@ -171,10 +164,19 @@ class GradientSync:
 
     def load_optimizer_exchange_state(self, saved: dict[str, Any] | None) -> None:
         """Give this worker its part of an ``optimizer_exchange_state`` back (another world size starts from zero)."""
-        rank = self.collectives.rank
-        mine = pick_state(saved, rank, self.world_size, self.device) if self.comm_optimizer is not None else None
+        mine = self._my_part(saved, self.comm_optimizer, "optimizer exchange state",
+                             "the 1-bit error-feedback residuals")
         if mine is not None:
             self.comm_optimizer.load_exchange_state(mine)
-        elif self.comm_optimizer is not None and saved is not None and rank == 0:
-            print(f"datkit: the checkpoint's optimizer exchange state is for {saved.get('world_size')} workers, this "
-                  f"run has {self.world_size}: the 1-bit error-feedback residuals start from zero", flush=True)
+
+    def _my_part(self, saved: dict[str, Any] | None, owner: Any, what: str, residuals: str) -> dict[str, Any] | None:
+        """This worker's entry of a gathered state for ``owner`` (None without an owner or a saved state); when the
+        state does not fit this world size rank 0 says that ``residuals`` start from zero, and None is returned."""
+        if owner is None or saved is None:
+            return None
+        rank = self.collectives.rank
+        mine = pick_state(saved, rank, self.world_size, self.device)
+        if mine is None and rank == 0:
+            print(f"datkit: the checkpoint's {what} is for {saved.get('world_size')} workers, this run has "
+                  f"{self.world_size}: {residuals} start from zero", flush=True)
+        return mine
